@@ -1,0 +1,43 @@
+# af_add_chapter(FOLDER [OUTPUTS file...] [ARGS arg...])
+#   Builds chapters/FOLDER/*.cpp (or *.cu) into build/bin/chFOLDER, registers the program's default run as a
+#   CTest test (its self-checks), and, for the book, runs it with --out build/generated/FOLDER, capturing
+#   its standard output in build/generated/FOLDER/output.txt. OUTPUTS names the data files the run writes
+#   there (the figures depend on them).
+set(AF_CHAPTER_OUTPUTS "" CACHE INTERNAL "Every generated chapter file the book depends on")
+
+function(af_add_chapter folder)
+  cmake_parse_arguments(PARSE_ARGV 1 arg "" "" "OUTPUTS;ARGS")
+  set(target ch${folder})
+  file(GLOB sources CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/${folder}/*.cpp
+       ${CMAKE_CURRENT_SOURCE_DIR}/${folder}/*.cu)
+  list(LENGTH sources count)
+  if(NOT count EQUAL 1)
+    message(FATAL_ERROR "chapters/${folder} must hold exactly one program (.cpp or .cu), found: ${sources}")
+  endif()
+  if(sources MATCHES "\\.cu$" AND NOT AF_HAVE_CUDA)
+    message(STATUS "chapters/${folder}: skipped (needs nvcc)")
+    return()
+  endif()
+  add_executable(${target} ${sources})
+  target_link_libraries(${target} PRIVATE af::af)
+  add_test(NAME ${target}.self_check COMMAND ${target} ${arg_ARGS})
+  set_tests_properties(${target}.self_check PROPERTIES LABELS "cpu;chapter")
+
+  if(AF_BUILD_BOOK AND sources MATCHES "\\.cpp$")
+    set(out_dir ${AF_GENERATED_DIR}/${folder})
+    set(outputs ${out_dir}/output.txt)
+    foreach(name IN LISTS arg_OUTPUTS)
+      list(APPEND outputs ${out_dir}/${name})
+    endforeach()
+    add_custom_command(
+      OUTPUT ${outputs}
+      COMMAND ${CMAKE_COMMAND} -E make_directory ${out_dir}
+      COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:${target}> "-DARGS=${arg_ARGS};--out;${out_dir}"
+              -DOUTPUT=${out_dir}/output.txt -P ${PROJECT_SOURCE_DIR}/cmake/run_and_capture.cmake
+      DEPENDS ${target} ${PROJECT_SOURCE_DIR}/cmake/run_and_capture.cmake
+      COMMENT "Running ${target} for the book"
+      VERBATIM)
+    add_custom_target(${target}_outputs DEPENDS ${outputs})
+    set(AF_CHAPTER_OUTPUTS ${AF_CHAPTER_OUTPUTS} ${outputs} CACHE INTERNAL "")
+  endif()
+endfunction()

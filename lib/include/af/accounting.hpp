@@ -1,0 +1,80 @@
+#pragma once
+/// @file accounting.hpp
+/// The cache accounting every mechanism in the book reports through: what it caches per token and layer,
+/// how many entries it keeps, and what one decode query reads. The cache card prints it.
+
+#include "af/numeric.hpp"
+
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace af {
+
+/// One tensor the cache stores for each token of each layer, e.g. `K` of shape `[8, 128]` in bf16.
+struct CachedTensor {
+  std::string name;
+  std::vector<std::int64_t> shape;  ///< per token
+  DType dtype = DType::bf16;
+
+  std::int64_t elements() const;
+  std::int64_t bytes() const;
+};
+
+/// What one decode query reads from the cache of one layer.
+struct DecodeRead {
+  std::string what;           ///< e.g. "keys and values"
+  std::int64_t entries = 0;   ///< cached tokens read
+  std::int64_t bytes = 0;
+};
+
+/// The accounting of one attention mechanism for one layer.
+struct CacheCard {
+  std::string mechanism;                 ///< e.g. "single-head attention"
+  std::string projected;                 ///< what each token is projected to
+  std::vector<CachedTensor> per_token;   ///< what one cached token stores in one layer
+  /// Cached tokens kept after `t` tokens (t for a dense cache; bounded for a window).
+  std::function<std::int64_t(std::int64_t t)> stored_tokens;
+  /// What one decode query reads with `t` tokens in context.
+  std::function<std::vector<DecodeRead>(std::int64_t t)> decode_reads;
+  std::string trade_offs;
+
+  /// Bytes one cached token takes in one layer.
+  std::int64_t bytes_per_token() const;
+  /// Bytes written to one layer's cache per generated token.
+  std::int64_t bytes_written_per_token() const { return bytes_per_token(); }
+  /// Bytes one layer's cache holds after `t` tokens.
+  std::int64_t bytes_stored(std::int64_t t) const;
+  /// Total bytes one decode query reads in one layer at context `t`.
+  std::int64_t bytes_read(std::int64_t t) const;
+};
+
+/// The dense KV cache of `kv_heads` heads of dimension `head_dim`: per token K and V of shape
+/// `[kv_heads, head_dim]`; a decode query reads every cached token. Throws af::Error on sizes <= 0.
+CacheCard dense_kv_card(std::string mechanism, std::int64_t kv_heads, std::int64_t head_dim, DType dtype);
+
+/// A real model's attention, with the source of its numbers.
+struct ModelCache {
+  std::string model;   ///< e.g. "Llama-3.1-8B"
+  std::string source;  ///< where the numbers come from
+  std::int64_t layers = 0;
+  CacheCard card;      ///< one layer
+
+  std::int64_t bytes_per_token() const { return layers * card.bytes_per_token(); }
+};
+
+/// Llama-3.1-8B: 32 layers, 8 KV heads of dimension 128, bf16 (meta-llama/llama-models, `sku_list.py`).
+ModelCache llama31_8b();
+
+/// The six answers as aligned text: what is projected, what is cached, the stored shape in prefill and
+/// decode, bytes per token (per layer, and per model for each of `models`), entries and bytes read per
+/// decode query at each of `contexts`, and what the mechanism trades off.
+std::string format_cache_card(const CacheCard& card, std::span<const ModelCache> models,
+                              std::span<const std::int64_t> contexts);
+
+/// A byte count with its binary unit, e.g. "128 KiB" or "1.50 GiB".
+std::string human_bytes(double bytes);
+
+}  // namespace af

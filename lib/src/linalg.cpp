@@ -1,0 +1,64 @@
+#include "af/linalg.hpp"
+
+#include "af/error.hpp"
+
+namespace af {
+
+float dot(std::span<const float> a, std::span<const float> b) {
+  require(a.size() == b.size(), "dot: vectors of length {} and {} (expected equal lengths)", a.size(), b.size());
+  // Eight independent partial sums: the compiler can keep them in one vector register, and the summation
+  // order (hence the rounding) is fixed and documented rather than left to the optimiser.
+  float partial[8] = {};
+  const std::size_t n = a.size(), blocked = n - n % 8;
+  for (std::size_t i = 0; i < blocked; i += 8)
+    for (std::size_t j = 0; j < 8; ++j) partial[j] += a[i + j] * b[i + j];
+  for (std::size_t i = blocked; i < n; ++i) partial[i - blocked] += a[i] * b[i];
+  return ((partial[0] + partial[4]) + (partial[1] + partial[5])) + ((partial[2] + partial[6]) + (partial[3] + partial[7]));
+}
+
+Tensor matmul(ConstMatrix a, ConstMatrix b) {
+  require(a.cols == b.rows, "matmul: inner dimensions differ: a is {}, b is {} (expected b to have {} rows)",
+          a.shape_str(), b.shape_str(), a.cols);
+  Tensor c(Shape{a.rows, b.cols});
+  Matrix out = c.matrix();
+  // i-k-j order: the innermost loop runs along contiguous rows of b and c.
+  for (std::int64_t i = 0; i < a.rows; ++i) {
+    float* c_row = out.row(i).data();
+    for (std::int64_t k = 0; k < a.cols; ++k) {
+      const float a_ik = a(i, k);
+      const float* b_row = b.row(k).data();
+      for (std::int64_t j = 0; j < b.cols; ++j) c_row[j] += a_ik * b_row[j];
+    }
+  }
+  return c;
+}
+
+Tensor matmul_transposed(ConstMatrix a, ConstMatrix b) {
+  require(a.cols == b.cols, "matmul_transposed: a is {}, b is {} (expected equal row lengths)", a.shape_str(),
+          b.shape_str());
+  Tensor c(Shape{a.rows, b.rows});
+  for (std::int64_t i = 0; i < a.rows; ++i)
+    for (std::int64_t j = 0; j < b.rows; ++j) c.data()[i * b.rows + j] = dot(a.row(i), b.row(j));
+  return c;
+}
+
+Tensor linear(ConstMatrix x, ConstMatrix weight, std::span<const float> bias) {
+  require(x.cols == weight.cols, "linear: input is {}, weight is {} (expected weight [out, {}])", x.shape_str(),
+          weight.shape_str(), x.cols);
+  require(bias.empty() || static_cast<std::int64_t>(bias.size()) == weight.rows,
+          "linear: bias has {} values for a weight of {} (expected {})", bias.size(), weight.shape_str(), weight.rows);
+  Tensor y = matmul_transposed(x, weight);
+  if (!bias.empty())
+    for (std::int64_t t = 0; t < x.rows; ++t)
+      for (std::int64_t o = 0; o < weight.rows; ++o) y.data()[t * weight.rows + o] += bias[static_cast<std::size_t>(o)];
+  return y;
+}
+
+Tensor transpose(ConstMatrix a) {
+  Tensor t(Shape{a.cols, a.rows});
+  for (std::int64_t i = 0; i < a.rows; ++i)
+    for (std::int64_t j = 0; j < a.cols; ++j) t.data()[j * a.rows + i] = a(i, j);
+  return t;
+}
+
+}  // namespace af

@@ -1,0 +1,42 @@
+#include "af/program.hpp"
+
+#include "af/error.hpp"
+
+#include <fmt/format.h>
+
+#include <cstdio>
+
+namespace af {
+
+int run_program(CLI::App& app, int argc, char** argv, const std::function<bool()>& body) {
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& help) {
+    return app.exit(help);
+  } catch (const CLI::ParseError& error) {
+    fmt::print(stderr, "{}: {}\nRun with --help for the flags and their ranges.\n", app.get_name(), error.what());
+    return 2;
+  }
+  try {
+    return body() ? 0 : 1;
+  } catch (const Error& error) {
+    fmt::print(stderr, "{}: {}\n", app.get_name(), error.what());
+    return 2;
+  }
+}
+
+bool Checks::expect_close(std::string_view what, double error, double tolerance) {
+  const bool pass = error <= tolerance;  // false for NaN
+  if (!pass) ++failures_;
+  fmt::print("check  {:<52} max abs error {:.2e}  tolerance {:.0e}  {}\n", what, error, tolerance,
+             pass ? "PASS" : "FAIL");
+  return pass;
+}
+
+bool Checks::expect_true(std::string_view what, bool condition) {
+  if (!condition) ++failures_;
+  fmt::print("check  {:<52} {}\n", what, condition ? "PASS" : "FAIL");
+  return condition;
+}
+
+}  // namespace af

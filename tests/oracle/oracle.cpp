@@ -1,0 +1,97 @@
+#include "oracle.hpp"
+
+#include "af/error.hpp"
+
+#include <fmt/format.h>
+
+#include <fstream>
+
+namespace oracle {
+
+namespace {
+const nlohmann::json& field(const nlohmann::json& object, const std::string& key, const std::string& where) {
+  if (!object.is_object() || !object.contains(key))
+    throw CaseError(fmt::format("{}: missing field \"{}\"", where, key));
+  return object.at(key);
+}
+}  // namespace
+
+std::int64_t Case::config_int(const std::string& key) const {
+  const auto& value = field(config, key, name + ": config");
+  if (!value.is_number_integer()) throw CaseError(fmt::format("{}: config \"{}\" is {} (expected an integer)", name, key, value.dump()));
+  return value.get<std::int64_t>();
+}
+
+double Case::config_double(const std::string& key) const {
+  const auto& value = field(config, key, name + ": config");
+  if (!value.is_number()) throw CaseError(fmt::format("{}: config \"{}\" is {} (expected a number)", name, key, value.dump()));
+  return value.get<double>();
+}
+
+bool Case::config_bool(const std::string& key) const {
+  const auto& value = field(config, key, name + ": config");
+  if (!value.is_boolean()) throw CaseError(fmt::format("{}: config \"{}\" is {} (expected true or false)", name, key, value.dump()));
+  return value.get<bool>();
+}
+
+af::Tensor Case::tensor(const std::string& tensor_name, const af::Shape& expected_shape) const {
+  if (!tensors.contains(tensor_name))
+    throw CaseError(fmt::format("{}: tensors.safetensors has no tensor \"{}\"", name, tensor_name));
+  af::Tensor t = tensors.tensor(tensor_name);
+  if (t.shape() != expected_shape)
+    throw CaseError(fmt::format("{}: tensor \"{}\" is {} (expected {} from case.json)", name, tensor_name,
+                                t.shape().str(), expected_shape.str()));
+  return t;
+}
+
+af::Tensor Case::optional_tensor(const std::string& tensor_name, const af::Shape& expected_shape) const {
+  return tensors.contains(tensor_name) ? tensor(tensor_name, expected_shape) : af::Tensor{};
+}
+
+Case read_case(const std::filesystem::path& dir) {
+  Case c;
+  c.dir = dir;
+  c.name = dir.filename().string();
+  if (c.name.empty()) c.name = dir.parent_path().filename().string();
+  const auto json_path = dir / "case.json";
+  std::ifstream in(json_path);
+  if (!in) throw CaseError(fmt::format("{}: cannot open {}", c.name, json_path.string()));
+  nlohmann::json root;
+  try {
+    root = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw CaseError(fmt::format("{}: case.json is not valid JSON: {}", c.name, e.what()));
+  }
+  const std::string where = c.name + ": case.json";
+  try {
+    c.reference = field(root, "reference", where).get<std::string>();
+    c.layer_type = root.value("layer_type", "");
+    c.config = field(root, "config", where);
+    c.prefill_len = field(root, "prefill_len", where).get<std::int64_t>();
+    c.decode_steps = field(root, "decode_steps", where).get<std::int64_t>();
+    const auto& tolerance = field(root, "tolerance", where);
+    c.max_abs = field(tolerance, "max_abs", where + " tolerance").get<double>();
+    c.relative_to_expected = tolerance.contains("relative_to") && !tolerance.at("relative_to").is_null();
+  } catch (const nlohmann::json::exception& e) {
+    throw CaseError(fmt::format("{}: a field has the wrong type: {}", where, e.what()));
+  }
+  if (c.prefill_len < 1 || c.decode_steps < 0)
+    throw CaseError(fmt::format("{}: prefill_len {} and decode_steps {} (expected >= 1 and >= 0)", where,
+                                c.prefill_len, c.decode_steps));
+  if (!(c.max_abs > 0.0)) throw CaseError(fmt::format("{}: tolerance max_abs is {} (expected > 0)", where, c.max_abs));
+  try {
+    c.tensors = af::SafetensorsFile::read(dir / "tensors.safetensors");
+  } catch (const af::Error& e) {
+    throw CaseError(fmt::format("{}: {}", c.name, e.what()));
+  }
+  return c;
+}
+
+const std::map<std::string, Runner>& runners() {
+  static const std::map<std::string, Runner> table = {
+      {"sdpa", run_sdpa},
+  };
+  return table;
+}
+
+}  // namespace oracle

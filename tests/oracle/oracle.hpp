@@ -1,0 +1,60 @@
+#pragma once
+// The oracle harness: a case as read from tests/oracle/cases/<name>/, and the runners that compute a
+// mechanism's outputs from the case's weights with the library (see shared ORACLE.md and README.md here).
+#include "af/safetensors.hpp"
+#include "af/tensor.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <string>
+
+namespace oracle {
+
+/// A malformed or unsupported case (exit status 2); the message names the missing field or tensor.
+struct CaseError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct Case {
+  std::filesystem::path dir;
+  std::string name;
+  std::string reference;
+  std::string layer_type;
+  nlohmann::json config;
+  std::int64_t prefill_len = 0;
+  std::int64_t decode_steps = 0;
+  double max_abs = 0.0;
+  bool relative_to_expected = false;  // the tolerance scales with max(1, max|expected|)
+  af::SafetensorsFile tensors;
+
+  /// A config field, or CaseError naming it.
+  std::int64_t config_int(const std::string& key) const;
+  double config_double(const std::string& key) const;
+  bool config_bool(const std::string& key) const;
+  /// A float tensor with a required shape, or CaseError naming the tensor and both shapes.
+  af::Tensor tensor(const std::string& name, const af::Shape& expected_shape) const;
+  /// A float tensor that may be absent (empty when absent).
+  af::Tensor optional_tensor(const std::string& name, const af::Shape& expected_shape) const;
+};
+
+/// Reads `dir/case.json` and `dir/tensors.safetensors`; throws CaseError when either is malformed.
+Case read_case(const std::filesystem::path& dir);
+
+/// What a runner returns: the outputs of the prefill [T, hidden] and of the N decode steps [N, hidden].
+struct Outputs {
+  af::Tensor prefill;
+  af::Tensor decode;
+};
+
+using Runner = std::function<Outputs(const Case&)>;
+
+/// The mechanisms this build can check, by the case's `reference`.
+const std::map<std::string, Runner>& runners();
+
+// One runner per reference.
+Outputs run_sdpa(const Case& c);
+
+}  // namespace oracle
