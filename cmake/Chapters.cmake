@@ -2,7 +2,9 @@
 #   Builds chapters/FOLDER/*.cpp (or *.cu) into build/bin/chFOLDER, registers the program's default run as a
 #   CTest test (its self-checks), and, for the book, runs it with --out build/generated/FOLDER, capturing
 #   its standard output in build/generated/FOLDER/output.txt. OUTPUTS names the data files the run writes
-#   there (the figures depend on them).
+#   there (the figures depend on them). A .cu chapter (a kernel chapter) is built when nvcc is present; its
+#   self-check carries the label gpu and is skipped (exit 77) without a GPU; its book outputs are the
+#   measured results committed beside it, not a run of the build machine.
 set(AF_CHAPTER_OUTPUTS "" CACHE INTERNAL "Every generated chapter file the book depends on")
 
 function(af_add_chapter folder)
@@ -21,7 +23,13 @@ function(af_add_chapter folder)
   add_executable(${target} ${sources})
   target_link_libraries(${target} PRIVATE af::af)
   add_test(NAME ${target}.self_check COMMAND ${target} ${arg_ARGS})
-  set_tests_properties(${target}.self_check PROPERTIES LABELS "cpu;chapter")
+  if(sources MATCHES "\\.cu$")
+    # A kernel chapter's program exits 77 when the machine has no GPU: CTest reports it as skipped.
+    target_link_libraries(${target} PRIVATE af::kernels)
+    set_tests_properties(${target}.self_check PROPERTIES LABELS "gpu;chapter" SKIP_RETURN_CODE 77)
+  else()
+    set_tests_properties(${target}.self_check PROPERTIES LABELS "cpu;chapter")
+  endif()
 
   if(AF_BUILD_BOOK AND sources MATCHES "\\.cpp$")
     set(out_dir ${AF_GENERATED_DIR}/${folder})

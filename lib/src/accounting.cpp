@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace af {
@@ -66,40 +67,71 @@ std::string human_bytes(double bytes) {
   return fmt::format("{:.2f} {}", bytes, units[unit]);
 }
 
+namespace {
+// Splits `text` into lines of at most `width` characters at spaces.
+std::vector<std::string> wrap(const std::string& text, std::size_t width) {
+  std::vector<std::string> lines(1);
+  std::size_t start = 0;
+  while (start < text.size()) {
+    std::size_t end = text.find(' ', start);
+    if (end == std::string::npos) end = text.size();
+    const std::string word = text.substr(start, end - start);
+    if (!lines.back().empty() && lines.back().size() + 1 + word.size() > width) lines.emplace_back();
+    lines.back() += (lines.back().empty() ? "" : " ") + word;
+    start = end + 1;
+  }
+  return lines;
+}
+}  // namespace
+
 std::string format_cache_card(const CacheCard& card, std::span<const ModelCache> models,
                               std::span<const std::int64_t> contexts) {
   std::string out = fmt::format("Cache card: {}\n", card.mechanism);
   const auto line = [&out](std::string_view label, const std::string& text) {
-    out += fmt::format("  {:<22} {}\n", label, text);
+    out += fmt::format("  {:<17} {}\n", label, text);
   };
-  line("projected", card.projected);
-  std::vector<std::string> stored, prefill, decode;
+  const auto paragraph = [&line](std::string_view label, const std::string& text) {
+    bool first = true;
+    for (const std::string& l : wrap(text, 72)) line(first ? label : "", l), first = false;
+  };
+  paragraph("projected", card.projected);
+  std::vector<std::string> stored, names;
+  std::string shape;
   for (const CachedTensor& t : card.per_token) {
     stored.push_back(fmt::format("{} [{}] {}", t.name, fmt::join(t.shape, ", "), name_of(t.dtype)));
-    prefill.push_back(fmt::format("{} [T, {}]", t.name, fmt::join(t.shape, ", ")));
-    decode.push_back(fmt::format("{} [t + 1, {}]", t.name, fmt::join(t.shape, ", ")));
+    names.push_back(t.name);
+    shape = fmt::format("{}", fmt::join(t.shape, ", "));
   }
-  line("cached per token", fmt::format("{} (per layer)", fmt::join(stored, ", ")));
-  line("shape after prefill", fmt::format("{} for a prompt of T tokens", fmt::join(prefill, ", ")));
-  line("shape after decode", fmt::format("{} after the step at position t", fmt::join(decode, ", ")));
-  line("bytes per token", fmt::format("{} per layer (written once, when the token is generated)",
-                                      card.bytes_per_token()));
+  const bool same_shape = std::ranges::all_of(card.per_token, [&](const CachedTensor& t) {
+    return fmt::format("{}", fmt::join(t.shape, ", ")) == shape;
+  });
+  line("cached", fmt::format("per token and layer: {}", fmt::join(stored, ", ")));
+  if (same_shape) {
+    line("stored shape", fmt::format("after a prefill of T tokens: {} [T, {}]", fmt::join(names, ", "), shape));
+    line("", fmt::format("after the decode step at position t: {} [t + 1, {}]", fmt::join(names, ", "), shape));
+  } else {
+    for (const CachedTensor& t : card.per_token)
+      line(&t == &card.per_token.front() ? "stored shape" : "",
+           fmt::format("{}: [T, {}] after a prefill, [t + 1, {}] after step t", t.name, fmt::join(t.shape, ", "),
+                       fmt::join(t.shape, ", ")));
+  }
+  line("bytes per token", fmt::format("{} per layer, written once when the token is generated", card.bytes_per_token()));
   for (const ModelCache& m : models)
-    line("", fmt::format("{}: {} layers x {} = {} bytes per token ({})", m.model, m.layers,
-                         m.card.bytes_per_token(), m.bytes_per_token(), m.card.mechanism));
+    line("", fmt::format("{}: {} per layer x {} layers = {} per token", m.model, m.card.bytes_per_token(), m.layers,
+                         m.bytes_per_token()));
   for (std::int64_t t : contexts) {
     std::vector<std::string> reads;
     for (const DecodeRead& r : card.decode_reads(t))
-      reads.push_back(fmt::format("{} entries ({}, {} bytes)", r.entries, r.what, r.bytes));
-    line(t == contexts.front() ? "read per decode query" : "", fmt::format("t = {}: {}", t, fmt::join(reads, "; ")));
+      reads.push_back(fmt::format("{} entries, {} bytes ({})", r.entries, r.bytes, r.what));
+    line(t == contexts.front() ? "decode reads" : "", fmt::format("t = {}: {}", t, fmt::join(reads, "; ")));
   }
-  for (const ModelCache& m : models) {
+  for (const ModelCache& m : models)
     for (std::int64_t t : contexts)
-      line("", fmt::format("{} at t = {}: {} stored, {} read per decode step (all layers)", m.model, t,
-                           human_bytes(static_cast<double>(m.layers * m.card.bytes_stored(t))),
-                           human_bytes(static_cast<double>(m.layers * m.card.bytes_read(t)))));
-  }
-  line("trades off", card.trade_offs);
+      line(t == contexts.front() ? "whole model" : "",
+           fmt::format("{} at t = {}: {} stored, {} read per decode step", m.model, t,
+                       human_bytes(static_cast<double>(m.layers * m.card.bytes_stored(t))),
+                       human_bytes(static_cast<double>(m.layers * m.card.bytes_read(t)))));
+  paragraph("trades off", card.trade_offs);
   return out;
 }
 

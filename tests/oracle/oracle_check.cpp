@@ -37,13 +37,13 @@ Verdict check(const std::filesystem::path& dir) {
     const double scale = c.relative_to_expected ? std::max({1.0, af::max_abs(prefill.values()), af::max_abs(decode.values())}) : 1.0;
     const double tolerance = c.max_abs * scale;
     const bool pass = error <= tolerance;  // a NaN fails
-    fmt::print("{:<36} {:<12} max abs error {:.3e}  tolerance {:.3e}  {}\n", c.name, c.reference, error, tolerance,
+    fmt::print("{:<30} {:<8} max abs error {:.2e}  tolerance {:.2e}  {}\n", c.name, c.reference, error, tolerance,
                pass ? "PASS" : "FAIL");
     return pass ? Verdict::pass : Verdict::fail;
   } catch (const oracle::CaseError& e) {
-    fmt::print("{:<36} MALFORMED    {}\n", name, e.what());
+    fmt::print("{:<30} MALFORMED {}\n", name, e.what());
   } catch (const af::Error& e) {
-    fmt::print("{:<36} MALFORMED    {}\n", name, e.what());
+    fmt::print("{:<30} MALFORMED {}\n", name, e.what());
   }
   return Verdict::malformed;
 }
