@@ -315,12 +315,21 @@ _sdpa_case("sdpa_single_head_wide", 1005, 33, 3,
            "Single-head causal attention, wide: hidden 256, head_dim 128, prefill of 33 tokens, 3 decode steps.",
            hidden_size=256, head_dim=128)
 
-# Exercised by --selftest only (not written): the multi-head paths later chapters will commit.
-_sdpa_case("selftest_sdpa_mha", 9001, 6, 3, "MHA, H = G = 4.", committed=False,
+# Chapters 02-04: several heads. Query head h reads KV head h // (H // G) (SDPA's enable_gqa).
+_sdpa_case("sdpa_mha_h4", 2001, 9, 4,
+           "Multi-head attention, H = G = 4 heads of dimension 16: causal prefill of 9, then 4 decode steps.",
            hidden_size=64, head_dim=16, num_attention_heads=4, num_key_value_heads=4)
-_sdpa_case("selftest_sdpa_gqa", 9002, 6, 3, "GQA, H = 6, G = 2, biases.", committed=False,
-           hidden_size=48, head_dim=8, num_attention_heads=6, num_key_value_heads=2, attention_bias=True)
-_sdpa_case("selftest_sdpa_mqa_noncausal", 9003, 5, 4, "MQA, H = 4, G = 1, non-causal.", committed=False,
+_sdpa_case("sdpa_gqa_h8_g2", 2002, 11, 5,
+           "Grouped-query attention, H = 8 query heads sharing G = 2 KV heads (groups of 4), with biases.",
+           hidden_size=64, head_dim=8, num_attention_heads=8, num_key_value_heads=2, attention_bias=True)
+_sdpa_case("sdpa_gqa_h6_g3", 2003, 5, 6,
+           "Grouped-query attention, H = 6, G = 3 (groups of 2), head_dim 16, scale 0.2.",
+           hidden_size=48, head_dim=16, num_attention_heads=6, num_key_value_heads=3, scale=0.2)
+_sdpa_case("sdpa_mqa_h4", 2004, 7, 5,
+           "Multi-query attention, H = 4 query heads sharing one KV head.",
+           hidden_size=32, head_dim=8, num_attention_heads=4, num_key_value_heads=1)
+_sdpa_case("sdpa_mqa_noncausal", 2005, 6, 3,
+           "Multi-query attention, H = 4, G = 1, non-causal prefill.",
            hidden_size=32, head_dim=8, num_attention_heads=4, num_key_value_heads=1, is_causal=False)
 
 

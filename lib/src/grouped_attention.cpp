@@ -1,0 +1,116 @@
+#include "af/grouped_attention.hpp"
+
+#include "af/error.hpp"
+#include "af/linalg.hpp"
+#include "af/softmax.hpp"
+
+#include <algorithm>
+#include <limits>
+
+namespace af {
+
+void GroupedShape::validate() const {
+  require(hidden > 0 && heads > 0 && kv_heads > 0 && head_dim > 0,
+          "GroupedShape: hidden {}, heads {}, kv_heads {}, head_dim {} (expected all > 0)", hidden, heads, kv_heads,
+          head_dim);
+  require(heads % kv_heads == 0, "GroupedShape: {} query heads cannot share {} KV heads (expected H divisible by G)",
+          heads, kv_heads);
+}
+
+GroupedKvCache::GroupedKvCache(std::int64_t capacity, std::int64_t kv_heads, std::int64_t head_dim) {
+  require(capacity > 0 && kv_heads > 0 && head_dim > 0,
+          "GroupedKvCache: capacity {}, kv_heads {}, head_dim {} (expected all > 0)", capacity, kv_heads, head_dim);
+  keys_ = Tensor(Shape{capacity, kv_heads, head_dim});
+  values_ = Tensor(Shape{capacity, kv_heads, head_dim});
+}
+
+void GroupedKvCache::append(ConstMatrix keys, ConstMatrix values) {
+  const std::int64_t width = kv_heads() * head_dim();
+  require(keys.cols == width && values.cols == width && keys.rows == values.rows,
+          "GroupedKvCache::append: keys {} and values {} (expected [n, {}] each: {} KV heads x {})", keys.shape_str(),
+          values.shape_str(), width, kv_heads(), head_dim());
+  require(size_ + keys.rows <= capacity(), "GroupedKvCache::append: {} cached + {} new tokens exceed the capacity {}",
+          size_, keys.rows, capacity());
+  for (std::int64_t r = 0; r < keys.rows; ++r) {
+    std::ranges::copy(keys.row(r), keys_.data() + (size_ + r) * width);
+    std::ranges::copy(values.row(r), values_.data() + (size_ + r) * width);
+  }
+  size_ += keys.rows;
+}
+
+ConstMatrix GroupedKvCache::keys(std::int64_t kv_head) const {
+  return head_view(keys_, kv_head).rows_slice(0, size_);
+}
+
+ConstMatrix GroupedKvCache::values(std::int64_t kv_head) const {
+  return head_view(values_, kv_head).rows_slice(0, size_);
+}
+
+void GroupedWeights::validate(const GroupedShape& shape) const {
+  shape.validate();
+  const std::int64_t h = shape.hidden, qd = shape.heads * shape.head_dim, kvd = shape.kv_heads * shape.head_dim;
+  const auto check = [](const char* name, const Tensor& t, const Shape& expected, bool optional) {
+    require((optional && t.empty()) || t.shape() == expected, "GroupedWeights: {} is {} (expected {}{})", name,
+            t.shape().str(), expected.str(), optional ? " or none" : "");
+  };
+  check("q_proj", q_proj, Shape{qd, h}, false);
+  check("k_proj", k_proj, Shape{kvd, h}, false);
+  check("v_proj", v_proj, Shape{kvd, h}, false);
+  check("o_proj", o_proj, Shape{h, qd}, false);
+  check("q_bias", q_bias, Shape{qd}, true);
+  check("k_bias", k_bias, Shape{kvd}, true);
+  check("v_bias", v_bias, Shape{kvd}, true);
+}
+
+Tensor grouped_attend(ConstMatrix q, const GroupedShape& shape, const GroupedKvCache& cache,
+                      const AttentionOptions& options) {
+  shape.validate();
+  const std::int64_t d = shape.head_dim, group = shape.group_size(), queries = q.rows, keys = cache.size();
+  require(q.cols == shape.heads * d, "grouped_attend: queries are {} (expected [Tq, {}]: {} heads x {})",
+          q.shape_str(), shape.heads * d, shape.heads, d);
+  require(cache.kv_heads() == shape.kv_heads && cache.head_dim() == d,
+          "grouped_attend: the cache holds {} KV heads of dimension {} (expected {} of {})", cache.kv_heads(),
+          cache.head_dim(), shape.kv_heads, d);
+  require(queries <= keys, "grouped_attend: {} queries over {} cached tokens (expected the queries to be cached)",
+          queries, keys);
+  const float scale = static_cast<float>(options.scale.value_or(default_scale(d)));
+  const Mask causal = Mask::causal(queries, keys, keys - queries);
+
+  Tensor out(Shape{queries, shape.heads * d});
+  Tensor group_queries(Shape{group * queries, d});  // the group's queries stacked: row j * Tq + i
+  for (std::int64_t g = 0; g < shape.kv_heads; ++g) {
+    for (std::int64_t j = 0; j < group; ++j)
+      for (std::int64_t i = 0; i < queries; ++i)
+        std::ranges::copy(q.row(i).subspan(static_cast<std::size_t>((g * group + j) * d), static_cast<std::size_t>(d)),
+                          group_queries.data() + (j * queries + i) * d);
+    Tensor weights = matmul_transposed(group_queries.matrix(), cache.keys(g));  // [group * Tq, t]: one pass over K_g
+    for (float& s : weights.values()) s *= scale;
+    for (std::int64_t r = 0; r < group * queries; ++r) {
+      const std::int64_t i = r % queries;
+      std::span<float> row = weights.matrix().row(r);
+      if (options.causal)
+        for (std::int64_t k = 0; k < keys; ++k)
+          if (!causal.allows(i, k)) row[static_cast<std::size_t>(k)] = -std::numeric_limits<float>::infinity();
+      softmax(row);
+    }
+    const Tensor context = matmul(weights.matrix(), cache.values(g));  // [group * Tq, d]: one pass over V_g
+    for (std::int64_t j = 0; j < group; ++j)
+      for (std::int64_t i = 0; i < queries; ++i)
+        std::ranges::copy(context.matrix().row(j * queries + i), out.data() + i * shape.heads * d + (g * group + j) * d);
+  }
+  return out;
+}
+
+Tensor grouped_attention(ConstMatrix x, const GroupedShape& shape, const GroupedWeights& weights,
+                         const AttentionOptions& options, GroupedKvCache& cache) {
+  weights.validate(shape);
+  require(x.cols == shape.hidden, "grouped_attention: input is {} (expected [T, {}])", x.shape_str(), shape.hidden);
+  const Tensor q = linear(x, weights.q_proj.matrix(), weights.q_bias.values());  // [T, H * d]
+  const Tensor k = linear(x, weights.k_proj.matrix(), weights.k_bias.values());  // [T, G * d]
+  const Tensor v = linear(x, weights.v_proj.matrix(), weights.v_bias.values());  // [T, G * d]
+  cache.append(k.matrix(), v.matrix());
+  const Tensor context = grouped_attend(q.matrix(), shape, cache, options);  // [T, H * d]
+  return linear(context.matrix(), weights.o_proj.matrix());                   // [T, hidden]
+}
+
+}  // namespace af
