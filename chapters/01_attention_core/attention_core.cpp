@@ -12,6 +12,7 @@
 
 #include "af/accounting.hpp"
 #include "af/attention.hpp"
+#include "af/models.hpp"
 #include "af/program.hpp"
 #include "af/random.hpp"
 #include "af/tensor.hpp"
@@ -254,7 +255,7 @@ void write_figure_data(const std::filesystem::path& dir, const Tensor& weights, 
     heat.print("\n");
   }
   auto growth = fmt::output_file((dir / "cache_growth.dat").string());
-  const af::ModelCache llama = af::llama31_8b();
+  const af::ModelCache llama = af::dense_model("Llama-3.1-8B").cache();
   growth.print("# KV-cache bytes against cached tokens, from lib/accounting\n");
   growth.print("# tokens one_head_fp32_bytes llama31_8b_bf16_bytes\n");
   for (std::int64_t t = 1; t <= (1 << 17); t *= 2)
@@ -334,7 +335,7 @@ int main(int argc, char** argv) {
 
     // [cache-card]
     const af::CacheCard card = af::dense_kv_card("single-head attention (this program's head)", 1, head_dim, af::DType::f32);
-    const std::vector<af::ModelCache> models = {af::llama31_8b()};
+    const std::vector<af::ModelCache> models = {af::dense_model("Llama-3.1-8B").cache()};
     const std::vector<std::int64_t> contexts = {seq_len, 4096, 131072};
     fmt::print("\n{}", af::format_cache_card(card, models, contexts));
     // [/cache-card]

@@ -51,11 +51,6 @@ CacheCard dense_kv_card(std::string mechanism, std::int64_t kv_heads, std::int64
   return card;
 }
 
-ModelCache llama31_8b() {
-  return {"Llama-3.1-8B", "meta-llama/llama-models, models/sku_list.py (32 layers, 32 heads, 8 KV heads, dim 4096)",
-          32, dense_kv_card("grouped-query attention", 8, 128, DType::bf16)};
-}
-
 std::string human_bytes(double bytes) {
   constexpr const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
   int unit = 0;

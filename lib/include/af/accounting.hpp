@@ -65,9 +65,6 @@ struct ModelCache {
   std::int64_t bytes_per_token() const { return layers * card.bytes_per_token(); }
 };
 
-/// Llama-3.1-8B: 32 layers, 8 KV heads of dimension 128, bf16 (meta-llama/llama-models, `sku_list.py`).
-ModelCache llama31_8b();
-
 /// The six answers as aligned text: what is projected, what is cached, the stored shape in prefill and
 /// decode, bytes per token (per layer, and per model for each of `models`), entries and bytes read per
 /// decode query at each of `contexts`, and what the mechanism trades off.
