@@ -6,7 +6,7 @@
 
 TEST_CASE("The dense cache card counts bytes by hand-derived numbers", "[accounting]") {
   // One head of dimension 16 in float32: K and V of 16 values of 4 bytes each.
-  const af::CacheCard head = af::dense_kv_card("single-head attention", 1, 16, af::DType::f32);
+  const af::CacheCard head = af::dense_kv_card("single-head attention", 1, 1, 16, af::DType::f32);
   CHECK(head.bytes_per_token() == 2 * 16 * 4);
   CHECK(head.bytes_stored(100) == 100 * 128);
   CHECK(head.bytes_read(100) == 100 * 128);
@@ -18,7 +18,7 @@ TEST_CASE("The dense cache card counts bytes by hand-derived numbers", "[account
   CHECK(llama.bytes_per_token() == 131072);
   CHECK(llama.layers * llama.card.bytes_read(4096) == 536870912);  // 512 MiB read per decode step at 4k context
 
-  CHECK_THROWS_AS(af::dense_kv_card("x", 0, 128, af::DType::bf16), af::Error);
+  CHECK_THROWS_AS(af::dense_kv_card("x", 1, 0, 128, af::DType::bf16), af::Error);
 }
 
 TEST_CASE("Byte counts print with binary units", "[accounting]") {

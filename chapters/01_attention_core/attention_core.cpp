@@ -334,7 +334,7 @@ int main(int argc, char** argv) {
     }
 
     // [cache-card]
-    const af::CacheCard card = af::dense_kv_card("single-head attention (this program's head)", 1, head_dim, af::DType::f32);
+    const af::CacheCard card = af::dense_kv_card("single-head attention (this program's head)", 1, 1, head_dim, af::DType::f32);
     const std::vector<af::ModelCache> models = {af::dense_model("Llama-3.1-8B").cache()};
     const std::vector<std::int64_t> contexts = {seq_len, 4096, 131072};
     fmt::print("\n{}", af::format_cache_card(card, models, contexts));

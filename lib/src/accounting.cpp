@@ -32,13 +32,15 @@ std::int64_t CacheCard::bytes_read(std::int64_t t) const {
   return total;
 }
 
-CacheCard dense_kv_card(std::string mechanism, std::int64_t kv_heads, std::int64_t head_dim, DType dtype) {
-  require(kv_heads > 0 && head_dim > 0, "dense_kv_card: kv_heads {} and head_dim {} (expected both > 0)", kv_heads,
-          head_dim);
+CacheCard dense_kv_card(std::string mechanism, std::int64_t heads, std::int64_t kv_heads, std::int64_t head_dim,
+                        DType dtype) {
+  require(heads > 0 && kv_heads > 0 && head_dim > 0 && heads % kv_heads == 0,
+          "dense_kv_card: {} heads, {} KV heads, head_dim {} (expected sizes > 0 and heads divisible by KV heads)",
+          heads, kv_heads, head_dim);
   CacheCard card;
   card.mechanism = std::move(mechanism);
-  card.projected = fmt::format("q, k, v of every token ({} KV head{} of dimension {})", kv_heads,
-                               kv_heads == 1 ? "" : "s", head_dim);
+  card.projected = fmt::format("every token: q of {} head{}, k and v of {} head{}, each of dimension {}", heads,
+                               heads == 1 ? "" : "s", kv_heads, kv_heads == 1 ? "" : "s", head_dim);
   card.per_token = {{"K", {kv_heads, head_dim}, dtype}, {"V", {kv_heads, head_dim}, dtype}};
   card.stored_tokens = [](std::int64_t t) { return t; };
   const std::int64_t per_token = card.bytes_per_token();

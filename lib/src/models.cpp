@@ -13,7 +13,7 @@ std::string DenseModel::variant() const {
 }
 
 ModelCache DenseModel::cache(DType dtype) const {
-  return {name, source, layers, dense_kv_card(variant(), kv_heads, head_dim, dtype)};
+  return {name, source, layers, dense_kv_card(variant(), heads, kv_heads, head_dim, dtype)};
 }
 
 const std::vector<DenseModel>& dense_models() {

@@ -28,14 +28,14 @@ int run_program(CLI::App& app, int argc, char** argv, const std::function<bool()
 bool Checks::expect_close(std::string_view what, double error, double tolerance) {
   const bool pass = error <= tolerance;  // false for NaN
   if (!pass) ++failures_;
-  fmt::print("check  {:<44} max abs error {:.2e}  tolerance {:.0e}  {}\n", what, error, tolerance,
+  fmt::print("check  {:<48} max abs error {:.2e}  tolerance {:.0e}  {}\n", what, error, tolerance,
              pass ? "PASS" : "FAIL");
   return pass;
 }
 
 bool Checks::expect_true(std::string_view what, bool condition) {
   if (!condition) ++failures_;
-  fmt::print("check  {:<44} {}\n", what, condition ? "PASS" : "FAIL");
+  fmt::print("check  {:<48} {}\n", what, condition ? "PASS" : "FAIL");
   return condition;
 }
 

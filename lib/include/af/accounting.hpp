@@ -51,9 +51,11 @@ struct CacheCard {
   std::int64_t bytes_read(std::int64_t t) const;
 };
 
-/// The dense KV cache of `kv_heads` heads of dimension `head_dim`: per token K and V of shape
-/// `[kv_heads, head_dim]`; a decode query reads every cached token. Throws af::Error on sizes <= 0.
-CacheCard dense_kv_card(std::string mechanism, std::int64_t kv_heads, std::int64_t head_dim, DType dtype);
+/// The dense KV cache of `heads` query heads sharing `kv_heads` key/value heads of dimension `head_dim`
+/// (MHA: heads = kv_heads; MQA: kv_heads = 1): per token K and V of shape `[kv_heads, head_dim]`; a decode
+/// query reads every cached token. Throws af::Error on sizes <= 0 or heads not a multiple of kv_heads.
+CacheCard dense_kv_card(std::string mechanism, std::int64_t heads, std::int64_t kv_heads, std::int64_t head_dim,
+                        DType dtype);
 
 /// A real model's attention, with the source of its numbers.
 struct ModelCache {

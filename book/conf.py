@@ -1,0 +1,61 @@
+"""Sphinx configuration of the book.
+
+Run by the `book` target (book/CMakeLists.txt and book/render.cmake) with `-c book`: the source folder is
+assembled in the build tree (build/book/src) from links to book/'s pages, to chapters/ and to the generated
+files, and the Doxygen XML folder comes in as `-D breathe_projects.af=<build>/book/doxygen/xml`.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent / "_ext"))
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+
+project = "Attention Forge"
+author = "the Attention Forge authors"
+copyright = author
+
+extensions = [
+    "myst_parser",
+    "breathe",
+    "sphinxcontrib.bibtex",
+    "offline_mathjax",  # book/_ext: MathJax 2.7 copied from Debian, so that math renders with no network
+]
+
+# The pages: the landing page, the API reference and one README per chapter. Other Markdown files in a
+# chapter folder (notes, results) and the generated files are not pages of their own.
+source_suffix = {".md": "markdown"}
+include_patterns = ["index.md", "api.md", "chapters/*/README.md"]
+
+# MyST: `$...$` and `$$...$$` math, amsmath environments, `:::` fences, definition lists, {attributes}.
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist", "attrs_inline"]
+myst_heading_anchors = 3
+# MyST would write a MathJax 3/4 configuration; the book configures MathJax 2.7 itself (offline_mathjax).
+myst_update_mathjax = False
+
+# The API reference: Breathe over the Doxygen XML of lib/include (and kernels/include).
+breathe_projects = {}  # set on the command line, see the module docstring
+breathe_default_project = "af"
+breathe_domain_by_extension = {"hpp": "cpp", "h": "cpp", "cuh": "cpp"}
+breathe_default_members = ("members",)
+primary_domain = "cpp"
+
+# One bibliography file for the whole book; each chapter lists the works it cites in its "Sources" section
+# (a `bibliography` directive with `:filter: docname in docnames`). Citations read "Vaswani et al., 2017";
+# the list labels them alphabetically ("VSP+17"), the same label for a work in every chapter.
+bibtex_bibfiles = ["references.bib"]
+bibtex_default_style = "alpha"
+bibtex_reference_style = "author_year"
+
+suppress_warnings = [
+    # Two chapters citing the same work each list it in their own bibliography, which sphinxcontrib-bibtex
+    # reports as a duplicate; a citation still links to the entry on its own page (local entries first).
+    "bibtex.duplicate_citation",
+]
+
+html_theme = "furo"
+html_title = "Attention Forge"
+html_copy_source = False
+# The book is read from file://, where a page may not fetch another page (CORS): search lists the matching
+# pages without the summaries it would fetch from them.
+html_show_search_summary = False
