@@ -29,23 +29,48 @@ function(af_add_chapter folder)
     set_tests_properties(${target}.self_check PROPERTIES LABELS "gpu;chapter" SKIP_RETURN_CODE 77)
   else()
     set_tests_properties(${target}.self_check PROPERTIES LABELS "cpu;chapter")
+    # The flag contract every chapter keeps: --help and --out work; a bad value or flag exits 2 and says why.
+    foreach(case IN ITEMS "help|0|--help|--out" "zero|2|--seq-len,0|--seq-len" "unknown|2|--no-such-flag|no-such-flag")
+      string(REPLACE "|" ";" fields "${case}")
+      list(GET fields 0 name)
+      list(GET fields 1 expected)
+      list(GET fields 2 args)
+      list(GET fields 3 message)
+      string(REPLACE "," ";" args "${args}")
+      add_test(NAME ${target}.flags_${name}
+               COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:${target}> "-DARGS=${args}" -DEXPECTED=${expected}
+                       -DMESSAGE=${message} -P ${PROJECT_SOURCE_DIR}/cmake/expect_exit.cmake)
+      set_tests_properties(${target}.flags_${name} PROPERTIES LABELS "cpu;chapter")
+    endforeach()
   endif()
 
-  if(AF_BUILD_BOOK AND sources MATCHES "\\.cpp$")
-    set(out_dir ${AF_GENERATED_DIR}/${folder})
-    set(outputs ${out_dir}/output.txt)
-    foreach(name IN LISTS arg_OUTPUTS)
-      list(APPEND outputs ${out_dir}/${name})
-    endforeach()
-    add_custom_command(
-      OUTPUT ${outputs}
-      COMMAND ${CMAKE_COMMAND} -E make_directory ${out_dir}
-      COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:${target}> "-DARGS=${arg_ARGS};--out;${out_dir}"
-              -DOUTPUT=${out_dir}/output.txt -P ${PROJECT_SOURCE_DIR}/cmake/run_and_capture.cmake
-      DEPENDS ${target} ${PROJECT_SOURCE_DIR}/cmake/run_and_capture.cmake
-      COMMENT "Running ${target} for the book"
-      VERBATIM)
-    add_custom_target(${target}_outputs DEPENDS ${outputs})
-    set(AF_CHAPTER_OUTPUTS ${AF_CHAPTER_OUTPUTS} ${outputs} CACHE INTERNAL "")
+  if(sources MATCHES "\\.cpp$")
+    af_add_book_run(${target} ${folder} ARGS ${arg_ARGS} OUTPUTS ${arg_OUTPUTS})
   endif()
+endfunction()
+
+# af_add_book_run(TARGET FOLDER [ARGS arg...] [OUTPUTS file...])
+#   For the book: runs TARGET with ARGS and --out build/generated/FOLDER, capturing its standard output in
+#   build/generated/FOLDER/output.txt; OUTPUTS names the data files the run writes there. A failed run fails
+#   the build. Nothing happens when the book is not built (AF_BUILD_BOOK OFF).
+function(af_add_book_run target folder)
+  cmake_parse_arguments(PARSE_ARGV 2 arg "" "" "OUTPUTS;ARGS")
+  if(NOT AF_BUILD_BOOK)
+    return()
+  endif()
+  set(out_dir ${AF_GENERATED_DIR}/${folder})
+  set(outputs ${out_dir}/output.txt)
+  foreach(name IN LISTS arg_OUTPUTS)
+    list(APPEND outputs ${out_dir}/${name})
+  endforeach()
+  add_custom_command(
+    OUTPUT ${outputs}
+    COMMAND ${CMAKE_COMMAND} -E make_directory ${out_dir}
+    COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:${target}> "-DARGS=${arg_ARGS};--out;${out_dir}"
+            -DOUTPUT=${out_dir}/output.txt -P ${PROJECT_SOURCE_DIR}/cmake/run_and_capture.cmake
+    DEPENDS ${target} ${PROJECT_SOURCE_DIR}/cmake/run_and_capture.cmake
+    COMMENT "Running ${target} for the book"
+    VERBATIM)
+  add_custom_target(${target}_outputs DEPENDS ${outputs})
+  set(AF_CHAPTER_OUTPUTS ${AF_CHAPTER_OUTPUTS} ${outputs} CACHE INTERNAL "")
 endfunction()

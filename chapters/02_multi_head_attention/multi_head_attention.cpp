@@ -218,7 +218,10 @@ int main(int argc, char** argv) {
                           af::max_abs_diff(cache.keys(h), lib_cache.keys(h)), tolerance);
 
     // [cache-card]
-    const af::CacheCard card = af::dense_kv_card("multi-head attention (this program's layer)", heads, heads, d, af::DType::f32);
+    af::CacheCard card = af::dense_kv_card("multi-head attention (this program's layer)", heads, heads, d, af::DType::f32);
+    card.trade_offs =
+        "each head keeps its own keys and values: the most expressive cache and the largest, 2 x hidden values per "
+        "token and layer; memory and decode reads grow linearly with the context";
     const std::vector<af::ModelCache> models = {af::dense_model("Llama-2-7B").cache()};
     fmt::print("\n{}", af::format_cache_card(card, models, std::vector<std::int64_t>{seq_len, 4096}));
     // [/cache-card]

@@ -18,8 +18,10 @@
 #include "af/random.hpp"
 
 #include <fmt/format.h>
+#include <fmt/os.h>
 
 #include <cmath>
+#include <filesystem>
 #include <vector>
 
 namespace {
@@ -160,10 +162,12 @@ int main(int argc, char** argv) {
   CLI::App app{"Chapter 03: multi-query attention, one K/V head shared by every query head", "ch03_multi_query_attention"};
   std::int64_t seq_len = 10, hidden = 64, heads = 8;
   std::uint64_t seed = 3;
+  std::string out_dir;
   app.add_option("--seq-len", seq_len, "Tokens in the prompt")->check(CLI::Range(1, 4096))->capture_default_str();
   app.add_option("--hidden", hidden, "Model width")->check(CLI::Range(1, 8192))->capture_default_str();
   app.add_option("--heads", heads, "Query heads H (must divide --hidden)")->check(CLI::Range(1, 256))->capture_default_str();
   app.add_option("--seed", seed, "Seed of the random inputs and weights")->capture_default_str();
+  app.add_option("--out", out_dir, "Directory for the data of the MHA/MQA comparison (mha_vs_mqa.csv)");
 
   return af::run_program(app, argc, argv, [&] {
     af::require(hidden % heads == 0, "--hidden {} is not divisible by --heads {} (expected hidden = heads x head_dim)",
@@ -209,8 +213,10 @@ int main(int argc, char** argv) {
     // [what-shrinks]
     // Per token and layer, at equal width: what MQA changes and what it leaves alone (counts, from the shapes).
     const std::int64_t t = 4096;
-    const auto row = [](const char* what, double mha, double mqa) {
+    std::string csv = "quantity,mha,mqa\n";
+    const auto row = [&csv](const char* what, double mha, double mqa) {
       fmt::print("  {:<44} {:>14.0f} {:>14.0f} {:>8.1f}x\n", what, mha, mqa, mha / mqa);
+      csv += fmt::format("{},{:.0f},{:.0f}\n", what, mha, mqa);
     };
     fmt::print("\nMHA vs MQA for this layer (H = {}, d = {}, f32), one decode step at t = {}\n", heads, d, t);
     fmt::print("  {:<44} {:>14} {:>14} {:>9}\n", "", "MHA", "MQA", "ratio");
@@ -218,10 +224,17 @@ int main(int argc, char** argv) {
     row("K/V bytes read per decode step", 2.0 * heads * d * 4 * t, 2.0 * d * 4 * t);
     row("K/V projection FLOPs per token", 2.0 * 2 * hidden * heads * d, 2.0 * 2 * hidden * d);
     row("query projection FLOPs per token", 2.0 * hidden * heads * d, 2.0 * hidden * heads * d);
-    row("attention FLOPs per decode step (qK, pV)", 2.0 * 2 * heads * d * t, 2.0 * 2 * heads * d * t);
+    row("attention FLOPs per decode step (qK and pV)", 2.0 * 2 * heads * d * t, 2.0 * 2 * heads * d * t);
     // [/what-shrinks]
+    if (!out_dir.empty()) {
+      std::filesystem::create_directories(out_dir);
+      fmt::output_file((std::filesystem::path(out_dir) / "mha_vs_mqa.csv").string()).print("{}", csv);
+    }
 
-    const af::CacheCard card = af::dense_kv_card("multi-query attention (this program's layer)", heads, 1, d, af::DType::f32);
+    af::CacheCard card = af::dense_kv_card("multi-query attention (this program's layer)", heads, 1, d, af::DType::f32);
+    card.trade_offs = fmt::format(
+        "memory and decode reads {}x smaller than MHA of the same width; query projection and attention FLOPs "
+        "unchanged; quality: every head must use the same keys and values (see the pooling table below)", heads);
     const std::vector<af::ModelCache> models = {af::dense_model("Falcon-7B").cache()};
     fmt::print("\n{}", af::format_cache_card(card, models, std::vector<std::int64_t>{seq_len, 4096}));
 

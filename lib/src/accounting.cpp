@@ -99,9 +99,8 @@ std::string format_cache_card(const CacheCard& card, std::span<const ModelCache>
     names.push_back(t.name);
     shape = fmt::format("{}", fmt::join(t.shape, ", "));
   }
-  const bool same_shape = std::ranges::all_of(card.per_token, [&](const CachedTensor& t) {
-    return fmt::format("{}", fmt::join(t.shape, ", ")) == shape;
-  });
+  const bool same_shape = std::ranges::all_of(
+      card.per_token, [&](const CachedTensor& t) { return fmt::format("{}", fmt::join(t.shape, ", ")) == shape; });
   line("cached", fmt::format("per token and layer: {}", fmt::join(stored, ", ")));
   if (same_shape) {
     line("stored shape", fmt::format("after a prefill of T tokens: {} [T, {}]", fmt::join(names, ", "), shape));
@@ -112,7 +111,8 @@ std::string format_cache_card(const CacheCard& card, std::span<const ModelCache>
            fmt::format("{}: [T, {}] after a prefill, [t + 1, {}] after step t", t.name, fmt::join(t.shape, ", "),
                        fmt::join(t.shape, ", ")));
   }
-  line("bytes per token", fmt::format("{} per layer, written once when the token is generated", card.bytes_per_token()));
+  line("bytes per token",
+       fmt::format("{} per layer, written once when the token is generated", card.bytes_per_token()));
   for (const ModelCache& m : models)
     line("", fmt::format("{}: {} per layer x {} layers = {} per token", m.model, m.card.bytes_per_token(), m.layers,
                          m.bytes_per_token()));
@@ -124,7 +124,7 @@ std::string format_cache_card(const CacheCard& card, std::span<const ModelCache>
   }
   for (const ModelCache& m : models)
     for (std::int64_t t : contexts)
-      line(t == contexts.front() ? "whole model" : "",
+      line(&m == &models.front() && t == contexts.front() ? "whole model" : "",
            fmt::format("{} at t = {}: {} stored, {} read per decode step", m.model, t,
                        human_bytes(static_cast<double>(m.layers * m.card.bytes_stored(t))),
                        human_bytes(static_cast<double>(m.layers * m.card.bytes_read(t)))));

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <vector>
 
 namespace af {
 
@@ -26,9 +27,9 @@ GroupedKvCache::GroupedKvCache(std::int64_t capacity, std::int64_t kv_heads, std
 
 void GroupedKvCache::append(ConstMatrix keys, ConstMatrix values) {
   const std::int64_t width = kv_heads() * head_dim();
-  require(keys.cols == width && values.cols == width && keys.rows == values.rows,
-          "GroupedKvCache::append: keys {} and values {} (expected [n, {}] each: {} KV heads x {})", keys.shape_str(),
-          values.shape_str(), width, kv_heads(), head_dim());
+  if (!(keys.cols == width && values.cols == width && keys.rows == values.rows))
+    fail("GroupedKvCache::append: keys {} and values {} (expected [n, {}] each: {} KV heads x {})", keys.shape_str(),
+         values.shape_str(), width, kv_heads(), head_dim());
   require(size_ + keys.rows <= capacity(), "GroupedKvCache::append: {} cached + {} new tokens exceed the capacity {}",
           size_, keys.rows, capacity());
   for (std::int64_t r = 0; r < keys.rows; ++r) {
@@ -38,9 +39,7 @@ void GroupedKvCache::append(ConstMatrix keys, ConstMatrix values) {
   size_ += keys.rows;
 }
 
-ConstMatrix GroupedKvCache::keys(std::int64_t kv_head) const {
-  return head_view(keys_, kv_head).rows_slice(0, size_);
-}
+ConstMatrix GroupedKvCache::keys(std::int64_t kv_head) const { return head_view(keys_, kv_head).rows_slice(0, size_); }
 
 ConstMatrix GroupedKvCache::values(std::int64_t kv_head) const {
   return head_view(values_, kv_head).rows_slice(0, size_);
@@ -50,8 +49,9 @@ void GroupedWeights::validate(const GroupedShape& shape) const {
   shape.validate();
   const std::int64_t h = shape.hidden, qd = shape.heads * shape.head_dim, kvd = shape.kv_heads * shape.head_dim;
   const auto check = [](const char* name, const Tensor& t, const Shape& expected, bool optional) {
-    require((optional && t.empty()) || t.shape() == expected, "GroupedWeights: {} is {} (expected {}{})", name,
-            t.shape().str(), expected.str(), optional ? " or none" : "");
+    if (!((optional && t.empty()) || t.shape() == expected))
+      fail("GroupedWeights: {} is {} (expected {}{})", name, t.shape().str(), expected.str(),
+           optional ? " or none" : "");
   };
   check("q_proj", q_proj, Shape{qd, h}, false);
   check("k_proj", k_proj, Shape{kvd, h}, false);
@@ -66,8 +66,9 @@ Tensor grouped_attend(ConstMatrix q, const GroupedShape& shape, const GroupedKvC
                       const AttentionOptions& options) {
   shape.validate();
   const std::int64_t d = shape.head_dim, group = shape.group_size(), queries = q.rows, keys = cache.size();
-  require(q.cols == shape.heads * d, "grouped_attend: queries are {} (expected [Tq, {}]: {} heads x {})",
-          q.shape_str(), shape.heads * d, shape.heads, d);
+  if (!(q.cols == shape.heads * d))
+    fail("grouped_attend: queries are {} (expected [Tq, {}]: {} heads x {})", q.shape_str(), shape.heads * d,
+         shape.heads, d);
   require(cache.kv_heads() == shape.kv_heads && cache.head_dim() == d,
           "grouped_attend: the cache holds {} KV heads of dimension {} (expected {} of {})", cache.kv_heads(),
           cache.head_dim(), shape.kv_heads, d);
@@ -76,41 +77,57 @@ Tensor grouped_attend(ConstMatrix q, const GroupedShape& shape, const GroupedKvC
   const float scale = static_cast<float>(options.scale.value_or(default_scale(d)));
   const Mask causal = Mask::causal(queries, keys, keys - queries);
 
-  Tensor out(Shape{queries, shape.heads * d});
-  Tensor group_queries(Shape{group * queries, d});  // the group's queries stacked: row j * Tq + i
-  for (std::int64_t g = 0; g < shape.kv_heads; ++g) {
-    for (std::int64_t j = 0; j < group; ++j)
-      for (std::int64_t i = 0; i < queries; ++i)
-        std::ranges::copy(q.row(i).subspan(static_cast<std::size_t>((g * group + j) * d), static_cast<std::size_t>(d)),
-                          group_queries.data() + (j * queries + i) * d);
-    Tensor weights = matmul_transposed(group_queries.matrix(), cache.keys(g));  // [group * Tq, t]: one pass over K_g
-    for (float& s : weights.values()) s *= scale;
-    for (std::int64_t r = 0; r < group * queries; ++r) {
-      const std::int64_t i = r % queries;
-      std::span<float> row = weights.matrix().row(r);
-      if (options.causal)
-        for (std::int64_t k = 0; k < keys; ++k)
-          if (!causal.allows(i, k)) row[static_cast<std::size_t>(k)] = -std::numeric_limits<float>::infinity();
-      softmax(row);
-    }
-    const Tensor context = matmul(weights.matrix(), cache.values(g));  // [group * Tq, d]: one pass over V_g
-    for (std::int64_t j = 0; j < group; ++j)
-      for (std::int64_t i = 0; i < queries; ++i)
-        std::ranges::copy(context.matrix().row(j * queries + i), out.data() + i * shape.heads * d + (g * group + j) * d);
+  // The queries head by head: row h * Tq + i is query head h of token i, so the queries of KV head g's group
+  // are the consecutive rows [g * group * Tq, (g + 1) * group * Tq).
+  const std::int64_t rows = shape.heads * queries, rows_per_group = group * queries;
+  Tensor stacked(Shape{rows, d});
+  for (std::int64_t h = 0; h < shape.heads; ++h)
+    for (std::int64_t i = 0; i < queries; ++i)
+      std::ranges::copy(q.row(i).subspan(static_cast<std::size_t>(h * d), static_cast<std::size_t>(d)),
+                        stacked.data() + (h * queries + i) * d);
+  std::vector<ConstMatrix> k_heads, v_heads;
+  for (std::int64_t g = 0; g < shape.kv_heads; ++g)
+    k_heads.push_back(cache.keys(g)), v_heads.push_back(cache.values(g));
+
+  // One pass over the keys in cache order: token k's G key heads lie side by side, and each is loaded once and
+  // scored against the queries of its group.
+  Tensor weights(Shape{rows, keys});
+  for (std::int64_t k = 0; k < keys; ++k)
+    for (std::int64_t g = 0; g < shape.kv_heads; ++g)
+      for (std::int64_t r = g * rows_per_group; r < (g + 1) * rows_per_group; ++r)
+        weights.data()[r * keys + k] =
+            dot(stacked.matrix().row(r), k_heads[static_cast<std::size_t>(g)].row(k)) * scale;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    std::span<float> row = weights.matrix().row(r);
+    if (options.causal)
+      for (std::int64_t k = 0; k < keys; ++k)
+        if (!causal.allows(r % queries, k)) row[static_cast<std::size_t>(k)] = -std::numeric_limits<float>::infinity();
+    softmax(row);
   }
+  // One pass over the values in cache order: each value row is loaded once and mixed into its group's outputs.
+  Tensor context(Shape{rows, d});
+  for (std::int64_t k = 0; k < keys; ++k)
+    for (std::int64_t g = 0; g < shape.kv_heads; ++g)
+      for (std::int64_t r = g * rows_per_group; r < (g + 1) * rows_per_group; ++r)
+        axpy(weights.data()[r * keys + k], v_heads[static_cast<std::size_t>(g)].row(k), context.matrix().row(r));
+
+  Tensor out(Shape{queries, shape.heads * d});  // back to token-major: [Tq, H * d]
+  for (std::int64_t h = 0; h < shape.heads; ++h)
+    for (std::int64_t i = 0; i < queries; ++i)
+      std::ranges::copy(context.matrix().row(h * queries + i), out.data() + i * shape.heads * d + h * d);
   return out;
 }
 
 Tensor grouped_attention(ConstMatrix x, const GroupedShape& shape, const GroupedWeights& weights,
                          const AttentionOptions& options, GroupedKvCache& cache) {
   weights.validate(shape);
-  require(x.cols == shape.hidden, "grouped_attention: input is {} (expected [T, {}])", x.shape_str(), shape.hidden);
+  if (!(x.cols == shape.hidden)) fail("grouped_attention: input is {} (expected [T, {}])", x.shape_str(), shape.hidden);
   const Tensor q = linear(x, weights.q_proj.matrix(), weights.q_bias.values());  // [T, H * d]
   const Tensor k = linear(x, weights.k_proj.matrix(), weights.k_bias.values());  // [T, G * d]
   const Tensor v = linear(x, weights.v_proj.matrix(), weights.v_bias.values());  // [T, G * d]
   cache.append(k.matrix(), v.matrix());
   const Tensor context = grouped_attend(q.matrix(), shape, cache, options);  // [T, H * d]
-  return linear(context.matrix(), weights.o_proj.matrix());                   // [T, hidden]
+  return linear(context.matrix(), weights.o_proj.matrix());                  // [T, hidden]
 }
 
 }  // namespace af

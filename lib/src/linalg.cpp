@@ -13,29 +13,39 @@ float dot(std::span<const float> a, std::span<const float> b) {
   for (std::size_t i = 0; i < blocked; i += 8)
     for (std::size_t j = 0; j < 8; ++j) partial[j] += a[i + j] * b[i + j];
   for (std::size_t i = blocked; i < n; ++i) partial[i - blocked] += a[i] * b[i];
-  return ((partial[0] + partial[4]) + (partial[1] + partial[5])) + ((partial[2] + partial[6]) + (partial[3] + partial[7]));
+  return ((partial[0] + partial[4]) + (partial[1] + partial[5])) +
+         ((partial[2] + partial[6]) + (partial[3] + partial[7]));
+}
+
+void axpy(float a, std::span<const float> x, std::span<float> y) {
+  require(x.size() == y.size(), "axpy: vectors of length {} and {} (expected equal lengths)", x.size(), y.size());
+  // Blocks of eight through local copies: the compiler cannot assume that x and y do not overlap, and the
+  // copies let it use vector registers anyway.
+  const std::size_t n = x.size(), blocked = n - n % 8;
+  for (std::size_t i = 0; i < blocked; i += 8) {
+    float block[8];
+    for (std::size_t j = 0; j < 8; ++j) block[j] = y[i + j] + a * x[i + j];
+    for (std::size_t j = 0; j < 8; ++j) y[i + j] = block[j];
+  }
+  for (std::size_t i = blocked; i < n; ++i) y[i] += a * x[i];
 }
 
 Tensor matmul(ConstMatrix a, ConstMatrix b) {
-  require(a.cols == b.rows, "matmul: inner dimensions differ: a is {}, b is {} (expected b to have {} rows)",
-          a.shape_str(), b.shape_str(), a.cols);
+  if (!(a.cols == b.rows))
+    fail("matmul: inner dimensions differ: a is {}, b is {} (expected b to have {} rows)", a.shape_str(), b.shape_str(),
+         a.cols);
   Tensor c(Shape{a.rows, b.cols});
   Matrix out = c.matrix();
   // i-k-j order: the innermost loop runs along contiguous rows of b and c.
   for (std::int64_t i = 0; i < a.rows; ++i) {
-    float* c_row = out.row(i).data();
-    for (std::int64_t k = 0; k < a.cols; ++k) {
-      const float a_ik = a(i, k);
-      const float* b_row = b.row(k).data();
-      for (std::int64_t j = 0; j < b.cols; ++j) c_row[j] += a_ik * b_row[j];
-    }
+    for (std::int64_t k = 0; k < a.cols; ++k) axpy(a(i, k), b.row(k), out.row(i));
   }
   return c;
 }
 
 Tensor matmul_transposed(ConstMatrix a, ConstMatrix b) {
-  require(a.cols == b.cols, "matmul_transposed: a is {}, b is {} (expected equal row lengths)", a.shape_str(),
-          b.shape_str());
+  if (!(a.cols == b.cols))
+    fail("matmul_transposed: a is {}, b is {} (expected equal row lengths)", a.shape_str(), b.shape_str());
   Tensor c(Shape{a.rows, b.rows});
   for (std::int64_t i = 0; i < a.rows; ++i)
     for (std::int64_t j = 0; j < b.rows; ++j) c.data()[i * b.rows + j] = dot(a.row(i), b.row(j));
@@ -43,10 +53,10 @@ Tensor matmul_transposed(ConstMatrix a, ConstMatrix b) {
 }
 
 Tensor linear(ConstMatrix x, ConstMatrix weight, std::span<const float> bias) {
-  require(x.cols == weight.cols, "linear: input is {}, weight is {} (expected weight [out, {}])", x.shape_str(),
-          weight.shape_str(), x.cols);
-  require(bias.empty() || static_cast<std::int64_t>(bias.size()) == weight.rows,
-          "linear: bias has {} values for a weight of {} (expected {})", bias.size(), weight.shape_str(), weight.rows);
+  if (!(x.cols == weight.cols))
+    fail("linear: input is {}, weight is {} (expected weight [out, {}])", x.shape_str(), weight.shape_str(), x.cols);
+  if (!(bias.empty() || static_cast<std::int64_t>(bias.size()) == weight.rows))
+    fail("linear: bias has {} values for a weight of {} (expected {})", bias.size(), weight.shape_str(), weight.rows);
   Tensor y = matmul_transposed(x, weight);
   if (!bias.empty())
     for (std::int64_t t = 0; t < x.rows; ++t)

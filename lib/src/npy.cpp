@@ -63,11 +63,12 @@ Tensor read_npy(const std::filesystem::path& path) {
   require(raw.size() >= 10 && std::memcmp(raw.data(), magic, magic_size) == 0,
           "npy: {} does not start with the .npy magic string", path.string());
   const int major = static_cast<unsigned char>(raw[6]);
-  require(major >= 1 && major <= 3, "npy: {}: format version {} is not supported (expected 1, 2 or 3)",
-          path.string(), major);
+  require(major >= 1 && major <= 3, "npy: {}: format version {} is not supported (expected 1, 2 or 3)", path.string(),
+          major);
   std::size_t header_length = 0, header_start = 0;
   if (major == 1) {
-    header_length = static_cast<unsigned char>(raw[8]) | (static_cast<std::size_t>(static_cast<unsigned char>(raw[9])) << 8);
+    header_length =
+        static_cast<unsigned char>(raw[8]) | (static_cast<std::size_t>(static_cast<unsigned char>(raw[9])) << 8);
     header_start = 10;
   } else {
     require(raw.size() >= 12, "npy: {} is truncated", path.string());
@@ -82,9 +83,12 @@ Tensor read_npy(const std::filesystem::path& path) {
   const std::string fortran = header_field(header, "fortran_order", path);
   require(fortran == "False", "npy: {}: fortran_order is {} (expected False, C order)", path.string(), fortran);
   int element_size = 0;
-  if (descr == "'<f4'") element_size = 4;
-  else if (descr == "'<f8'") element_size = 8;
-  else if (descr == "'<f2'") element_size = 2;
+  if (descr == "'<f4'")
+    element_size = 4;
+  else if (descr == "'<f8'")
+    element_size = 8;
+  else if (descr == "'<f2'")
+    element_size = 2;
   require(element_size != 0, "npy: {}: dtype {} is not supported (expected '<f4', '<f8' or '<f2')", path.string(),
           descr);
 
@@ -109,8 +113,9 @@ Tensor read_npy(const std::filesystem::path& path) {
   Tensor tensor{Shape(std::span<const std::int64_t>(dims))};
   const std::size_t data_start = header_start + header_length;
   const auto needed = static_cast<std::size_t>(tensor.numel() * element_size);
-  require(raw.size() - data_start >= needed, "npy: {}: {} data bytes for shape [{}] (expected {})", path.string(),
-          raw.size() - data_start, fmt::join(dims, ", "), needed);
+  if (!(raw.size() - data_start >= needed))
+    fail("npy: {}: {} data bytes for shape [{}] (expected {})", path.string(), raw.size() - data_start,
+         fmt::join(dims, ", "), needed);
   const char* data = raw.data() + data_start;
   for (std::int64_t i = 0; i < tensor.numel(); ++i) {
     if (element_size == 4) {

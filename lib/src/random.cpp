@@ -47,7 +47,8 @@ std::int64_t Rng::below(std::int64_t n) {
   require(n > 0, "Rng::below: n is {} (expected n > 0)", n);
   // Rejection keeps every value equally likely.
   const auto range = static_cast<std::uint64_t>(n);
-  const std::uint64_t limit = std::numeric_limits<std::uint64_t>::max() - std::numeric_limits<std::uint64_t>::max() % range;
+  const std::uint64_t limit =
+      std::numeric_limits<std::uint64_t>::max() - std::numeric_limits<std::uint64_t>::max() % range;
   std::uint64_t x = next_u64();
   while (x >= limit) x = next_u64();
   return static_cast<std::int64_t>(x % range);

@@ -29,24 +29,34 @@ T load(const std::byte* at) {
 
 std::string safetensors_dtype_name(DType dtype) {
   switch (dtype) {
-    case DType::f64: return "F64";
-    case DType::f32: return "F32";
-    case DType::f16: return "F16";
-    case DType::bf16: return "BF16";
-    case DType::fp8_e4m3: return "F8_E4M3";
-    case DType::int8: return "I8";
-    case DType::i64: return "I64";
-    case DType::i32: return "I32";
+    case DType::f64:
+      return "F64";
+    case DType::f32:
+      return "F32";
+    case DType::f16:
+      return "F16";
+    case DType::bf16:
+      return "BF16";
+    case DType::fp8_e4m3:
+      return "F8_E4M3";
+    case DType::int8:
+      return "I8";
+    case DType::i64:
+      return "I64";
+    case DType::i32:
+      return "I32";
   }
   return "?";
 }
 
 DType dtype_from_safetensors_name(const std::string& name) {
-  for (DType d : {DType::f64, DType::f32, DType::f16, DType::bf16, DType::fp8_e4m3, DType::int8, DType::i64, DType::i32})
+  for (DType d :
+       {DType::f64, DType::f32, DType::f16, DType::bf16, DType::fp8_e4m3, DType::int8, DType::i64, DType::i32})
     if (safetensors_dtype_name(d) == name) return d;
-  throw Error(fmt::format("safetensors: dtype \"{}\" is not supported (expected F64, F32, F16, BF16, F8_E4M3, I8, "
-                          "I64 or I32)",
-                          name));
+  throw Error(
+      fmt::format("safetensors: dtype \"{}\" is not supported (expected F64, F32, F16, BF16, F8_E4M3, I8, "
+                  "I64 or I32)",
+                  name));
 }
 
 SafetensorsFile SafetensorsFile::read(const std::filesystem::path& path) {
@@ -85,12 +95,13 @@ SafetensorsFile SafetensorsFile::read(const std::filesystem::path& path) {
       tensor.shape = entry.at("shape").get<std::vector<std::int64_t>>();
       const auto offsets = entry.at("data_offsets").get<std::vector<std::uint64_t>>();
       for (std::int64_t d : tensor.shape)
-        require(d >= 0, "shape [{}] has a negative dimension", fmt::join(tensor.shape, ", "));
-      require(offsets.size() == 2 && offsets[0] <= offsets[1] && offsets[1] <= data_size,
-              "data_offsets [{}] do not lie within the {} data bytes", fmt::join(offsets, ", "), data_size);
+        if (!(d >= 0)) fail("shape [{}] has a negative dimension", fmt::join(tensor.shape, ", "));
+      if (!(offsets.size() == 2 && offsets[0] <= offsets[1] && offsets[1] <= data_size))
+        fail("data_offsets [{}] do not lie within the {} data bytes", fmt::join(offsets, ", "), data_size);
       const auto expected = static_cast<std::uint64_t>(numel_of(tensor.shape) * bytes_of(tensor.dtype));
-      require(offsets[1] - offsets[0] == expected, "{} bytes stored for shape [{}] of {} (expected {})",
-              offsets[1] - offsets[0], fmt::join(tensor.shape, ", "), safetensors_dtype_name(tensor.dtype), expected);
+      if (!(offsets[1] - offsets[0] == expected))
+        fail("{} bytes stored for shape [{}] of {} (expected {})", offsets[1] - offsets[0],
+             fmt::join(tensor.shape, ", "), safetensors_dtype_name(tensor.dtype), expected);
       const std::byte* begin = bytes + data_start + offsets[0];
       tensor.bytes.assign(begin, begin + expected);
       file.tensors_.emplace(name, std::move(tensor));
@@ -111,8 +122,8 @@ std::vector<std::string> SafetensorsFile::names() const {
 
 const StoredTensor& SafetensorsFile::stored(const std::string& name) const {
   const auto it = tensors_.find(name);
-  require(it != tensors_.end(), "safetensors: {} has no tensor \"{}\" (it holds: {})", path_.string(), name,
-          fmt::join(names(), ", "));
+  if (!(it != tensors_.end()))
+    fail("safetensors: {} has no tensor \"{}\" (it holds: {})", path_.string(), name, fmt::join(names(), ", "));
   return it->second;
 }
 
@@ -125,10 +136,18 @@ Tensor SafetensorsFile::tensor(const std::string& name) const {
   for (std::int64_t i = 0; i < t.numel(); ++i) {
     float& out = t.data()[i];
     switch (s.dtype) {
-      case DType::f32: out = load<float>(at + 4 * i); break;
-      case DType::f64: out = static_cast<float>(load<double>(at + 8 * i)); break;
-      case DType::f16: out = fp16_to_float(load<std::uint16_t>(at + 2 * i)); break;
-      case DType::bf16: out = bf16_to_float(load<std::uint16_t>(at + 2 * i)); break;
+      case DType::f32:
+        out = load<float>(at + 4 * i);
+        break;
+      case DType::f64:
+        out = static_cast<float>(load<double>(at + 8 * i));
+        break;
+      case DType::f16:
+        out = fp16_to_float(load<std::uint16_t>(at + 2 * i));
+        break;
+      case DType::bf16:
+        out = bf16_to_float(load<std::uint16_t>(at + 2 * i));
+        break;
       default:
         throw Error(fmt::format("safetensors: {}: tensor \"{}\" is {} (expected a floating-point dtype)",
                                 path_.string(), name, safetensors_dtype_name(s.dtype)));
@@ -164,8 +183,8 @@ void SafetensorsWriter::add(const std::string& name, const Tensor& tensor) {
 
 void SafetensorsWriter::add_integers(const std::string& name, std::vector<std::int64_t> shape,
                                      const std::vector<std::int64_t>& values) {
-  require(numel_of(shape) == static_cast<std::int64_t>(values.size()),
-          "SafetensorsWriter: {} values for \"{}\" of shape [{}]", values.size(), name, fmt::join(shape, ", "));
+  if (!(numel_of(shape) == static_cast<std::int64_t>(values.size())))
+    fail("SafetensorsWriter: {} values for \"{}\" of shape [{}]", values.size(), name, fmt::join(shape, ", "));
   StoredTensor s;
   s.dtype = DType::i64;
   s.shape = std::move(shape);
@@ -176,9 +195,9 @@ void SafetensorsWriter::add_integers(const std::string& name, std::vector<std::i
 
 void SafetensorsWriter::add_stored(const std::string& name, StoredTensor tensor) {
   require(name != "__metadata__" && !name.empty(), "SafetensorsWriter: \"{}\" is not a valid tensor name", name);
-  require(static_cast<std::int64_t>(tensor.bytes.size()) == numel_of(tensor.shape) * bytes_of(tensor.dtype),
-          "SafetensorsWriter: \"{}\" has {} bytes for shape [{}] (expected {})", name, tensor.bytes.size(),
-          fmt::join(tensor.shape, ", "), numel_of(tensor.shape) * bytes_of(tensor.dtype));
+  if (!(static_cast<std::int64_t>(tensor.bytes.size()) == numel_of(tensor.shape) * bytes_of(tensor.dtype)))
+    fail("SafetensorsWriter: \"{}\" has {} bytes for shape [{}] (expected {})", name, tensor.bytes.size(),
+         fmt::join(tensor.shape, ", "), numel_of(tensor.shape) * bytes_of(tensor.dtype));
   tensors_[name] = std::move(tensor);
 }
 

@@ -7,8 +7,7 @@
 
 namespace af {
 
-Mask::Mask(std::int64_t queries, std::int64_t keys, bool allowed)
-    : queries_(queries), keys_(keys), allowed_(0) {
+Mask::Mask(std::int64_t queries, std::int64_t keys, bool allowed) : queries_(queries), keys_(keys), allowed_(0) {
   require(queries >= 0 && keys >= 0, "Mask: shape [{}, {}] (expected sizes >= 0)", queries, keys);
   allowed_.assign(static_cast<std::size_t>(queries * keys), allowed ? 1 : 0);
 }
@@ -45,9 +44,9 @@ void softmax(std::span<float> row) {
 
 void softmax_rows(Matrix scores, const Mask* mask) {
   if (mask != nullptr)
-    require(mask->queries() == scores.rows && mask->keys() == scores.cols,
-            "softmax_rows: mask is [{}, {}] for scores {} (expected equal shapes)", mask->queries(), mask->keys(),
-            scores.shape_str());
+    if (!(mask->queries() == scores.rows && mask->keys() == scores.cols))
+      fail("softmax_rows: mask is [{}, {}] for scores {} (expected equal shapes)", mask->queries(), mask->keys(),
+           scores.shape_str());
   constexpr float masked = -std::numeric_limits<float>::infinity();
   for (std::int64_t i = 0; i < scores.rows; ++i) {
     std::span<float> row = scores.row(i);

@@ -9,14 +9,15 @@
 
 namespace af {
 
-Shape::Shape(std::initializer_list<std::int64_t> dims) : Shape(std::span<const std::int64_t>(dims.begin(), dims.size())) {}
+Shape::Shape(std::initializer_list<std::int64_t> dims)
+    : Shape(std::span<const std::int64_t>(dims.begin(), dims.size())) {}
 
 Shape::Shape(std::span<const std::int64_t> dims) {
   require(dims.size() <= max_rank, "Shape: rank {} is not supported (expected at most {} dimensions)", dims.size(),
           max_rank);
   for (std::size_t i = 0; i < dims.size(); ++i) {
-    require(dims[i] >= 0, "Shape: dimension {} is {} (expected a size >= 0) in [{}]", i, dims[i],
-            fmt::join(dims, ", "));
+    if (!(dims[i] >= 0))
+      fail("Shape: dimension {} is {} (expected a size >= 0) in [{}]", i, dims[i], fmt::join(dims, ", "));
     dims_[i] = dims[i];
   }
   rank_ = static_cast<int>(dims.size());
@@ -24,7 +25,7 @@ Shape::Shape(std::span<const std::int64_t> dims) {
 
 std::int64_t Shape::operator[](int axis) const {
   const int resolved = axis < 0 ? axis + rank_ : axis;
-  require(resolved >= 0 && resolved < rank_, "Shape: axis {} is out of range for shape {}", axis, str());
+  if (!(resolved >= 0 && resolved < rank_)) fail("Shape: axis {} is out of range for shape {}", axis, str());
   return dims_[resolved];
 }
 
@@ -38,8 +39,8 @@ std::string Shape::str() const { return fmt::format("[{}]", fmt::join(dims(), ",
 
 template <class T>
 MatrixView<T> MatrixView<T>::rows_slice(std::int64_t first, std::int64_t count) const {
-  require(first >= 0 && count >= 0 && first + count <= rows, "rows_slice: rows [{}, {}) of a {} view", first,
-          first + count, shape_str());
+  if (!(first >= 0 && count >= 0 && first + count <= rows))
+    fail("rows_slice: rows [{}, {}) of a {} view", first, first + count, shape_str());
   return {data + first * row_stride, count, cols, row_stride};
 }
 
@@ -54,54 +55,57 @@ template struct MatrixView<const float>;
 Tensor::Tensor(Shape shape) : shape_(shape), values_(static_cast<std::size_t>(shape.numel()), 0.0f) {}
 
 Tensor::Tensor(Shape shape, std::vector<float> values) : shape_(shape), values_(std::move(values)) {
-  require(static_cast<std::int64_t>(values_.size()) == shape_.numel(),
-          "Tensor: {} values given for shape {} (expected {})", values_.size(), shape_.str(), shape_.numel());
+  if (!(static_cast<std::int64_t>(values_.size()) == shape_.numel()))
+    fail("Tensor: {} values given for shape {} (expected {})", values_.size(), shape_.str(), shape_.numel());
 }
 
 std::int64_t Tensor::offset(std::initializer_list<std::int64_t> index) const {
-  require(static_cast<int>(index.size()) == rank(), "Tensor::at: {} indices for a tensor of shape {}", index.size(),
-          shape_.str());
+  if (!(static_cast<int>(index.size()) == rank()))
+    fail("Tensor::at: {} indices for a tensor of shape {}", index.size(), shape_.str());
   std::int64_t flat = 0;
   int axis = 0;
   for (std::int64_t i : index) {
-    require(i >= 0 && i < shape_[axis], "Tensor::at: index {} on axis {} is out of range for shape {}", i, axis,
-            shape_.str());
+    if (!(i >= 0 && i < shape_[axis]))
+      fail("Tensor::at: index {} on axis {} is out of range for shape {}", i, axis, shape_.str());
     flat = flat * shape_[axis] + i;
     ++axis;
   }
   return flat;
 }
 
-float& Tensor::at(std::initializer_list<std::int64_t> index) { return values_[static_cast<std::size_t>(offset(index))]; }
+float& Tensor::at(std::initializer_list<std::int64_t> index) {
+  return values_[static_cast<std::size_t>(offset(index))];
+}
 float Tensor::at(std::initializer_list<std::int64_t> index) const {
   return values_[static_cast<std::size_t>(offset(index))];
 }
 
 Tensor Tensor::reshaped(Shape shape) const {
-  require(shape.numel() == numel(), "reshape: cannot view {} ({} values) as {} ({} values)", shape_.str(), numel(),
-          shape.str(), shape.numel());
+  if (!(shape.numel() == numel()))
+    fail("reshape: cannot view {} ({} values) as {} ({} values)", shape_.str(), numel(), shape.str(), shape.numel());
   return Tensor(shape, values_);
 }
 
 Matrix Tensor::matrix() {
-  require(rank() == 2, "matrix(): tensor has shape {} (expected rank 2)", shape_.str());
+  if (!(rank() == 2)) fail("matrix(): tensor has shape {} (expected rank 2)", shape_.str());
   return {data(), dim(0), dim(1), dim(1)};
 }
 
 ConstMatrix Tensor::matrix() const {
-  require(rank() == 2, "matrix(): tensor has shape {} (expected rank 2)", shape_.str());
+  if (!(rank() == 2)) fail("matrix(): tensor has shape {} (expected rank 2)", shape_.str());
   return {data(), dim(0), dim(1), dim(1)};
 }
 
 namespace {
 template <class TensorRef>
 auto head_view_of(TensorRef& tensor, std::int64_t head) {
-  require(tensor.rank() == 3, "head_view: tensor has shape {} (expected [T, H, d])", tensor.shape().str());
+  if (!(tensor.rank() == 3)) fail("head_view: tensor has shape {} (expected [T, H, d])", tensor.shape().str());
   const std::int64_t heads = tensor.dim(1), head_dim = tensor.dim(2);
-  require(head >= 0 && head < heads, "head_view: head {} is out of range for shape {} (expected 0 <= head < {})",
-          head, tensor.shape().str(), heads);
+  if (!(head >= 0 && head < heads))
+    fail("head_view: head {} is out of range for shape {} (expected 0 <= head < {})", head, tensor.shape().str(),
+         heads);
   return MatrixView<std::remove_pointer_t<decltype(tensor.data())>>{tensor.data() + head * head_dim, tensor.dim(0),
-                                                                     head_dim, heads * head_dim};
+                                                                    head_dim, heads * head_dim};
 }
 }  // namespace
 
@@ -125,8 +129,8 @@ double max_abs_diff(std::span<const float> a, std::span<const float> b) {
 }
 
 double max_abs_diff(ConstMatrix a, ConstMatrix b) {
-  require(a.rows == b.rows && a.cols == b.cols, "max_abs_diff: shapes {} and {} differ", a.shape_str(),
-          b.shape_str());
+  if (!(a.rows == b.rows && a.cols == b.cols))
+    fail("max_abs_diff: shapes {} and {} differ", a.shape_str(), b.shape_str());
   double worst = 0.0;
   for (std::int64_t r = 0; r < a.rows; ++r) {
     const double d = max_abs_diff(a.row(r), b.row(r));

@@ -25,16 +25,16 @@ struct CachedTensor {
 
 /// What one decode query reads from the cache of one layer.
 struct DecodeRead {
-  std::string what;           ///< e.g. "keys and values"
-  std::int64_t entries = 0;   ///< cached tokens read
+  std::string what;          ///< e.g. "keys and values"
+  std::int64_t entries = 0;  ///< cached tokens read
   std::int64_t bytes = 0;
 };
 
 /// The accounting of one attention mechanism for one layer.
 struct CacheCard {
-  std::string mechanism;                 ///< e.g. "single-head attention"
-  std::string projected;                 ///< what each token is projected to
-  std::vector<CachedTensor> per_token;   ///< what one cached token stores in one layer
+  std::string mechanism;                ///< e.g. "single-head attention"
+  std::string projected;                ///< what each token is projected to
+  std::vector<CachedTensor> per_token;  ///< what one cached token stores in one layer
   /// Cached tokens kept after `t` tokens (t for a dense cache; bounded for a window).
   std::function<std::int64_t(std::int64_t t)> stored_tokens;
   /// What one decode query reads with `t` tokens in context.
@@ -62,7 +62,7 @@ struct ModelCache {
   std::string model;   ///< e.g. "Llama-3.1-8B"
   std::string source;  ///< where the numbers come from
   std::int64_t layers = 0;
-  CacheCard card;      ///< one layer
+  CacheCard card;  ///< one layer
 
   std::int64_t bytes_per_token() const { return layers * card.bytes_per_token(); }
 };

@@ -55,10 +55,10 @@ class KvCache {
 /// The parameters of one single-head attention layer, stored as `nn.Linear` stores them ([out, in]).
 /// The biases are optional (empty tensors when absent).
 struct SingleHeadWeights {
-  Tensor q_proj;  ///< [head_dim, hidden]
-  Tensor k_proj;  ///< [head_dim, hidden]
-  Tensor v_proj;  ///< [head_dim, hidden]
-  Tensor o_proj;  ///< [hidden, head_dim]
+  Tensor q_proj;                  ///< [head_dim, hidden]
+  Tensor k_proj;                  ///< [head_dim, hidden]
+  Tensor v_proj;                  ///< [head_dim, hidden]
+  Tensor o_proj;                  ///< [hidden, head_dim]
   Tensor q_bias, k_bias, v_bias;  ///< [head_dim] each, or empty
 
   std::int64_t hidden() const { return q_proj.dim(1); }

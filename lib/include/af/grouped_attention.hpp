@@ -53,10 +53,10 @@ class GroupedKvCache {
 
 /// The parameters of a grouped layer (nn.Linear layout [out, in]); biases optional (empty when absent).
 struct GroupedWeights {
-  Tensor q_proj;  ///< [H * d, hidden]
-  Tensor k_proj;  ///< [G * d, hidden]
-  Tensor v_proj;  ///< [G * d, hidden]
-  Tensor o_proj;  ///< [hidden, H * d]
+  Tensor q_proj;                  ///< [H * d, hidden]
+  Tensor k_proj;                  ///< [G * d, hidden]
+  Tensor v_proj;                  ///< [G * d, hidden]
+  Tensor o_proj;                  ///< [hidden, H * d]
   Tensor q_bias, k_bias, v_bias;  ///< [H * d], [G * d], [G * d] or empty
 
   /// Throws af::Error naming the first tensor whose shape disagrees with `shape`.

@@ -11,6 +11,9 @@ namespace af {
 /// The dot product of two equally long vectors.
 float dot(std::span<const float> a, std::span<const float> b);
 
+/// `y += a * x` over two equally long vectors (the update that mixes a value row into an output row).
+void axpy(float a, std::span<const float> x, std::span<float> y);
+
 /// `a [m, k] @ b [k, n] -> [m, n]`.
 Tensor matmul(ConstMatrix a, ConstMatrix b);
 

@@ -1,0 +1,140 @@
+// bench_dense_decode: prefill time and per-token decode latency of MHA, GQA and MQA at equal width on the
+// CPU, with the KV-cache bytes each decode step reads beside its time, and the machine's own streaming read
+// bandwidth for comparison. A benchmark program, not a test: it prints a table and writes a CSV.
+//
+//   build/bin/bench_dense_decode [--hidden 1024] [--heads 8] [--head-dim 128] [--gqa-kv-heads 2]
+//                                [--contexts 1024,4096,16384] [--prefill 128,512] [--repeats 5] [--out DIR]
+
+#include "af/error.hpp"
+#include "af/grouped_attention.hpp"
+#include "af/program.hpp"
+#include "af/random.hpp"
+
+#include <fmt/format.h>
+#include <fmt/os.h>
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+template <class F>
+double median_seconds(int repeats, F&& body) {
+  std::vector<double> times;
+  for (int r = 0; r < repeats; ++r) {
+    const auto start = Clock::now();
+    body();
+    times.push_back(std::chrono::duration<double>(Clock::now() - start).count());
+  }
+  std::ranges::sort(times);
+  return times[times.size() / 2];
+}
+
+// The machine's read bandwidth as one core streams it: the sum of a buffer far larger than the caches.
+double streaming_read_gbps(int repeats) {
+  std::vector<float> buffer(std::size_t{128} << 20, 1.0f);  // 512 MiB
+  volatile float sink = 0.0f;
+  const double seconds = median_seconds(repeats, [&] {
+    float partial[16] = {};
+    for (std::size_t i = 0; i < buffer.size(); i += 16)
+      for (std::size_t j = 0; j < 16; ++j) partial[j] += buffer[i + j];
+    float total = 0.0f;
+    for (float p : partial) total += p;
+    sink = sink + total;
+  });
+  return static_cast<double>(buffer.size() * sizeof(float)) / seconds / 1e9;
+}
+
+std::string cpu_model() {
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  for (std::string line; std::getline(cpuinfo, line);)
+    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
+  return "unknown CPU";
+}
+
+af::GroupedWeights random_weights(af::Rng& rng, const af::GroupedShape& s) {
+  const std::int64_t qd = s.heads * s.head_dim, kvd = s.kv_heads * s.head_dim;
+  return {af::random_uniform(af::Shape{qd, s.hidden}, rng, -0.05, 0.05),
+          af::random_uniform(af::Shape{kvd, s.hidden}, rng, -0.05, 0.05),
+          af::random_uniform(af::Shape{kvd, s.hidden}, rng, -0.05, 0.05),
+          af::random_uniform(af::Shape{s.hidden, qd}, rng, -0.05, 0.05), {}, {}, {}};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"CPU benchmark: prefill and decode of MHA, GQA and MQA at equal width", "bench_dense_decode"};
+  std::int64_t hidden = 1024, heads = 8, head_dim = 128, gqa_kv_heads = 2;
+  std::vector<std::int64_t> contexts = {1024, 4096, 16384}, prefill_lengths = {128, 512};
+  int repeats = 5;
+  std::string out_dir;
+  app.add_option("--hidden", hidden, "Model width")->check(CLI::Range(1, 16384))->capture_default_str();
+  app.add_option("--heads", heads, "Query heads H")->check(CLI::Range(1, 256))->capture_default_str();
+  app.add_option("--head-dim", head_dim, "Head dimension d")->check(CLI::Range(1, 1024))->capture_default_str();
+  app.add_option("--gqa-kv-heads", gqa_kv_heads, "KV heads of the GQA variant")->check(CLI::Range(1, 256))->capture_default_str();
+  app.add_option("--contexts", contexts, "Cached tokens for the decode timings")->delimiter(',')->check(CLI::Range(1, 1 << 20));
+  app.add_option("--prefill", prefill_lengths, "Prompt lengths for the prefill timings")->delimiter(',')->check(CLI::Range(1, 1 << 16));
+  app.add_option("--repeats", repeats, "Timed repetitions (the median is reported)")->check(CLI::Range(1, 1000))->capture_default_str();
+  app.add_option("--out", out_dir, "Directory for dense_decode.csv");
+
+  return af::run_program(app, argc, argv, [&] {
+    af::require(heads % gqa_kv_heads == 0, "--heads {} is not divisible by --gqa-kv-heads {}", heads, gqa_kv_heads);
+    af::Rng rng(5);
+    const double stream = streaming_read_gbps(repeats);
+    const std::string machine = fmt::format("{}, {} hardware threads", cpu_model(), std::thread::hardware_concurrency());
+    fmt::print("CPU: {}; one core streams {:.1f} GB/s (sum over 512 MiB, median of {})\n", machine, stream, repeats);
+    fmt::print("Layer: hidden {}, H = {} query heads of d = {}, float32; one thread\n\n", hidden, heads, head_dim);
+
+    struct Variant { const char* name; std::int64_t kv_heads; };
+    const std::vector<Variant> variants = {{"MHA", heads}, {"GQA", gqa_kv_heads}, {"MQA", 1}};
+    std::string csv = fmt::format("# machine: {}\n# streaming_read_gbps: {:.2f}\n# layer: hidden {}, heads {}, head_dim {}, float32\n",
+                                  machine, stream, hidden, heads, head_dim);
+    csv += "phase,variant,kv_heads,tokens,seconds,kv_bytes_read,gbps\n";
+
+    fmt::print("Decode: one query token over the cache (attention only), median of {}\n", repeats);
+    fmt::print("  {:<4} {:>3} {:>8} {:>12} {:>16} {:>10} {:>12}\n", "", "G", "context", "time (ms)", "K+V bytes read", "GB/s", "of stream");
+    for (const Variant& v : variants) {
+      const af::GroupedShape shape{hidden, heads, v.kv_heads, head_dim};
+      for (std::int64_t t : contexts) {
+        af::GroupedKvCache cache(t, v.kv_heads, head_dim);
+        const af::Tensor kv = af::random_uniform(af::Shape{t, v.kv_heads * head_dim}, rng, -1.0, 1.0);
+        cache.append(kv.matrix(), kv.matrix());
+        const af::Tensor q = af::random_uniform(af::Shape{1, heads * head_dim}, rng, -1.0, 1.0);
+        const double seconds = median_seconds(repeats, [&] { (void)af::grouped_attend(q.matrix(), shape, cache, {}); });
+        const std::int64_t bytes = 2 * t * v.kv_heads * head_dim * static_cast<std::int64_t>(sizeof(float));
+        const double gbps = static_cast<double>(bytes) / seconds / 1e9;
+        fmt::print("  {:<4} {:>3} {:>8} {:>12.3f} {:>16} {:>10.2f} {:>11.0f}%\n", v.name, v.kv_heads, t, seconds * 1e3, bytes,
+                   gbps, 100.0 * gbps / stream);
+        csv += fmt::format("decode,{},{},{},{:.6e},{},{:.3f}\n", v.name, v.kv_heads, t, seconds, bytes, gbps);
+      }
+    }
+
+    fmt::print("\nPrefill: the whole layer (projections and causal attention) over T tokens, median of {}\n", repeats);
+    fmt::print("  {:<4} {:>3} {:>8} {:>12} {:>16}\n", "", "G", "T", "time (ms)", "ms per token");
+    for (const Variant& v : variants) {
+      const af::GroupedShape shape{hidden, heads, v.kv_heads, head_dim};
+      const af::GroupedWeights w = random_weights(rng, shape);
+      for (std::int64_t T : prefill_lengths) {
+        const af::Tensor x = af::random_uniform(af::Shape{T, hidden}, rng, -1.0, 1.0);
+        const double seconds = median_seconds(repeats, [&] {
+          af::GroupedKvCache cache(T, v.kv_heads, head_dim);
+          (void)af::grouped_attention(x.matrix(), shape, w, {}, cache);
+        });
+        fmt::print("  {:<4} {:>3} {:>8} {:>12.2f} {:>16.3f}\n", v.name, v.kv_heads, T, seconds * 1e3, seconds * 1e3 / static_cast<double>(T));
+        csv += fmt::format("prefill,{},{},{},{:.6e},0,0\n", v.name, v.kv_heads, T, seconds);
+      }
+    }
+    if (!out_dir.empty()) {
+      std::filesystem::create_directories(out_dir);
+      fmt::output_file((std::filesystem::path(out_dir) / "dense_decode.csv").string()).print("{}", csv);
+    }
+    return true;
+  });
+}

@@ -1,0 +1,8 @@
+# Runs PROGRAM with ARGS and fails unless it exits with EXPECTED and, when MESSAGE is set, prints it.
+execute_process(COMMAND ${PROGRAM} ${ARGS} OUTPUT_VARIABLE out ERROR_VARIABLE err RESULT_VARIABLE status)
+if(NOT status EQUAL EXPECTED)
+  message(FATAL_ERROR "${PROGRAM} ${ARGS}: exit status ${status}, expected ${EXPECTED}\n${out}${err}")
+endif()
+if(MESSAGE AND NOT "${out}${err}" MATCHES "${MESSAGE}")
+  message(FATAL_ERROR "${PROGRAM} ${ARGS}: the output does not mention \"${MESSAGE}\"\n${out}${err}")
+endif()
