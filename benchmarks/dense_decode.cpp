@@ -89,7 +89,7 @@ int main(int argc, char** argv) {
     af::Rng rng(5);
     const double stream = streaming_read_gbps(repeats);
     const std::string machine = fmt::format("{}, {} hardware threads", cpu_model(), std::thread::hardware_concurrency());
-    fmt::print("CPU: {}; one core streams {:.1f} GB/s (sum over 512 MiB, median of {})\n", machine, stream, repeats);
+    fmt::print("CPU: {}\nStreaming read, one core: {:.1f} GB/s (sum over 512 MiB, median of {})\n", machine, stream, repeats);
     fmt::print("Layer: hidden {}, H = {} query heads of d = {}, float32; one thread\n\n", hidden, heads, head_dim);
 
     struct Variant { const char* name; std::int64_t kv_heads; };

@@ -6,7 +6,7 @@ data = datadir.'/04_grouped_query_attention/cache_bytes.dat'
 set title "KV-cache bytes per token, all layers, bf16\nLlama-3.1-8B's shape as MHA, GQA and MQA (blue); real GQA models (green)"
 set ylabel 'bytes per token'
 set logscale y 2
-set yrange [4096 : 4 * 2**20]
+set yrange [4096 : 8 * 2**20]
 set format y '%.0s'
 set ytics ('4 KiB' 4096, '16 KiB' 16384, '64 KiB' 65536, '256 KiB' 262144, '1 MiB' 2**20, '4 MiB' 4 * 2**20)
 set style fill solid 0.85 noborder

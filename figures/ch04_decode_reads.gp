@@ -11,6 +11,7 @@ set logscale xy 2
 set xtics 1024, 4
 set format x '%.0f'
 set xtics add ('1K' 1024, '4K' 4096, '16K' 16384, '64K' 65536)
+set yrange [2**24 : 2**37]
 set ytics ('16 MiB' 2**24, '64 MiB' 2**26, '256 MiB' 2**28, '1 GiB' 2**30, '4 GiB' 2**32, '16 GiB' 2**34, '64 GiB' 2**36)
 set key top left
 plot data using 1 : 2 with linespoints linetype 2 title 'MHA (G = 32)', \
