@@ -48,6 +48,19 @@ af::Tensor Case::optional_tensor(const std::string& tensor_name, const af::Shape
   return tensors.contains(tensor_name) ? tensor(tensor_name, expected_shape) : af::Tensor{};
 }
 
+std::vector<std::int64_t> Case::positions(std::int64_t count) const {
+  if (!tensors.contains("input.position_ids"))
+    throw CaseError(fmt::format("{}: tensors.safetensors has no tensor \"input.position_ids\"", name));
+  const auto& stored = tensors.stored("input.position_ids");
+  if (stored.shape != std::vector<std::int64_t>{1, count})
+    throw CaseError(fmt::format("{}: input.position_ids has {} dimensions (expected [1, {}])", name, stored.shape.size(), count));
+  try {
+    return tensors.integers("input.position_ids");
+  } catch (const af::Error& e) {
+    throw CaseError(fmt::format("{}: {}", name, e.what()));
+  }
+}
+
 Case read_case(const std::filesystem::path& dir) {
   Case c;
   c.dir = dir;
@@ -90,6 +103,7 @@ Case read_case(const std::filesystem::path& dir) {
 const std::map<std::string, Runner>& runners() {
   static const std::map<std::string, Runner> table = {
       {"sdpa", run_sdpa},
+      {"llama", run_llama},
   };
   return table;
 }

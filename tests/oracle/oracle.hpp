@@ -1,6 +1,7 @@
 #pragma once
 // The oracle harness: a case as read from tests/oracle/cases/<name>/, and the runners that compute a
 // mechanism's outputs from the case's weights with the library (see shared ORACLE.md and README.md here).
+#include "af/error.hpp"
 #include "af/safetensors.hpp"
 #include "af/tensor.hpp"
 
@@ -10,6 +11,7 @@
 #include <functional>
 #include <map>
 #include <string>
+#include <vector>
 
 namespace oracle {
 
@@ -36,6 +38,8 @@ struct Case {
   bool config_bool(const std::string& key) const;
   /// A float tensor with a required shape, or CaseError naming the tensor and both shapes.
   af::Tensor tensor(const std::string& name, const af::Shape& expected_shape) const;
+  /// `input.position_ids` [1, count] as a vector, or CaseError.
+  std::vector<std::int64_t> positions(std::int64_t count) const;
   /// A float tensor that may be absent (empty when absent).
   af::Tensor optional_tensor(const std::string& name, const af::Shape& expected_shape) const;
 };
@@ -56,5 +60,6 @@ const std::map<std::string, Runner>& runners();
 
 // One runner per reference.
 Outputs run_sdpa(const Case& c);
+Outputs run_llama(const Case& c);
 
 }  // namespace oracle

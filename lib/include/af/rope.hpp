@@ -1,0 +1,68 @@
+#pragma once
+/// @file rope.hpp
+/// Rotary position embedding (RoPE): each pair of a query's or key's dimensions is rotated by an angle
+/// proportional to the token's position, so that q . k depends on the two positions only through their
+/// difference. Both pairing conventions in use, Llama 3.1's frequency scaling, and GQA with RoPE as the
+/// Llama family runs it (chapter 06).
+
+#include "af/grouped_attention.hpp"
+#include "af/tensor.hpp"
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <vector>
+
+namespace af {
+
+/// Which dimensions form a rotated pair.
+enum class RopeLayout {
+  adjacent,    ///< (x[2i], x[2i+1]): the RoFormer paper, GPT-J, DeepSeek's reference code
+  half_split,  ///< (x[i], x[i + d/2]): the Llama family in Hugging Face transformers ("rotate_half")
+};
+
+/// Llama 3.1's rescaling of the rotation frequencies (`rope_type: "llama3"`): wavelengths longer than
+/// `original_context / low_freq_factor` are stretched by `factor`, those shorter than
+/// `original_context / high_freq_factor` are kept, and the band between is interpolated.
+struct Llama3Scaling {
+  double factor = 8.0;
+  double low_freq_factor = 1.0;
+  double high_freq_factor = 4.0;
+  double original_context = 8192.0;
+};
+
+/// The rotary embedding of one head dimension.
+class Rope {
+ public:
+  /// `head_dim` must be even and positive, `base` (theta) > 1. Throws af::Error otherwise.
+  Rope(std::int64_t head_dim, double base, RopeLayout layout, std::optional<Llama3Scaling> scaling = std::nullopt);
+
+  std::int64_t head_dim() const { return head_dim_; }
+  RopeLayout layout() const { return layout_; }
+  /// The angle per position of pair i, i = 0 .. d/2 - 1: base^(-2i/d), rescaled when a scaling is set.
+  std::span<const double> inverse_frequencies() const { return inverse_frequencies_; }
+
+  /// Rotates one vector of `head_dim` values in place as for a token at `position`.
+  void rotate(std::span<float> x, double position) const;
+  /// Rotates every head of every row in place: `x` is `[T, heads * head_dim]`, row t at `positions[t]`.
+  void rotate_rows(Matrix x, std::span<const std::int64_t> positions) const;
+
+ private:
+  std::int64_t head_dim_;
+  RopeLayout layout_;
+  std::vector<double> inverse_frequencies_;
+};
+
+/// The permutation that turns the adjacent layout into the half-split one: position j of the half-split
+/// vector takes element `perm[j]` of the adjacent vector (the even elements, then the odd ones). Rotating
+/// the permuted vector in the half-split layout equals permuting the vector rotated in the adjacent layout.
+std::vector<std::int64_t> adjacent_to_half_split(std::int64_t head_dim);
+
+/// One grouped attention layer with RoPE, as the Llama family runs it: project q, k, v; rotate q and k by
+/// their positions (keys are cached already rotated); append to the cache; attend; project back.
+/// `positions` holds one position per row of `x`.
+Tensor rotary_grouped_attention(ConstMatrix x, std::span<const std::int64_t> positions, const GroupedShape& shape,
+                                const GroupedWeights& weights, const Rope& rope, const AttentionOptions& options,
+                                GroupedKvCache& cache);
+
+}  // namespace af
