@@ -64,7 +64,10 @@ af::GroupedWeights random_weights(af::Rng& rng, const af::GroupedShape& s) {
   return {af::random_uniform(af::Shape{qd, s.hidden}, rng, -0.05, 0.05),
           af::random_uniform(af::Shape{kvd, s.hidden}, rng, -0.05, 0.05),
           af::random_uniform(af::Shape{kvd, s.hidden}, rng, -0.05, 0.05),
-          af::random_uniform(af::Shape{s.hidden, qd}, rng, -0.05, 0.05), {}, {}, {}};
+          af::random_uniform(af::Shape{s.hidden, qd}, rng, -0.05, 0.05),
+          {},
+          {},
+          {}};
 }
 
 }  // namespace
@@ -78,28 +81,43 @@ int main(int argc, char** argv) {
   app.add_option("--hidden", hidden, "Model width")->check(CLI::Range(1, 16384))->capture_default_str();
   app.add_option("--heads", heads, "Query heads H")->check(CLI::Range(1, 256))->capture_default_str();
   app.add_option("--head-dim", head_dim, "Head dimension d")->check(CLI::Range(1, 1024))->capture_default_str();
-  app.add_option("--gqa-kv-heads", gqa_kv_heads, "KV heads of the GQA variant")->check(CLI::Range(1, 256))->capture_default_str();
-  app.add_option("--contexts", contexts, "Cached tokens for the decode timings")->delimiter(',')->check(CLI::Range(1, 1 << 20));
-  app.add_option("--prefill", prefill_lengths, "Prompt lengths for the prefill timings")->delimiter(',')->check(CLI::Range(1, 1 << 16));
-  app.add_option("--repeats", repeats, "Timed repetitions (the median is reported)")->check(CLI::Range(1, 1000))->capture_default_str();
+  app.add_option("--gqa-kv-heads", gqa_kv_heads, "KV heads of the GQA variant")
+      ->check(CLI::Range(1, 256))
+      ->capture_default_str();
+  app.add_option("--contexts", contexts, "Cached tokens for the decode timings")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 1 << 20));
+  app.add_option("--prefill", prefill_lengths, "Prompt lengths for the prefill timings")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 1 << 16));
+  app.add_option("--repeats", repeats, "Timed repetitions (the median is reported)")
+      ->check(CLI::Range(1, 1000))
+      ->capture_default_str();
   app.add_option("--out", out_dir, "Directory for dense_decode.csv");
 
   return af::run_program(app, argc, argv, [&] {
     af::require(heads % gqa_kv_heads == 0, "--heads {} is not divisible by --gqa-kv-heads {}", heads, gqa_kv_heads);
     af::Rng rng(5);
     const double stream = streaming_read_gbps(repeats);
-    const std::string machine = fmt::format("{}, {} hardware threads", cpu_model(), std::thread::hardware_concurrency());
-    fmt::print("CPU: {}\nStreaming read, one core: {:.1f} GB/s (sum over 512 MiB, median of {})\n", machine, stream, repeats);
+    const std::string machine =
+        fmt::format("{}, {} hardware threads", cpu_model(), std::thread::hardware_concurrency());
+    fmt::print("CPU: {}\nStreaming read, one core: {:.1f} GB/s (sum over 512 MiB, median of {})\n", machine, stream,
+               repeats);
     fmt::print("Layer: hidden {}, H = {} query heads of d = {}, float32; one thread\n\n", hidden, heads, head_dim);
 
-    struct Variant { const char* name; std::int64_t kv_heads; };
+    struct Variant {
+      const char* name;
+      std::int64_t kv_heads;
+    };
     const std::vector<Variant> variants = {{"MHA", heads}, {"GQA", gqa_kv_heads}, {"MQA", 1}};
-    std::string csv = fmt::format("# machine: {}\n# streaming_read_gbps: {:.2f}\n# layer: hidden {}, heads {}, head_dim {}, float32\n",
-                                  machine, stream, hidden, heads, head_dim);
+    std::string csv = fmt::format(
+        "# machine: {}\n# streaming_read_gbps: {:.2f}\n# layer: hidden {}, heads {}, head_dim {}, float32\n", machine,
+        stream, hidden, heads, head_dim);
     csv += "phase,variant,kv_heads,tokens,seconds,kv_bytes_read,gbps\n";
 
     fmt::print("Decode: one query token over the cache (attention only), median of {}\n", repeats);
-    fmt::print("  {:<4} {:>3} {:>8} {:>12} {:>16} {:>10} {:>12}\n", "", "G", "context", "time (ms)", "K+V bytes read", "GB/s", "of stream");
+    fmt::print("  {:<4} {:>3} {:>8} {:>12} {:>16} {:>10} {:>12}\n", "", "G", "context", "time (ms)", "K+V bytes read",
+               "GB/s", "of stream");
     for (const Variant& v : variants) {
       const af::GroupedShape shape{hidden, heads, v.kv_heads, head_dim};
       for (std::int64_t t : contexts) {
@@ -110,8 +128,8 @@ int main(int argc, char** argv) {
         const double seconds = median_seconds(repeats, [&] { (void)af::grouped_attend(q.matrix(), shape, cache, {}); });
         const std::int64_t bytes = 2 * t * v.kv_heads * head_dim * static_cast<std::int64_t>(sizeof(float));
         const double gbps = static_cast<double>(bytes) / seconds / 1e9;
-        fmt::print("  {:<4} {:>3} {:>8} {:>12.3f} {:>16} {:>10.2f} {:>11.0f}%\n", v.name, v.kv_heads, t, seconds * 1e3, bytes,
-                   gbps, 100.0 * gbps / stream);
+        fmt::print("  {:<4} {:>3} {:>8} {:>12.3f} {:>16} {:>10.2f} {:>11.0f}%\n", v.name, v.kv_heads, t, seconds * 1e3,
+                   bytes, gbps, 100.0 * gbps / stream);
         csv += fmt::format("decode,{},{},{},{:.6e},{},{:.3f}\n", v.name, v.kv_heads, t, seconds, bytes, gbps);
       }
     }
@@ -127,7 +145,8 @@ int main(int argc, char** argv) {
           af::GroupedKvCache cache(T, v.kv_heads, head_dim);
           (void)af::grouped_attention(x.matrix(), shape, w, {}, cache);
         });
-        fmt::print("  {:<4} {:>3} {:>8} {:>12.2f} {:>16.3f}\n", v.name, v.kv_heads, T, seconds * 1e3, seconds * 1e3 / static_cast<double>(T));
+        fmt::print("  {:<4} {:>3} {:>8} {:>12.2f} {:>16.3f}\n", v.name, v.kv_heads, T, seconds * 1e3,
+                   seconds * 1e3 / static_cast<double>(T));
         csv += fmt::format("prefill,{},{},{},{:.6e},0,0\n", v.name, v.kv_heads, T, seconds);
       }
     }

@@ -46,7 +46,8 @@ TEST_CASE("NPY files round-trip, with NumPy's header layout", "[files]") {
     const fs::path path = scratch("round_trip.npy");
     af::write_npy(path, t);
     const std::vector<char> bytes = slurp(path);
-    const std::uint16_t header_length = static_cast<std::uint16_t>(static_cast<unsigned char>(bytes[8]) | (static_cast<unsigned char>(bytes[9]) << 8));
+    const std::uint16_t header_length =
+        static_cast<std::uint16_t>(static_cast<unsigned char>(bytes[8]) | (static_cast<unsigned char>(bytes[9]) << 8));
     CHECK((10 + header_length) % 64 == 0);
     CHECK(bytes[10 + header_length - 1] == '\n');
     const af::Tensor back = af::read_npy(path);
@@ -138,8 +139,10 @@ TEST_CASE("Truncated or malformed safetensors files are rejected with the reason
   spit_safetensors(scratch("dtype.safetensors"), R"({"x": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 1]}})", 1);
   CHECK_THROWS_WITH(af::SafetensorsFile::read(scratch("dtype.safetensors")), Contains("\"Q4\""));
 
-  spit_safetensors(scratch("size.safetensors"), R"({"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}})", 12);
-  CHECK_THROWS_WITH(af::SafetensorsFile::read(scratch("size.safetensors")), Contains("12 bytes") && Contains("expected 16"));
+  spit_safetensors(scratch("size.safetensors"), R"({"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}})",
+                   12);
+  CHECK_THROWS_WITH(af::SafetensorsFile::read(scratch("size.safetensors")),
+                    Contains("12 bytes") && Contains("expected 16"));
 
   spit_safetensors(scratch("field.safetensors"), R"({"x": {"dtype": "F32", "data_offsets": [0, 4]}})", 4);
   CHECK_THROWS_WITH(af::SafetensorsFile::read(scratch("field.safetensors")), Contains("\"x\"") && Contains("shape"));

@@ -14,13 +14,15 @@ struct Layer {
   af::GroupedWeights weights;
 };
 
-Layer random_layer(af::Rng& rng, std::int64_t hidden, std::int64_t heads, std::int64_t kv_heads, std::int64_t d, bool bias) {
+Layer random_layer(af::Rng& rng, std::int64_t hidden, std::int64_t heads, std::int64_t kv_heads, std::int64_t d,
+                   bool bias) {
   Layer l{{hidden, heads, kv_heads, d}, {}};
   const double in = 1.0 / std::sqrt(static_cast<double>(hidden));
   l.weights.q_proj = af::random_normal(af::Shape{heads * d, hidden}, rng, in);
   l.weights.k_proj = af::random_normal(af::Shape{kv_heads * d, hidden}, rng, in);
   l.weights.v_proj = af::random_normal(af::Shape{kv_heads * d, hidden}, rng, in);
-  l.weights.o_proj = af::random_normal(af::Shape{hidden, heads * d}, rng, 1.0 / std::sqrt(static_cast<double>(heads * d)));
+  l.weights.o_proj =
+      af::random_normal(af::Shape{hidden, heads * d}, rng, 1.0 / std::sqrt(static_cast<double>(heads * d)));
   if (bias) {
     l.weights.q_bias = af::random_normal(af::Shape{heads * d}, rng, 0.5);
     l.weights.k_bias = af::random_normal(af::Shape{kv_heads * d}, rng, 0.5);
@@ -37,7 +39,8 @@ reference::Matrix64 reference_layer(const Layer& l, const af::Tensor& x, bool ca
   const auto k = reference::linear(x64, reference::to64(l.weights.k_proj.matrix()), bias(l.weights.k_bias));
   const auto v = reference::linear(x64, reference::to64(l.weights.v_proj.matrix()), bias(l.weights.v_bias));
   const std::int64_t d = l.shape.head_dim, T = x.dim(0);
-  reference::Matrix64 context(static_cast<std::size_t>(T), std::vector<double>(static_cast<std::size_t>(l.shape.heads * d)));
+  reference::Matrix64 context(static_cast<std::size_t>(T),
+                              std::vector<double>(static_cast<std::size_t>(l.shape.heads * d)));
   const auto columns = [&](const reference::Matrix64& m, std::int64_t head) {
     reference::Matrix64 out(m.size());
     for (std::size_t t = 0; t < m.size(); ++t) out[t].assign(m[t].begin() + head * d, m[t].begin() + (head + 1) * d);
@@ -47,8 +50,7 @@ reference::Matrix64 reference_layer(const Layer& l, const af::Tensor& x, bool ca
     const std::int64_t g = h * l.shape.kv_heads / l.shape.heads;  // written differently from kv_head_of on purpose
     const auto out = reference::attention(columns(q, h), columns(k, g), columns(v, g), causal,
                                           1.0 / std::sqrt(static_cast<double>(d)));
-    for (std::int64_t t = 0; t < T; ++t)
-      std::copy(out[t].begin(), out[t].end(), context[t].begin() + h * d);
+    for (std::int64_t t = 0; t < T; ++t) std::copy(out[t].begin(), out[t].end(), context[t].begin() + h * d);
   }
   return reference::linear(context, reference::to64(l.weights.o_proj.matrix()));
 }
@@ -82,12 +84,14 @@ TEST_CASE("Grouped prefill equals token-by-token decode for every group size and
       const af::Tensor prefill = af::grouped_attention(x.matrix(), l.shape, l.weights, {}, prefill_cache);
       af::Tensor decoded(af::Shape{T, hidden});
       for (std::int64_t t = 0; t < T; ++t) {
-        const af::Tensor step = af::grouped_attention(x.matrix().rows_slice(t, 1), l.shape, l.weights, {}, decode_cache);
+        const af::Tensor step =
+            af::grouped_attention(x.matrix().rows_slice(t, 1), l.shape, l.weights, {}, decode_cache);
         std::ranges::copy(step.values(), decoded.matrix().row(t).begin());
       }
       INFO("H " << heads << " G " << kv_heads << " T " << T);
       CHECK(af::max_abs_diff(prefill.values(), decoded.values()) < 1e-5);
-      for (std::int64_t g = 0; g < kv_heads; ++g) CHECK(af::max_abs_diff(prefill_cache.keys(g), decode_cache.keys(g)) == 0.0);
+      for (std::int64_t g = 0; g < kv_heads; ++g)
+        CHECK(af::max_abs_diff(prefill_cache.keys(g), decode_cache.keys(g)) == 0.0);
     }
   }
 }
@@ -99,10 +103,12 @@ TEST_CASE("MHA through the grouped layer equals independent single heads", "[gqa
   const af::Tensor x = af::random_normal(af::Shape{T, hidden}, rng);
   af::GroupedKvCache cache(T, heads, d);
   const af::Tensor q = af::random_normal(af::Shape{T, heads * d}, rng);
-  cache.append(af::random_normal(af::Shape{T, heads * d}, rng).matrix(), af::random_normal(af::Shape{T, heads * d}, rng).matrix());
+  cache.append(af::random_normal(af::Shape{T, heads * d}, rng).matrix(),
+               af::random_normal(af::Shape{T, heads * d}, rng).matrix());
   const af::Tensor grouped = af::grouped_attend(q.matrix(), l.shape, cache, {});
   for (std::int64_t h = 0; h < heads; ++h) {
-    const af::Tensor single = af::attention(af::head_view(q.reshaped(af::Shape{T, heads, d}), h), cache.keys(h), cache.values(h), {});
+    const af::Tensor single =
+        af::attention(af::head_view(q.reshaped(af::Shape{T, heads, d}), h), cache.keys(h), cache.values(h), {});
     CHECK(af::max_abs_diff(single.matrix(), af::head_view(grouped.reshaped(af::Shape{T, heads, d}), h)) < 1e-6);
   }
 }

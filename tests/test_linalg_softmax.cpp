@@ -23,7 +23,8 @@ TEST_CASE("matmul, matmul_transposed and linear match a float64 reference on ran
 
     const auto a64 = reference::to64(a.matrix()), w64 = reference::to64(w.matrix());
     const auto bt64 = reference::to64(af::transpose(b.matrix()).matrix());
-    CHECK(reference::max_abs_diff(af::matmul(a.matrix(), b.matrix()).matrix(), reference::linear(a64, bt64)) < tolerance);
+    CHECK(reference::max_abs_diff(af::matmul(a.matrix(), b.matrix()).matrix(), reference::linear(a64, bt64)) <
+          tolerance);
     CHECK(reference::max_abs_diff(af::matmul_transposed(a.matrix(), w.matrix()).matrix(), reference::linear(a64, w64)) <
           tolerance);
     const std::vector<double> bias64(bias.values().begin(), bias.values().end());
@@ -69,7 +70,8 @@ TEST_CASE("Masked entries get weight zero and a fully masked row becomes zeros",
     }
     CHECK(std::abs(sum - (q == 1 ? 0.0 : 1.0)) < 1e-6);
   }
-  CHECK_THROWS_WITH(af::softmax_rows(af::Tensor(af::Shape{3, 6}).matrix(), &mask), Contains("[4, 6]") && Contains("[3, 6]"));
+  CHECK_THROWS_WITH(af::softmax_rows(af::Tensor(af::Shape{3, 6}).matrix(), &mask),
+                    Contains("[4, 6]") && Contains("[3, 6]"));
 }
 
 TEST_CASE("The causal mask lets a query see its own position and earlier ones", "[softmax]") {

@@ -138,6 +138,7 @@ TEST_CASE("MLA rejects weights of the wrong shape, naming them", "[mla][errors]"
   const af::MlaShape s{32, 2, 0, 16, 8, 4, 8, 1e-6};
   af::MlaWeights w = random_mla(rng, s);
   w.kv_b_proj = af::Tensor(af::Shape{10, 16});
-  CHECK_THROWS_WITH(w.validate(s), Catch::Matchers::Contains("kv_b_proj is [10, 16]") && Catch::Matchers::Contains("[32, 16]"));
+  CHECK_THROWS_WITH(w.validate(s),
+                    Catch::Matchers::Contains("kv_b_proj is [10, 16]") && Catch::Matchers::Contains("[32, 16]"));
   CHECK_THROWS_AS((af::MlaShape{32, 2, 0, 16, 8, 5, 8, 1e-6}.validate()), af::Error);
 }

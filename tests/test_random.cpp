@@ -47,7 +47,7 @@ TEST_CASE("Normals have mean 0 and variance 1; uniforms stay in range", "[random
     sum_sq += x * x;
   }
   const double mean = sum / n, variance = sum_sq / n - mean * mean;
-  CHECK(std::abs(mean) < 0.01);           // 4.5 standard errors
+  CHECK(std::abs(mean) < 0.01);             // 4.5 standard errors
   CHECK(std::abs(variance - 1.0) < 0.015);  // 4.7 standard errors
   for (int i = 0; i < 1000; ++i) {
     const double u = rng.uniform(-2.0, 3.0);

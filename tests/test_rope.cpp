@@ -75,7 +75,8 @@ TEST_CASE("The half-split layout is the adjacent one under a fixed permutation",
   const std::int64_t d = 24;
   const af::Rope adjacent(d, 10000.0, af::RopeLayout::adjacent), half(d, 10000.0, af::RopeLayout::half_split);
   const auto perm = af::adjacent_to_half_split(d);
-  CHECK(perm == std::vector<std::int64_t>{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23});
+  CHECK(perm == std::vector<std::int64_t>{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22,
+                                          1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23});
   const auto permute = [&](const std::vector<float>& v) {
     std::vector<float> out(v.size());
     for (std::size_t j = 0; j < v.size(); ++j) out[j] = v[static_cast<std::size_t>(perm[j])];
@@ -117,9 +118,13 @@ TEST_CASE("GQA with RoPE: prefill equals decode, and keys are cached rotated", "
   af::Rng rng(45);
   const af::GroupedShape shape{32, 4, 2, 8};
   const double in = 1.0 / std::sqrt(32.0);
-  const af::GroupedWeights w{af::random_normal(af::Shape{32, 32}, rng, in), af::random_normal(af::Shape{16, 32}, rng, in),
-                             af::random_normal(af::Shape{16, 32}, rng, in), af::random_normal(af::Shape{32, 32}, rng, in),
-                             {}, {}, {}};
+  const af::GroupedWeights w{af::random_normal(af::Shape{32, 32}, rng, in),
+                             af::random_normal(af::Shape{16, 32}, rng, in),
+                             af::random_normal(af::Shape{16, 32}, rng, in),
+                             af::random_normal(af::Shape{32, 32}, rng, in),
+                             {},
+                             {},
+                             {}};
   const af::Rope rope(8, 10000.0, af::RopeLayout::half_split);
   const std::int64_t T = 9;
   const af::Tensor x = af::random_normal(af::Shape{T, 32}, rng);

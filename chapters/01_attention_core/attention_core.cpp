@@ -280,12 +280,13 @@ int main(int argc, char** argv) {
     const Head head = random_head(rng, hidden, head_dim);
     const Tensor x = af::random_normal(Shape{seq_len, hidden}, rng);  // [T, hidden]
 
-    fmt::print("Single-head attention: T = {} tokens, hidden = {}, head_dim = {}, seed {}\n", seq_len, hidden,
-               head_dim, seed);
+    fmt::print("Single-head attention: T = {} tokens, hidden = {}, head_dim = {}, seed {}\n", seq_len, hidden, head_dim,
+               seed);
     fmt::print("  prefill: x [{0}, {1}] -> q, k, v [{0}, {2}] -> scores, weights [{0}, {0}] -> output [{0}, {1}]\n",
                seq_len, hidden, head_dim);
-    fmt::print("  decode step t: x_t [1, {0}] -> q_t, k_t, v_t [1, {1}] -> cache K, V [t + 1, {1}] -> output [1, {0}]\n\n",
-               hidden, head_dim);
+    fmt::print(
+        "  decode step t: x_t [1, {0}] -> q_t, k_t, v_t [1, {1}] -> cache K, V [t + 1, {1}] -> output [1, {0}]\n\n",
+        hidden, head_dim);
 
     // [run-both-paths]
     Tensor weights;
@@ -308,9 +309,12 @@ int main(int argc, char** argv) {
     af::Checks checks;
     const double tolerance = 1e-5 * std::max(1.0, af::max_abs(prefill_out.values()));
     checks.expect_close("prefill vs float64 reference", max_abs_diff(prefill_out.values(), reference), tolerance);
-    checks.expect_close("decode through the KV cache vs prefill", af::max_abs_diff(decode_out.values(), prefill_out.values()), tolerance);
-    checks.expect_close("from scratch vs lib/ single_head_attention", af::max_abs_diff(prefill_out.values(), lib_out.values()), tolerance);
-    checks.expect_close("cached keys vs lib/ KvCache keys", af::max_abs_diff(cache.keys(), lib_cache.keys()), tolerance);
+    checks.expect_close("decode through the KV cache vs prefill",
+                        af::max_abs_diff(decode_out.values(), prefill_out.values()), tolerance);
+    checks.expect_close("from scratch vs lib/ single_head_attention",
+                        af::max_abs_diff(prefill_out.values(), lib_out.values()), tolerance);
+    checks.expect_close("cached keys vs lib/ KvCache keys", af::max_abs_diff(cache.keys(), lib_cache.keys()),
+                        tolerance);
     double worst_row_sum = 0.0;
     bool future_is_zero = true;
     for (std::int64_t i = 0; i < seq_len; ++i) {
@@ -334,7 +338,8 @@ int main(int argc, char** argv) {
     }
 
     // [cache-card]
-    const af::CacheCard card = af::dense_kv_card("single-head attention (this program's head)", 1, 1, head_dim, af::DType::f32);
+    const af::CacheCard card =
+        af::dense_kv_card("single-head attention (this program's head)", 1, 1, head_dim, af::DType::f32);
     const std::vector<af::ModelCache> models = {af::dense_model("Llama-3.1-8B").cache()};
     const std::vector<std::int64_t> contexts = {seq_len, 4096, 131072};
     fmt::print("\n{}", af::format_cache_card(card, models, contexts));

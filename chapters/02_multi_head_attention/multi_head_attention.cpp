@@ -55,7 +55,9 @@ Tensor merge_heads(const Tensor& x) {
 // [/merge-heads]
 
 // One head of a [H, T, d] tensor as a [T, d] matrix (contiguous: head-major).
-ConstMatrix head(const Tensor& x, std::int64_t h) { return {x.data() + h * x.dim(1) * x.dim(2), x.dim(1), x.dim(2), x.dim(2)}; }
+ConstMatrix head(const Tensor& x, std::int64_t h) {
+  return {x.data() + h * x.dim(1) * x.dim(2), x.dim(1), x.dim(2), x.dim(2)};
+}
 
 struct Weights {
   Tensor w_q, w_k, w_v;  // [H * d, hidden]
@@ -172,8 +174,12 @@ int main(int argc, char** argv) {
   std::uint64_t seed = 2;
   std::string out_dir;
   app.add_option("--seq-len", seq_len, "Tokens in the prompt")->check(CLI::Range(1, 4096))->capture_default_str();
-  app.add_option("--hidden", hidden, "Model width, divided among the heads")->check(CLI::Range(1, 8192))->capture_default_str();
-  app.add_option("--heads", heads, "Attention heads H (must divide --hidden)")->check(CLI::Range(1, 256))->capture_default_str();
+  app.add_option("--hidden", hidden, "Model width, divided among the heads")
+      ->check(CLI::Range(1, 8192))
+      ->capture_default_str();
+  app.add_option("--heads", heads, "Attention heads H (must divide --hidden)")
+      ->check(CLI::Range(1, 256))
+      ->capture_default_str();
   app.add_option("--seed", seed, "Seed of the random inputs and weights")->capture_default_str();
   app.add_option("--out", out_dir, "Directory for the figure data (head_weights.dat)");
 
@@ -183,14 +189,18 @@ int main(int argc, char** argv) {
     const std::int64_t d = hidden / heads;
     af::Rng rng(seed);
     const double in = 1.0 / std::sqrt(static_cast<double>(hidden));
-    const Weights w{af::random_normal(Shape{hidden, hidden}, rng, in), af::random_normal(Shape{hidden, hidden}, rng, in),
-                    af::random_normal(Shape{hidden, hidden}, rng, in), af::random_normal(Shape{hidden, hidden}, rng, in)};
+    const Weights w{
+        af::random_normal(Shape{hidden, hidden}, rng, in), af::random_normal(Shape{hidden, hidden}, rng, in),
+        af::random_normal(Shape{hidden, hidden}, rng, in), af::random_normal(Shape{hidden, hidden}, rng, in)};
     const Tensor x = af::random_normal(Shape{seq_len, hidden}, rng);
 
-    fmt::print("Multi-head attention: T = {}, hidden = {}, H = {} heads of d = {}, seed {}\n", seq_len, hidden, heads, d, seed);
-    fmt::print("  projections: x [{0}, {1}] -> q, k, v [{0}, {2} x {3}] -> split -> [{2}, {0}, {3}]\n", seq_len, hidden, heads, d);
-    fmt::print("  per head: scores, weights [{0}, {0}] -> output [{0}, {1}] -> merge -> [{0}, {2}] -> W_o -> [{0}, {3}]\n",
-               seq_len, d, heads * d, hidden);
+    fmt::print("Multi-head attention: T = {}, hidden = {}, H = {} heads of d = {}, seed {}\n", seq_len, hidden, heads,
+               d, seed);
+    fmt::print("  projections: x [{0}, {1}] -> q, k, v [{0}, {2} x {3}] -> split -> [{2}, {0}, {3}]\n", seq_len, hidden,
+               heads, d);
+    fmt::print(
+        "  per head: scores, weights [{0}, {0}] -> output [{0}, {1}] -> merge -> [{0}, {2}] -> W_o -> [{0}, {3}]\n",
+        seq_len, d, heads * d, hidden);
     fmt::print("  cache: K, V [{0}, t, {1}] per layer (head-major), one row per head per token\n\n", heads, d);
 
     // [run-both-paths]
@@ -204,21 +214,26 @@ int main(int argc, char** argv) {
 
     const af::GroupedShape shape{hidden, heads, heads, d};
     af::GroupedKvCache lib_cache(seq_len, heads, d);
-    const Tensor lib = af::grouped_attention(x.matrix(), shape, {w.w_q, w.w_k, w.w_v, w.w_o, {}, {}, {}}, {}, lib_cache);
+    const Tensor lib =
+        af::grouped_attention(x.matrix(), shape, {w.w_q, w.w_k, w.w_v, w.w_o, {}, {}, {}}, {}, lib_cache);
     const std::vector<double> reference = reference_layer(w, x, heads);
 
     af::Checks checks;
     const double tolerance = 1e-5 * std::max(1.0, af::max_abs(prefill.values()));
     checks.expect_close("prefill vs float64 reference", max_abs_diff(prefill.values(), reference), tolerance);
-    checks.expect_close("decode through the per-head cache vs prefill", af::max_abs_diff(decoded.values(), prefill.values()), tolerance);
-    checks.expect_close("from scratch vs lib/ grouped_attention (G = H)", af::max_abs_diff(prefill.values(), lib.values()), tolerance);
-    checks.expect_close("merge_heads(split_heads(x)) == x", af::max_abs_diff(merge_heads(split_heads(lib, heads)).values(), lib.values()), 0.0);
+    checks.expect_close("decode through the per-head cache vs prefill",
+                        af::max_abs_diff(decoded.values(), prefill.values()), tolerance);
+    checks.expect_close("from scratch vs lib/ grouped_attention (G = H)",
+                        af::max_abs_diff(prefill.values(), lib.values()), tolerance);
+    checks.expect_close("merge_heads(split_heads(x)) == x",
+                        af::max_abs_diff(merge_heads(split_heads(lib, heads)).values(), lib.values()), 0.0);
     for (std::int64_t h = 0; h < heads; ++h)
       checks.expect_close(fmt::format("head {} keys vs lib/ token-major cache", h),
                           af::max_abs_diff(cache.keys(h), lib_cache.keys(h)), tolerance);
 
     // [cache-card]
-    af::CacheCard card = af::dense_kv_card("multi-head attention (this program's layer)", heads, heads, d, af::DType::f32);
+    af::CacheCard card =
+        af::dense_kv_card("multi-head attention (this program's layer)", heads, heads, d, af::DType::f32);
     card.trade_offs =
         "each head keeps its own keys and values: the most expressive cache and the largest, 2 x hidden values per "
         "token and layer; memory and decode reads grow linearly with the context";

@@ -68,8 +68,8 @@ Tensor mqa_decode_step(const MqaWeights& w, ConstMatrix x_t, std::int64_t heads,
   cache.append(k.matrix(), v.matrix());
   Tensor weights = af::matmul_transposed(q.matrix(), cache.keys());  // [H, t + 1]
   for (float& s : weights.values()) s *= static_cast<float>(af::default_scale(d));
-  af::softmax_rows(weights.matrix());                                  // the new token sees the whole cache
-  const Tensor context = af::matmul(weights.matrix(), cache.values()); // [H, d]
+  af::softmax_rows(weights.matrix());                                   // the new token sees the whole cache
+  const Tensor context = af::matmul(weights.matrix(), cache.values());  // [H, d]
   return af::linear(context.reshaped(Shape{1, heads * d}).matrix(), w.w_o.matrix());  // [1, hidden]
 }
 // [/mqa-decode-step]
@@ -81,7 +81,8 @@ Tensor mean_pool_heads(const Tensor& w_kv, std::int64_t heads) {
   const std::int64_t d = w_kv.dim(0) / heads, hidden = w_kv.dim(1);
   Tensor pooled(Shape{d, hidden});
   for (std::int64_t h = 0; h < heads; ++h)
-    for (std::int64_t i = 0; i < d * hidden; ++i) pooled.data()[i] += w_kv.data()[h * d * hidden + i] / static_cast<float>(heads);
+    for (std::int64_t i = 0; i < d * hidden; ++i)
+      pooled.data()[i] += w_kv.data()[h * d * hidden + i] / static_cast<float>(heads);
   return pooled;
 }
 // [/mean-pool-to-mqa]
@@ -136,7 +137,8 @@ double relative_error(const Tensor& got, const Tensor& want) {
 }
 
 // An MHA layer whose key and value heads share a common part: head h = shared + spread * own_h.
-af::GroupedWeights correlated_mha(af::Rng& rng, std::int64_t hidden, std::int64_t heads, std::int64_t d, double spread) {
+af::GroupedWeights correlated_mha(af::Rng& rng, std::int64_t hidden, std::int64_t heads, std::int64_t d,
+                                  double spread) {
   const double in = 1.0 / std::sqrt(static_cast<double>(hidden));
   const auto heads_around_shared = [&] {
     const Tensor shared = af::random_normal(Shape{d, hidden}, rng, in);
@@ -159,13 +161,16 @@ af::GroupedWeights correlated_mha(af::Rng& rng, std::int64_t hidden, std::int64_
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"Chapter 03: multi-query attention, one K/V head shared by every query head", "ch03_multi_query_attention"};
+  CLI::App app{"Chapter 03: multi-query attention, one K/V head shared by every query head",
+               "ch03_multi_query_attention"};
   std::int64_t seq_len = 10, hidden = 64, heads = 8;
   std::uint64_t seed = 3;
   std::string out_dir;
   app.add_option("--seq-len", seq_len, "Tokens in the prompt")->check(CLI::Range(1, 4096))->capture_default_str();
   app.add_option("--hidden", hidden, "Model width")->check(CLI::Range(1, 8192))->capture_default_str();
-  app.add_option("--heads", heads, "Query heads H (must divide --hidden)")->check(CLI::Range(1, 256))->capture_default_str();
+  app.add_option("--heads", heads, "Query heads H (must divide --hidden)")
+      ->check(CLI::Range(1, 256))
+      ->capture_default_str();
   app.add_option("--seed", seed, "Seed of the random inputs and weights")->capture_default_str();
   app.add_option("--out", out_dir, "Directory for the data of the MHA/MQA comparison (mha_vs_mqa.csv)");
 
@@ -175,15 +180,17 @@ int main(int argc, char** argv) {
     const std::int64_t d = hidden / heads;
     af::Rng rng(seed);
     const double in = 1.0 / std::sqrt(static_cast<double>(hidden));
-    const MqaWeights w{af::random_normal(Shape{heads * d, hidden}, rng, in), af::random_normal(Shape{d, hidden}, rng, in),
-                       af::random_normal(Shape{d, hidden}, rng, in),
-                       af::random_normal(Shape{hidden, heads * d}, rng, 1.0 / std::sqrt(static_cast<double>(heads * d)))};
+    const MqaWeights w{
+        af::random_normal(Shape{heads * d, hidden}, rng, in), af::random_normal(Shape{d, hidden}, rng, in),
+        af::random_normal(Shape{d, hidden}, rng, in),
+        af::random_normal(Shape{hidden, heads * d}, rng, 1.0 / std::sqrt(static_cast<double>(heads * d)))};
     const Tensor x = af::random_normal(Shape{seq_len, hidden}, rng);
 
     fmt::print("Multi-query attention: T = {}, hidden = {}, H = {} query heads of d = {}, one K/V head, seed {}\n",
                seq_len, hidden, heads, d, seed);
     fmt::print("  prefill: q [{0}, {1}, {2}], k, v [{0}, {2}]; each head: weights [{0}, {0}]\n", seq_len, heads, d);
-    fmt::print("  decode: q_t [{0}, {1}] against cache K, V [t + 1, {1}] -> weights [{0}, t + 1] in one pass\n\n", heads, d);
+    fmt::print("  decode: q_t [{0}, {1}] against cache K, V [t + 1, {1}] -> weights [{0}, t + 1] in one pass\n\n",
+               heads, d);
 
     af::KvCache prefill_cache(seq_len, d, d), decode_cache(seq_len, d, d);
     const Tensor prefill = mqa_prefill(w, x.matrix(), heads, prefill_cache);
@@ -194,21 +201,27 @@ int main(int argc, char** argv) {
 
     // The library with G = 1, and an MHA layer (G = H) whose H key/value heads are copies of the one head.
     af::GroupedKvCache lib_cache(seq_len, 1, d);
-    const Tensor lib = af::grouped_attention(x.matrix(), {hidden, heads, 1, d}, {w.w_q, w.w_k, w.w_v, w.w_o, {}, {}, {}}, {}, lib_cache);
+    const Tensor lib = af::grouped_attention(x.matrix(), {hidden, heads, 1, d},
+                                             {w.w_q, w.w_k, w.w_v, w.w_o, {}, {}, {}}, {}, lib_cache);
     Tensor tied_k(Shape{heads * d, hidden}), tied_v(Shape{heads * d, hidden});
     for (std::int64_t h = 0; h < heads; ++h) {
       std::ranges::copy(w.w_k.values(), tied_k.data() + h * d * hidden);
       std::ranges::copy(w.w_v.values(), tied_v.data() + h * d * hidden);
     }
     af::GroupedKvCache tied_cache(seq_len, heads, d);
-    const Tensor tied = af::grouped_attention(x.matrix(), {hidden, heads, heads, d}, {w.w_q, tied_k, tied_v, w.w_o, {}, {}, {}}, {}, tied_cache);
+    const Tensor tied = af::grouped_attention(x.matrix(), {hidden, heads, heads, d},
+                                              {w.w_q, tied_k, tied_v, w.w_o, {}, {}, {}}, {}, tied_cache);
 
     af::Checks checks;
     const double tolerance = 1e-5 * std::max(1.0, af::max_abs(prefill.values()));
-    checks.expect_close("prefill vs float64 reference", max_abs_diff(prefill.values(), reference_layer(w, x, heads)), tolerance);
-    checks.expect_close("decode through the shared cache vs prefill", af::max_abs_diff(decoded.values(), prefill.values()), tolerance);
-    checks.expect_close("from scratch vs lib/ grouped_attention (G = 1)", af::max_abs_diff(prefill.values(), lib.values()), tolerance);
-    checks.expect_close("MQA vs MHA with H identical K/V heads", af::max_abs_diff(prefill.values(), tied.values()), tolerance);
+    checks.expect_close("prefill vs float64 reference", max_abs_diff(prefill.values(), reference_layer(w, x, heads)),
+                        tolerance);
+    checks.expect_close("decode through the shared cache vs prefill",
+                        af::max_abs_diff(decoded.values(), prefill.values()), tolerance);
+    checks.expect_close("from scratch vs lib/ grouped_attention (G = 1)",
+                        af::max_abs_diff(prefill.values(), lib.values()), tolerance);
+    checks.expect_close("MQA vs MHA with H identical K/V heads", af::max_abs_diff(prefill.values(), tied.values()),
+                        tolerance);
 
     // [what-shrinks]
     // Per token and layer, at equal width: what MQA changes and what it leaves alone (counts, from the shapes).
@@ -234,7 +247,8 @@ int main(int argc, char** argv) {
     af::CacheCard card = af::dense_kv_card("multi-query attention (this program's layer)", heads, 1, d, af::DType::f32);
     card.trade_offs = fmt::format(
         "memory and decode reads {}x smaller than MHA of the same width; query projection and attention FLOPs "
-        "unchanged; quality: every head must use the same keys and values (see the pooling table below)", heads);
+        "unchanged; quality: every head must use the same keys and values (see the pooling table below)",
+        heads);
     const std::vector<af::ModelCache> models = {af::dense_model("Falcon-7B").cache()};
     fmt::print("\n{}", af::format_cache_card(card, models, std::vector<std::int64_t>{seq_len, 4096}));
 
@@ -245,7 +259,8 @@ int main(int argc, char** argv) {
     double identical_heads_error = 0.0;
     for (double spread : {0.0, 0.1, 0.3, 1.0, 3.0}) {
       const af::GroupedWeights mha = correlated_mha(rng, hidden, heads, d, spread);
-      const MqaWeights pooled{mha.q_proj, mean_pool_heads(mha.k_proj, heads), mean_pool_heads(mha.v_proj, heads), mha.o_proj};
+      const MqaWeights pooled{mha.q_proj, mean_pool_heads(mha.k_proj, heads), mean_pool_heads(mha.v_proj, heads),
+                              mha.o_proj};
       af::GroupedKvCache mha_cache(seq_len, heads, d);
       const Tensor want = af::grouped_attention(x.matrix(), {hidden, heads, heads, d}, mha, {}, mha_cache);
       af::KvCache mqa_cache(seq_len, d, d);

@@ -6,7 +6,8 @@
 // against decode; prints the cache card for real GQA models; writes the data of the chapter's figures; and
 // measures what converting MHA to GQA by mean-pooling costs for each G.
 //
-//   build/bin/ch04_grouped_query_attention [--seq-len 10] [--hidden 64] [--heads 8] [--kv-heads 2] [--seed 4] [--out DIR]
+//   build/bin/ch04_grouped_query_attention [--seq-len 10] [--hidden 64] [--heads 8] [--kv-heads 2] [--seed 4] [--out
+//   DIR]
 
 #include "af/accounting.hpp"
 #include "af/attention.hpp"
@@ -52,11 +53,11 @@ Tensor gqa_decode_step(const GqaLayer& l, ConstMatrix x_t, af::GroupedKvCache& c
   cache.append(af::linear(x_t, l.w.k_proj.matrix()).matrix(), af::linear(x_t, l.w.v_proj.matrix()).matrix());
   Tensor context(Shape{1, l.heads * d});
   for (std::int64_t g = 0; g < l.kv_heads; ++g) {
-    const ConstMatrix q_group{q.data() + g * group * d, group, d, d};           // [H/G, d]
-    Tensor weights = af::matmul_transposed(q_group, cache.keys(g));              // [H/G, t + 1]
+    const ConstMatrix q_group{q.data() + g * group * d, group, d, d};  // [H/G, d]
+    Tensor weights = af::matmul_transposed(q_group, cache.keys(g));    // [H/G, t + 1]
     for (float& s : weights.values()) s *= static_cast<float>(af::default_scale(d));
     af::softmax_rows(weights.matrix());
-    const Tensor out = af::matmul(weights.matrix(), cache.values(g));            // [H/G, d]
+    const Tensor out = af::matmul(weights.matrix(), cache.values(g));  // [H/G, d]
     std::ranges::copy(out.values(), context.data() + g * group * d);
   }
   return af::linear(context.matrix(), l.w.o_proj.matrix());  // [1, hidden]
@@ -190,10 +191,16 @@ void write_figure_data(const std::filesystem::path& dir, std::int64_t heads, std
   // Llama-3.1-8B's shape (32 layers, 32 query heads of 128) with G = 32, 8 (its own) and 1, in bf16.
   const af::DenseModel llama = af::dense_model("Llama-3.1-8B");
   auto bytes = fmt::output_file((dir / "cache_bytes.dat").string());
-  bytes.print("# KV-cache bytes per token, whole model, bf16: label bytes (Llama-3.1-8B shape with G = H, 8, 1; real models)\n");
+  bytes.print(
+      "# KV-cache bytes per token, whole model, bf16: label bytes (Llama-3.1-8B shape with G = H, 8, 1; real "
+      "models)\n");
   for (std::int64_t g : {std::int64_t{32}, std::int64_t{8}, std::int64_t{1}}) {
     const af::CacheCard card = af::dense_kv_card("", llama.heads, g, llama.head_dim, af::DType::bf16);
-    bytes.print("\"{} (G = {})\" {}\n", g == 32 ? "MHA" : g == 1 ? "MQA" : "GQA", g, llama.layers * card.bytes_per_token());
+    bytes.print("\"{} (G = {})\" {}\n",
+                g == 32  ? "MHA"
+                : g == 1 ? "MQA"
+                         : "GQA",
+                g, llama.layers * card.bytes_per_token());
   }
   for (const char* name : {"Llama-3.1-70B", "Qwen3-30B-A3B", "Qwen3-235B-A22B"})
     bytes.print("\"{}\" {}\n", name, af::dense_model(name).cache().bytes_per_token());
@@ -203,7 +210,8 @@ void write_figure_data(const std::filesystem::path& dir, std::int64_t heads, std
   for (std::int64_t t = 1024; t <= 131072; t *= 2) {
     reads.print("{}", t);
     for (std::int64_t g : {std::int64_t{32}, std::int64_t{8}, std::int64_t{1}})
-      reads.print(" {}", llama.layers * af::dense_kv_card("", llama.heads, g, llama.head_dim, af::DType::bf16).bytes_read(t));
+      reads.print(" {}",
+                  llama.layers * af::dense_kv_card("", llama.heads, g, llama.head_dim, af::DType::bf16).bytes_read(t));
     reads.print("\n");
   }
   auto pool = fmt::output_file((dir / "pooling_error.dat").string());
@@ -227,25 +235,32 @@ int main(int argc, char** argv) {
   std::string out_dir;
   app.add_option("--seq-len", seq_len, "Tokens in the prompt")->check(CLI::Range(1, 4096))->capture_default_str();
   app.add_option("--hidden", hidden, "Model width")->check(CLI::Range(1, 8192))->capture_default_str();
-  app.add_option("--heads", heads, "Query heads H (must divide --hidden)")->check(CLI::Range(1, 256))->capture_default_str();
-  app.add_option("--kv-heads", kv_heads, "KV heads G (must divide --heads)")->check(CLI::Range(1, 256))->capture_default_str();
+  app.add_option("--heads", heads, "Query heads H (must divide --hidden)")
+      ->check(CLI::Range(1, 256))
+      ->capture_default_str();
+  app.add_option("--kv-heads", kv_heads, "KV heads G (must divide --heads)")
+      ->check(CLI::Range(1, 256))
+      ->capture_default_str();
   app.add_option("--seed", seed, "Seed of the random inputs and weights")->capture_default_str();
   app.add_option("--out", out_dir, "Directory for the figure data");
 
   return af::run_program(app, argc, argv, [&] {
     af::require(hidden % heads == 0, "--hidden {} is not divisible by --heads {} (expected hidden = heads x head_dim)",
                 hidden, heads);
-    af::require(heads % kv_heads == 0, "--heads {} is not divisible by --kv-heads {} (expected whole groups)", heads, kv_heads);
+    af::require(heads % kv_heads == 0, "--heads {} is not divisible by --kv-heads {} (expected whole groups)", heads,
+                kv_heads);
     const std::int64_t d = hidden / heads;
     af::Rng rng(seed);
     const Tensor x = af::random_normal(Shape{seq_len, hidden}, rng);
 
-    fmt::print("Grouped-query attention: T = {}, hidden = {}, H = {} query heads in G = {} groups of {}, d = {}, seed {}\n",
-               seq_len, hidden, heads, kv_heads, heads / kv_heads, d, seed);
+    fmt::print(
+        "Grouped-query attention: T = {}, hidden = {}, H = {} query heads in G = {} groups of {}, d = {}, seed {}\n",
+        seq_len, hidden, heads, kv_heads, heads / kv_heads, d, seed);
     fmt::print("  query head -> KV head:");
     for (std::int64_t h = 0; h < heads; ++h) fmt::print(" {}->{}", h, kv_head_of(h, heads, kv_heads));
-    fmt::print("\n  decode: per KV head g, queries [{0}, {1}] against K_g, V_g [t + 1, {1}]; cache K, V [t + 1, {2}, {1}]\n\n",
-               heads / kv_heads, d, kv_heads);
+    fmt::print(
+        "\n  decode: per KV head g, queries [{0}, {1}] against K_g, V_g [t + 1, {1}]; cache K, V [t + 1, {2}, {1}]\n\n",
+        heads / kv_heads, d, kv_heads);
 
     af::Checks checks;
     for (std::int64_t g = heads; g >= 1; --g) {  // every group count that divides H: MHA ... MQA
@@ -256,21 +271,27 @@ int main(int argc, char** argv) {
       const Tensor prefill = gqa_prefill(l, x.matrix(), prefill_cache);
       Tensor decoded(Shape{seq_len, hidden});
       for (std::int64_t t = 0; t < seq_len; ++t)
-        std::ranges::copy(gqa_decode_step(l, x.matrix().rows_slice(t, 1), decode_cache).values(), decoded.data() + t * hidden);
+        std::ranges::copy(gqa_decode_step(l, x.matrix().rows_slice(t, 1), decode_cache).values(),
+                          decoded.data() + t * hidden);
       const Tensor lib = af::grouped_attention(x.matrix(), {hidden, heads, g, d}, l.w, {}, lib_cache);
-      const af::GroupedWeights expanded{l.w.q_proj, repeat_kv_heads(l.w.k_proj, g, heads / g),
-                                        repeat_kv_heads(l.w.v_proj, g, heads / g), l.w.o_proj, {}, {}, {}};
+      const af::GroupedWeights expanded{l.w.q_proj,
+                                        repeat_kv_heads(l.w.k_proj, g, heads / g),
+                                        repeat_kv_heads(l.w.v_proj, g, heads / g),
+                                        l.w.o_proj,
+                                        {},
+                                        {},
+                                        {}};
       const Tensor mha = af::grouped_attention(x.matrix(), {hidden, heads, heads, d}, expanded, {}, expanded_cache);
       const double tolerance = 1e-5 * std::max(1.0, af::max_abs(prefill.values()));
-      const double worst = std::max({max_abs_diff(prefill.values(), reference_layer(l, x)),
-                                     af::max_abs_diff(decoded.values(), prefill.values()),
-                                     af::max_abs_diff(prefill.values(), lib.values()),
-                                     af::max_abs_diff(prefill.values(), mha.values())});
+      const double worst = std::max(
+          {max_abs_diff(prefill.values(), reference_layer(l, x)), af::max_abs_diff(decoded.values(), prefill.values()),
+           af::max_abs_diff(prefill.values(), lib.values()), af::max_abs_diff(prefill.values(), mha.values())});
       checks.expect_close(fmt::format("G = {:<2}: float64, decode, lib/, repeat_kv", g), worst, tolerance);
     }
 
     // [cache-card]
-    af::CacheCard card = af::dense_kv_card("grouped-query attention (this program's layer)", heads, kv_heads, d, af::DType::f32);
+    af::CacheCard card =
+        af::dense_kv_card("grouped-query attention (this program's layer)", heads, kv_heads, d, af::DType::f32);
     card.trade_offs = fmt::format(
         "memory and decode reads {}x smaller than MHA and {}x larger than MQA; attention FLOPs unchanged; each group "
         "of {} query heads shares its keys and values",
@@ -282,13 +303,18 @@ int main(int argc, char** argv) {
     // [/cache-card]
 
     fmt::print("\nThe same width, three ways (H = {}, d = {}, f32), and real models (bf16)\n", heads, d);
-    fmt::print("  {:<20} {:>5} {:>4} {:>18} {:>24}\n", "layer", "H", "G", "bytes/token/layer", "read/step/layer, t=4096");
+    fmt::print("  {:<20} {:>5} {:>4} {:>18} {:>24}\n", "layer", "H", "G", "bytes/token/layer",
+               "read/step/layer, t=4096");
     for (std::int64_t g : {heads, kv_heads, std::int64_t{1}}) {
       const af::CacheCard c = af::dense_kv_card("", heads, g, d, af::DType::f32);
-      fmt::print("  {:<20} {:>5} {:>4} {:>18} {:>24}\n", g == heads ? "MHA" : g == 1 ? "MQA" : "GQA", heads, g,
-                 c.bytes_per_token(), c.bytes_read(4096));
+      fmt::print("  {:<20} {:>5} {:>4} {:>18} {:>24}\n",
+                 g == heads ? "MHA"
+                 : g == 1   ? "MQA"
+                            : "GQA",
+                 heads, g, c.bytes_per_token(), c.bytes_read(4096));
     }
-    for (const char* name : {"Llama-2-7B", "Falcon-7B", "Llama-3.1-8B", "Llama-3.1-70B", "Qwen3-30B-A3B", "Qwen3-235B-A22B"}) {
+    for (const char* name :
+         {"Llama-2-7B", "Falcon-7B", "Llama-3.1-8B", "Llama-3.1-70B", "Qwen3-30B-A3B", "Qwen3-235B-A22B"}) {
       const af::DenseModel& m = af::dense_model(name);
       const af::ModelCache c = m.cache();
       fmt::print("  {:<20} {:>5} {:>4} {:>18} {:>24}\n", m.name, m.heads, m.kv_heads, c.card.bytes_per_token(),
@@ -313,8 +339,13 @@ int main(int argc, char** argv) {
       for (const GqaLayer& mha : mha_layers) {
         af::GroupedKvCache mha_cache(seq_len, heads, d), gqa_cache(seq_len, g, d);
         const Tensor want = af::grouped_attention(x.matrix(), {hidden, heads, heads, d}, mha.w, {}, mha_cache);
-        const af::GroupedWeights pooled{mha.w.q_proj, mean_pool_groups(mha.w.k_proj, heads, g),
-                                        mean_pool_groups(mha.w.v_proj, heads, g), mha.w.o_proj, {}, {}, {}};
+        const af::GroupedWeights pooled{mha.w.q_proj,
+                                        mean_pool_groups(mha.w.k_proj, heads, g),
+                                        mean_pool_groups(mha.w.v_proj, heads, g),
+                                        mha.w.o_proj,
+                                        {},
+                                        {},
+                                        {}};
         const Tensor got = af::grouped_attention(x.matrix(), {hidden, heads, g, d}, pooled, {}, gqa_cache);
         pooling.back().push_back(relative_error(got, want));
         fmt::print(" {:>14.4f}", pooling.back().back());

@@ -18,19 +18,22 @@ const nlohmann::json& field(const nlohmann::json& object, const std::string& key
 
 std::int64_t Case::config_int(const std::string& key) const {
   const auto& value = field(config, key, name + ": config");
-  if (!value.is_number_integer()) throw CaseError(fmt::format("{}: config \"{}\" is {} (expected an integer)", name, key, value.dump()));
+  if (!value.is_number_integer())
+    throw CaseError(fmt::format("{}: config \"{}\" is {} (expected an integer)", name, key, value.dump()));
   return value.get<std::int64_t>();
 }
 
 double Case::config_double(const std::string& key) const {
   const auto& value = field(config, key, name + ": config");
-  if (!value.is_number()) throw CaseError(fmt::format("{}: config \"{}\" is {} (expected a number)", name, key, value.dump()));
+  if (!value.is_number())
+    throw CaseError(fmt::format("{}: config \"{}\" is {} (expected a number)", name, key, value.dump()));
   return value.get<double>();
 }
 
 bool Case::config_bool(const std::string& key) const {
   const auto& value = field(config, key, name + ": config");
-  if (!value.is_boolean()) throw CaseError(fmt::format("{}: config \"{}\" is {} (expected true or false)", name, key, value.dump()));
+  if (!value.is_boolean())
+    throw CaseError(fmt::format("{}: config \"{}\" is {} (expected true or false)", name, key, value.dump()));
   return value.get<bool>();
 }
 
@@ -53,7 +56,8 @@ std::vector<std::int64_t> Case::positions(std::int64_t count) const {
     throw CaseError(fmt::format("{}: tensors.safetensors has no tensor \"input.position_ids\"", name));
   const auto& stored = tensors.stored("input.position_ids");
   if (stored.shape != std::vector<std::int64_t>{1, count})
-    throw CaseError(fmt::format("{}: input.position_ids has {} dimensions (expected [1, {}])", name, stored.shape.size(), count));
+    throw CaseError(
+        fmt::format("{}: input.position_ids has {} dimensions (expected [1, {}])", name, stored.shape.size(), count));
   try {
     return tensors.integers("input.position_ids");
   } catch (const af::Error& e) {
@@ -89,8 +93,8 @@ Case read_case(const std::filesystem::path& dir) {
     throw CaseError(fmt::format("{}: a field has the wrong type: {}", where, e.what()));
   }
   if (c.prefill_len < 1 || c.decode_steps < 0)
-    throw CaseError(fmt::format("{}: prefill_len {} and decode_steps {} (expected >= 1 and >= 0)", where,
-                                c.prefill_len, c.decode_steps));
+    throw CaseError(fmt::format("{}: prefill_len {} and decode_steps {} (expected >= 1 and >= 0)", where, c.prefill_len,
+                                c.decode_steps));
   if (!(c.max_abs > 0.0)) throw CaseError(fmt::format("{}: tolerance max_abs is {} (expected > 0)", where, c.max_abs));
   try {
     c.tensors = af::SafetensorsFile::read(dir / "tensors.safetensors");
@@ -104,6 +108,7 @@ const std::map<std::string, Runner>& runners() {
   static const std::map<std::string, Runner> table = {
       {"sdpa", run_sdpa},
       {"llama", run_llama},
+      {"deepseek_v3", run_deepseek_v3},
   };
   return table;
 }

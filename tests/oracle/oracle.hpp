@@ -47,19 +47,23 @@ struct Case {
 /// Reads `dir/case.json` and `dir/tensors.safetensors`; throws CaseError when either is malformed.
 Case read_case(const std::filesystem::path& dir);
 
-/// What a runner returns: the outputs of the prefill [T, hidden] and of the N decode steps [N, hidden].
+/// What a runner returns: the outputs of the prefill [T, hidden] and of the N decode steps [N, hidden], and,
+/// for a mechanism with several exact ways to compute it (MLA's naive and absorbed paths), which way.
 struct Outputs {
   af::Tensor prefill;
   af::Tensor decode;
+  std::string path;
 };
 
-using Runner = std::function<Outputs(const Case&)>;
+/// Every way the library computes the case's mechanism; each must pass.
+using Runner = std::function<std::vector<Outputs>(const Case&)>;
 
 /// The mechanisms this build can check, by the case's `reference`.
 const std::map<std::string, Runner>& runners();
 
 // One runner per reference.
-Outputs run_sdpa(const Case& c);
-Outputs run_llama(const Case& c);
+std::vector<Outputs> run_sdpa(const Case& c);
+std::vector<Outputs> run_llama(const Case& c);
+std::vector<Outputs> run_deepseek_v3(const Case& c);
 
 }  // namespace oracle

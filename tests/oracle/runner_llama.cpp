@@ -18,7 +18,8 @@ af::Rope rope_from_config(const Case& c, std::int64_t head_dim) {
   double theta = 0.0;
   if (config.contains("rope_parameters") && config.at("rope_parameters").is_object()) {
     params = &config.at("rope_parameters");
-    if (!params->contains("rope_theta")) throw CaseError(fmt::format("{}: config rope_parameters has no rope_theta", c.name));
+    if (!params->contains("rope_theta"))
+      throw CaseError(fmt::format("{}: config rope_parameters has no rope_theta", c.name));
     theta = params->at("rope_theta").get<double>();
   } else {
     theta = c.config_double("rope_theta");
@@ -35,7 +36,8 @@ af::Rope rope_from_config(const Case& c, std::int64_t head_dim) {
       scaling = af::Llama3Scaling{number("factor"), number("low_freq_factor"), number("high_freq_factor"),
                                   number("original_max_position_embeddings")};
     } else if (type != "default") {
-      throw CaseError(fmt::format("{}: rope type \"{}\" is not supported (this build knows default and llama3)", c.name, type));
+      throw CaseError(
+          fmt::format("{}: rope type \"{}\" is not supported (this build knows default and llama3)", c.name, type));
     }
   }
   return af::Rope(head_dim, theta, af::RopeLayout::half_split, scaling);
@@ -43,7 +45,7 @@ af::Rope rope_from_config(const Case& c, std::int64_t head_dim) {
 
 }  // namespace
 
-Outputs run_llama(const Case& c) {
+std::vector<Outputs> run_llama(const Case& c) {
   af::GroupedShape shape;
   shape.hidden = c.config_int("hidden_size");
   shape.heads = c.config_int("num_attention_heads");
@@ -76,16 +78,15 @@ Outputs run_llama(const Case& c) {
   const af::AttentionOptions options{true, af::default_scale(shape.head_dim)};
 
   af::GroupedKvCache cache(T + N, shape.kv_heads, shape.head_dim);
-  Outputs out{af::rotary_grouped_attention(x.matrix().rows_slice(0, T), std::span(positions).first(T), shape, w,
-                                           rope, options, cache),
-              af::Tensor(af::Shape{N, h})};
+  Outputs out{af::rotary_grouped_attention(x.matrix().rows_slice(0, T), std::span(positions).first(T), shape, w, rope,
+                                           options, cache),
+              af::Tensor(af::Shape{N, h}), ""};
   for (std::int64_t i = 0; i < N; ++i) {
-    const af::Tensor step = af::rotary_grouped_attention(x.matrix().rows_slice(T + i, 1),
-                                                         std::span(positions).subspan(T + i, 1), shape, w, rope,
-                                                         options, cache);
+    const af::Tensor step = af::rotary_grouped_attention(
+        x.matrix().rows_slice(T + i, 1), std::span(positions).subspan(T + i, 1), shape, w, rope, options, cache);
     std::ranges::copy(step.values(), out.decode.matrix().row(i).begin());
   }
-  return out;
+  return {out};
 }
 
 }  // namespace oracle

@@ -8,16 +8,17 @@
 
 namespace oracle {
 
-Outputs run_sdpa(const Case& c) {
+std::vector<Outputs> run_sdpa(const Case& c) {
   af::GroupedShape layer;
   layer.hidden = c.config_int("hidden_size");
   layer.heads = c.config_int("num_attention_heads");
   layer.kv_heads = c.config_int("num_key_value_heads");
   layer.head_dim = c.config_int("head_dim");
   if (layer.hidden < 1 || layer.heads < 1 || layer.kv_heads < 1 || layer.head_dim < 1 || layer.heads % layer.kv_heads)
-    throw CaseError(fmt::format("{}: hidden_size {}, {} heads, {} KV heads, head_dim {} (expected positive sizes and "
-                                "a head count divisible by the KV head count)",
-                                c.name, layer.hidden, layer.heads, layer.kv_heads, layer.head_dim));
+    throw CaseError(
+        fmt::format("{}: hidden_size {}, {} heads, {} KV heads, head_dim {} (expected positive sizes and "
+                    "a head count divisible by the KV head count)",
+                    c.name, layer.hidden, layer.heads, layer.kv_heads, layer.head_dim));
   const af::AttentionOptions options{c.config_bool("is_causal"), c.config_double("scale")};
   const bool bias = c.config.value("attention_bias", false);
   const std::int64_t h = layer.hidden, qd = layer.heads * layer.head_dim, kvd = layer.kv_heads * layer.head_dim;
@@ -34,7 +35,7 @@ Outputs run_sdpa(const Case& c) {
 
   const std::int64_t T = c.prefill_len, N = c.decode_steps;
   const af::Tensor x = c.tensor("input.hidden_states", af::Shape{1, T + N, h}).reshaped(af::Shape{T + N, h});
-  Outputs out{af::Tensor(af::Shape{T, h}), af::Tensor(af::Shape{N, h})};
+  Outputs out{af::Tensor(af::Shape{T, h}), af::Tensor(af::Shape{N, h}), ""};
 
   if (layer.heads == 1) {  // chapter 01's layer, exactly as the library has it
     const af::SingleHeadWeights single{w.q_proj, w.k_proj, w.v_proj, w.o_proj, w.q_bias, w.k_bias, w.v_bias};
@@ -44,7 +45,7 @@ Outputs run_sdpa(const Case& c) {
       const af::Tensor step = af::single_head_attention(x.matrix().rows_slice(T + i, 1), single, options, cache);
       std::ranges::copy(step.values(), out.decode.matrix().row(i).begin());
     }
-    return out;
+    return {out};
   }
   af::GroupedKvCache cache(T + N, layer.kv_heads, layer.head_dim);  // chapters 02-04's layer
   out.prefill = af::grouped_attention(x.matrix().rows_slice(0, T), layer, w, options, cache);
@@ -52,7 +53,7 @@ Outputs run_sdpa(const Case& c) {
     const af::Tensor step = af::grouped_attention(x.matrix().rows_slice(T + i, 1), layer, w, options, cache);
     std::ranges::copy(step.values(), out.decode.matrix().row(i).begin());
   }
-  return out;
+  return {out};
 }
 
 }  // namespace oracle
