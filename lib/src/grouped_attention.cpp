@@ -60,6 +60,7 @@ void GroupedWeights::validate(const GroupedShape& shape) const {
   check("q_bias", q_bias, Shape{qd}, true);
   check("k_bias", k_bias, Shape{kvd}, true);
   check("v_bias", v_bias, Shape{kvd}, true);
+  check("o_bias", o_bias, Shape{h}, true);
 }
 
 Tensor grouped_attend(ConstMatrix q, const GroupedShape& shape, const GroupedKvCache& cache,
@@ -127,7 +128,7 @@ Tensor grouped_attention(ConstMatrix x, const GroupedShape& shape, const Grouped
   const Tensor v = linear(x, weights.v_proj.matrix(), weights.v_bias.values());  // [T, G * d]
   cache.append(k.matrix(), v.matrix());
   const Tensor context = grouped_attend(q.matrix(), shape, cache, options);  // [T, H * d]
-  return linear(context.matrix(), weights.o_proj.matrix());                  // [T, hidden]
+  return linear(context.matrix(), weights.o_proj.matrix(), weights.o_bias.values());  // [T, hidden]
 }
 
 }  // namespace af

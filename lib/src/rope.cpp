@@ -82,7 +82,7 @@ Tensor rotary_grouped_attention(ConstMatrix x, std::span<const std::int64_t> pos
   rope.rotate_rows(k.matrix(), positions);  // cached rotated: a key's position is fixed when it is written
   cache.append(k.matrix(), v.matrix());
   const Tensor context = grouped_attend(q.matrix(), shape, cache, options);
-  return linear(context.matrix(), weights.o_proj.matrix());
+  return linear(context.matrix(), weights.o_proj.matrix(), weights.o_bias.values());
 }
 
 }  // namespace af

@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import sys
+import traceback
 from typing import Any, Callable
 
 try:  # torch is needed to generate cases, not to --list them
@@ -52,6 +53,10 @@ DEFAULT_TOLERANCE = {"max_abs": 1e-4, "relative_to": "max(1, max|expected|)"}
 # relative to max(1, max|reference|), before a case is written.
 SELF_CHECK_LIMIT = 1e-5
 
+# A contrast (a deliberately wrong recomputation, e.g. RoPE without the llama3 scaling) must differ from
+# the recorded outputs by at least this, relative to max(1, max|ref|): 100x the default tolerance.
+CONTRAST_MIN = 1e-2
+
 
 # --------------------------------------------------------------------------------------------------
 # Registry
@@ -70,6 +75,7 @@ class CaseSpec:
     layer_type: str | None = None          # None: the reference's default layer type
     tolerance: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(DEFAULT_TOLERANCE))
     committed: bool = True                 # False: built and checked by --selftest only, never written
+    position_offset: int = 0               # position id of the first token (Hugging Face references)
 
 
 @dataclasses.dataclass
@@ -82,6 +88,7 @@ class Recording:
     prefill: Any                           # [1, T, hidden] float32
     decode: Any                            # [1, N, hidden] float32
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # further tensors, saved as named
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)   # further case.json fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,17 +99,26 @@ class Reference:
     # check(recording, spec) -> {tensor name: float64 tensor it recomputed}, compared to what was saved
     check: Callable[[Recording, CaseSpec], dict[str, Any]]
     summary: str
+    # describe(recording, spec) -> the reference-specific part of the summary line
+    describe: Callable[[Recording, CaseSpec], str] | None = None
+    # contrasts(recording, spec) -> {label: relative error of a deliberately wrong float64 recomputation}.
+    # Each must exceed CONTRAST_MIN: it shows the case catches that mistake.
+    contrasts: Callable[[Recording, CaseSpec], dict[str, float]] | None = None
+    # notes(recording, spec) -> extra lines printed under the summary line
+    notes: Callable[[Recording, CaseSpec], list[str]] | None = None
 
 
 REFERENCES: dict[str, Reference] = {}
 CASES: dict[str, CaseSpec] = {}
 
 
-def register_reference(name: str, *, layer_type: str, record, check, summary: str) -> None:
-    """Add a reference to the registry: `record(spec) -> Recording`, `check(recording, spec) -> dict`."""
+def register_reference(name: str, *, layer_type: str, record, check, summary: str,
+                       describe=None, contrasts=None, notes=None) -> None:
+    """Add a reference to the registry: `record(spec) -> Recording`, `check(recording, spec) -> dict`;
+    optionally `describe`, `contrasts` and `notes` for the summary (see Reference)."""
     if name in REFERENCES:
         raise ValueError(f"reference {name!r} registered twice")
-    REFERENCES[name] = Reference(name, layer_type, record, check, summary)
+    REFERENCES[name] = Reference(name, layer_type, record, check, summary, describe, contrasts, notes)
 
 
 def add_case(spec: CaseSpec) -> None:
@@ -283,9 +299,410 @@ def check_sdpa(rec: Recording, spec: CaseSpec) -> dict[str, Any]:
     return {"expected.prefill": out[:T].unsqueeze(0), "expected.decode": out[T:].unsqueeze(0)}
 
 
+def describe_sdpa(rec: Recording, spec: CaseSpec) -> str:
+    c = rec.config
+    return (f"hidden={c['hidden_size']:<4} d={c['head_dim']:<4} H={c['num_attention_heads']} "
+            f"G={c['num_key_value_heads']} causal={c['is_causal']!s:<5} bias={c['attention_bias']!s:<5} "
+            f"scale={c['scale']:.6g}")
+
+
 register_reference(
-    "sdpa", layer_type="attention", record=record_sdpa, check=check_sdpa,
+    "sdpa", layer_type="attention", record=record_sdpa, check=check_sdpa, describe=describe_sdpa,
     summary="q/k/v/o projections + torch SDPA, own concatenating KV cache (MHA/MQA/GQA by head counts)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face references: a tiny random-weight model, one layer's attention module hooked
+# --------------------------------------------------------------------------------------------------
+#
+# The model (LlamaModel / DeepseekV3Model, attn_implementation="eager", float32) is built from a tiny
+# config with torch.manual_seed(seed); then every parameter of the hooked attention module
+# (model.layers[HF_HOOKED_LAYER].self_attn) is overwritten from seeded_generator(seed), in sorted
+# name order: RMSNorm weights 1 + 0.2*N(0,1) (so a forgotten norm weight fails), biases 0.5*N(0,1),
+# matrices N(0,1)/sqrt(fan_in). Then token ids are drawn (uniform over the vocabulary). The model runs
+# a prefill of T tokens and N single-token steps through its own DynamicCache (use_cache=True,
+# explicit position_ids = offset + 0 .. T+N-1); a forward pre-hook and a forward hook (with_kwargs=True)
+# on the module record its input hidden_states and position_ids and its output (the first element of
+# the tuple it returns).
+
+HF_HOOKED_LAYER = 1            # layers.1.self_attn: its input has passed through a whole decoder layer
+HF_NORM_WEIGHT_STD = 0.2
+HF_BIAS_STD = 0.5
+
+LLAMA_DEFAULTS = {
+    "vocab_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "attention_bias": False,
+    "tie_word_embeddings": False,
+}
+
+DEEPSEEK_V3_DEFAULTS = {
+    "vocab_size": 64,
+    "intermediate_size": 96,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "first_k_dense_replace": 2,      # every layer dense: no mixture of experts is built
+    "n_routed_experts": 4,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 2,
+    "n_group": 1,
+    "topk_group": 1,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "attention_bias": False,
+    "tie_word_embeddings": False,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+}
+
+
+def json_safe(value):
+    """A JSON-serialisable copy of a config value: containers recursed, torch dtypes and other objects
+    stringified, non-finite floats kept out of the JSON (as strings)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _hf_init_params(module, g) -> dict[str, Any]:
+    """Overwrite every parameter of `module` with seeded values; return {name: tensor}."""
+    if list(module.named_buffers()):
+        raise AssertionError(f"attention module has buffers {[n for n, _ in module.named_buffers()]}; save them too")
+    params = {}
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            if name.endswith("norm.weight"):
+                value = 1.0 + randn(g, *p.shape, std=HF_NORM_WEIGHT_STD)
+            elif name.endswith(".bias"):
+                value = randn(g, *p.shape, std=HF_BIAS_STD)
+            elif p.ndim == 2:
+                value = randn(g, *p.shape, std=1 / math.sqrt(p.shape[1]))
+            else:
+                raise AssertionError(f"no initialisation rule for parameter {name} {tuple(p.shape)}")
+            p.copy_(value)
+            params[name] = value.clone()
+    return params
+
+
+def _hf_record(spec: CaseSpec, config_cls, model_cls, config_kwargs: dict[str, Any]) -> Recording:
+    T, N = spec.prefill_len, spec.decode_steps
+    L = T + N
+    config = config_cls(**config_kwargs)
+    torch.manual_seed(spec.seed)                       # the rest of the model (embeddings, MLPs, norms)
+    model = model_cls._from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
+    if model.config._attn_implementation != "eager":
+        raise AssertionError(f"{spec.name}: attention implementation is {model.config._attn_implementation}")
+    attn = model.layers[HF_HOOKED_LAYER].self_attn
+
+    g = seeded_generator(spec.seed)
+    params = _hf_init_params(attn, g)
+    ids = torch.randint(0, config.vocab_size, (1, L), generator=g, dtype=torch.int64)
+    pos = torch.arange(spec.position_offset, spec.position_offset + L, dtype=torch.int64).unsqueeze(0)
+
+    seen: dict[str, list] = {"hidden_states": [], "position_ids": [], "output": []}
+
+    def pre_hook(module, args, kwargs):
+        hs = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        seen["hidden_states"].append(hs.detach().clone())
+        seen["position_ids"].append(kwargs["position_ids"].detach().clone())
+
+    def post_hook(module, args, kwargs, output):
+        out = output[0] if isinstance(output, tuple) else output
+        seen["output"].append(out.detach().clone())
+
+    from transformers import DynamicCache
+    handles = [attn.register_forward_pre_hook(pre_hook, with_kwargs=True),
+               attn.register_forward_hook(post_hook, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            cache = DynamicCache(config=config)
+            model(input_ids=ids[:, :T], position_ids=pos[:, :T], past_key_values=cache, use_cache=True)
+            for i in range(N):
+                model(input_ids=ids[:, T + i:T + i + 1], position_ids=pos[:, T + i:T + i + 1],
+                      past_key_values=cache, use_cache=True)
+    finally:
+        for h in handles:
+            h.remove()
+    if len(seen["output"]) != N + 1 or cache.get_seq_length() != L:
+        raise AssertionError(f"{spec.name}: {len(seen['output'])} module calls, cache length "
+                             f"{cache.get_seq_length()}; want {N + 1} and {L}")
+    if [t.shape[1] for t in seen["hidden_states"]] != [T] + [1] * N:
+        raise AssertionError(f"{spec.name}: unexpected call lengths {[t.shape for t in seen['hidden_states']]}")
+    hidden_states = torch.cat(seen["hidden_states"], dim=1).to(torch.float32).contiguous()
+    position_ids = torch.cat(seen["position_ids"], dim=1).to(torch.int64).contiguous()
+    if not torch.equal(position_ids, pos):
+        raise AssertionError(f"{spec.name}: the module saw position ids {position_ids.tolist()}, passed {pos.tolist()}")
+    prefill = seen["output"][0].contiguous()
+    decode = (torch.cat(seen["output"][1:], dim=1) if N else
+              torch.zeros(1, 0, config.hidden_size, dtype=torch.float32)).contiguous()
+    return Recording(config=json_safe(config.to_dict()), params=params, hidden_states=hidden_states,
+                     position_ids=position_ids, prefill=prefill, decode=decode,
+                     meta={"module": f"layers.{HF_HOOKED_LAYER}.self_attn",
+                           "position_offset": spec.position_offset})
+
+
+# ---- float64 pieces shared by the checks (written from the formulas; no transformers code) ----------
+
+def rope_inv_freq64(dim: int, rope_parameters: dict[str, Any], *, ignore_scaling: bool = False):
+    """Inverse frequencies theta^(-2i/dim), i = 0 .. dim/2-1, in float64; with rope_type "llama3" (and
+    not ignore_scaling), Llama 3.1's band-wise scaling."""
+    theta = float(rope_parameters["rope_theta"])
+    if float(rope_parameters.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
+        raise NotImplementedError("partial_rotary_factor")
+    inv = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    kind = rope_parameters.get("rope_type", "default")
+    if kind == "default" or ignore_scaling:
+        return inv
+    if kind != "llama3":
+        raise NotImplementedError(f"rope_type {kind!r}")
+    factor = float(rope_parameters["factor"])
+    low, high = float(rope_parameters["low_freq_factor"]), float(rope_parameters["high_freq_factor"])
+    old_ctx = float(rope_parameters["original_max_position_embeddings"])
+    out = inv.clone()
+    for i, f in enumerate(inv.tolist()):
+        wavelen = 2 * math.pi / f
+        if wavelen < old_ctx / high:                 # high-frequency band: unchanged
+            out[i] = f
+        elif wavelen > old_ctx / low:                # low-frequency band: divided by factor
+            out[i] = f / factor
+        else:                                        # between: interpolate in 1/wavelength
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out[i] = (1 - smooth) * f / factor + smooth * f
+    return out
+
+
+def rope64(x, positions, inv_freq, *, interleaved: bool):
+    """Rotate the last axis of x [L, ..., dim] by position * inv_freq. interleaved: pairs (2i, 2i+1),
+    output in the same interleaved order; otherwise pairs (i, i + dim/2) (rotate_half)."""
+    ang = positions.to(torch.float64)[:, None] * inv_freq[None, :]             # [L, dim/2]
+    shape = [ang.shape[0]] + [1] * (x.ndim - 2) + [ang.shape[1]]
+    cos, sin = torch.cos(ang).reshape(shape), torch.sin(ang).reshape(shape)
+    if interleaved:
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).reshape(x.shape)
+    h = x.shape[-1] // 2
+    a, b = x[..., :h], x[..., h:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+
+def rms_norm64(x, weight, eps: float):
+    return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * weight
+
+
+def causal_attention64(q, k, v, scale: float):
+    """q [L, H, dq], k [L, H or 1 or G, dq], v [L, ., dv]: row i sees keys 0..i (the prefill's causal mask
+    and, for the decode rows, every cached key). Query head h reads KV head h // (H / G)."""
+    L, H = q.shape[0], q.shape[1]
+    G = k.shape[1]
+    allowed = torch.arange(L)[None, :] <= torch.arange(L)[:, None]
+    heads = []
+    for h in range(H):
+        kv = h // (H // G)
+        s = (q[:, h, :] @ k[:, kv, :].T) * scale
+        s = s.masked_fill(~allowed, float("-inf"))
+        w = torch.exp(s - s.max(dim=1, keepdim=True).values)
+        heads.append((w / w.sum(dim=1, keepdim=True)) @ v[:, kv, :])
+    return torch.cat(heads, dim=1)                                             # [L, H*dv]
+
+
+def _linear64(x, p, name):
+    y = x @ p[f"{name}.weight"].T
+    return y + p[f"{name}.bias"] if f"{name}.bias" in p else y
+
+
+def _split_expected(out, T):
+    return {"expected.prefill": out[:T].unsqueeze(0), "expected.decode": out[T:].unsqueeze(0)}
+
+
+def _contrast_error(rec: Recording, recomputed: dict[str, Any]) -> float:
+    saved = {"expected.prefill": rec.prefill, "expected.decode": rec.decode}
+    want = torch.cat([saved[k].to(torch.float64).reshape(-1) for k in saved])
+    got = torch.cat([recomputed[k].reshape(-1) for k in saved])
+    return float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
+
+
+# ---- Reference "llama": transformers' LlamaAttention ------------------------------------------------
+#
+# Parameters: q_proj.weight [H*d, hidden], k_proj.weight [G*d, hidden], v_proj.weight [G*d, hidden],
+# o_proj.weight [hidden, H*d]; with attention_bias also q_proj.bias, k_proj.bias, v_proj.bias AND
+# o_proj.bias [hidden] (Llama puts a bias on all four). RoPE (half-split, rotate_half) on q and k after
+# the projections, keys cached after rotation; scale d^-0.5; GQA by repeat_kv; causal.
+
+def llama_config_kwargs(partial: dict[str, Any]) -> dict[str, Any]:
+    cfg = json.loads(json.dumps(LLAMA_DEFAULTS))
+    cfg.update(partial)
+    return cfg
+
+
+def record_llama(spec: CaseSpec) -> Recording:
+    from transformers import LlamaConfig, LlamaModel
+    return _hf_record(spec, LlamaConfig, LlamaModel, llama_config_kwargs(spec.config))
+
+
+def _llama64(rec: Recording, spec: CaseSpec, *, ignore_scaling: bool = False):
+    c = rec.config
+    H, G, d = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    L = spec.prefill_len + spec.decode_steps
+    p = {k: v.to(torch.float64) for k, v in rec.params.items()}
+    x = rec.hidden_states.to(torch.float64)[0]
+    positions = torch.arange(spec.position_offset, spec.position_offset + L)   # not the recorded ones
+    inv = rope_inv_freq64(d, c["rope_parameters"], ignore_scaling=ignore_scaling)
+    q = rope64(_linear64(x, p, "q_proj").reshape(L, H, d), positions, inv, interleaved=False)
+    k = rope64(_linear64(x, p, "k_proj").reshape(L, G, d), positions, inv, interleaved=False)
+    v = _linear64(x, p, "v_proj").reshape(L, G, d)
+    out = _linear64(causal_attention64(q, k, v, d ** -0.5), p, "o_proj")
+    return _split_expected(out, spec.prefill_len)
+
+
+def check_llama(rec: Recording, spec: CaseSpec) -> dict[str, Any]:
+    return _llama64(rec, spec)
+
+
+def llama3_bands(rope_parameters: dict[str, Any], dim: int) -> list[tuple[int, float, str]]:
+    """(pair index, wavelength 2*pi/inv_freq before scaling, band) for each rotary pair."""
+    inv = rope_inv_freq64(dim, rope_parameters, ignore_scaling=True)
+    old_ctx = float(rope_parameters["original_max_position_embeddings"])
+    hi_wl = old_ctx / float(rope_parameters["high_freq_factor"])
+    lo_wl = old_ctx / float(rope_parameters["low_freq_factor"])
+    bands = []
+    for i, f in enumerate(inv.tolist()):
+        wl = 2 * math.pi / f
+        bands.append((i, wl, "high(kept)" if wl < hi_wl else "low(/factor)" if wl > lo_wl else "mid(smoothed)"))
+    return bands
+
+
+def contrasts_llama(rec: Recording, spec: CaseSpec) -> dict[str, float]:
+    if rec.config["rope_parameters"].get("rope_type", "default") == "default":
+        return {}
+    return {"no_llama3_scaling": _contrast_error(rec, _llama64(rec, spec, ignore_scaling=True))}
+
+
+def notes_llama(rec: Recording, spec: CaseSpec) -> list[str]:
+    rp = rec.config["rope_parameters"]
+    if rp.get("rope_type", "default") != "llama3":
+        return []
+    old_ctx = float(rp["original_max_position_embeddings"])
+    lines = [f"  llama3 bands: high_freq_wavelen = {old_ctx / float(rp['high_freq_factor']):g}, "
+             f"low_freq_wavelen = {old_ctx / float(rp['low_freq_factor']):g}, factor = {rp['factor']}"]
+    lines += [f"    pair {i:2d}: wavelength {wl:12.3f}  {band}" for i, wl, band in
+              llama3_bands(rp, rec.config["head_dim"])]
+    counts = {b: sum(1 for *_, x in llama3_bands(rp, rec.config["head_dim"]) if x == b)
+              for b in ("high(kept)", "mid(smoothed)", "low(/factor)")}
+    if min(counts.values()) == 0:
+        raise AssertionError(f"{spec.name}: a llama3 band is empty: {counts}")
+    lines.append(f"  llama3 band counts: {counts}")
+    return lines
+
+
+def describe_llama(rec: Recording, spec: CaseSpec) -> str:
+    c = rec.config
+    rp = c["rope_parameters"]
+    return (f"hidden={c['hidden_size']:<4} d={c['head_dim']:<4} H={c['num_attention_heads']} "
+            f"G={c['num_key_value_heads']} theta={rp['rope_theta']:g} rope_type={rp.get('rope_type')} "
+            f"bias={c['attention_bias']!s:<5} scale={c['head_dim'] ** -0.5:.6g} offset={spec.position_offset}")
+
+
+register_reference(
+    "llama", layer_type="attention", record=record_llama, check=check_llama, describe=describe_llama,
+    contrasts=contrasts_llama, notes=notes_llama,
+    summary="transformers LlamaAttention (eager) in a tiny LlamaModel: GQA, half-split RoPE, llama3 scaling")
+
+
+# ---- Reference "deepseek_v3": transformers' DeepseekV3Attention (Multi-head Latent Attention) --------
+#
+# Parameters (H = num_attention_heads, dn = qk_nope_head_dim, dr = qk_rope_head_dim, dv = v_head_dim,
+# r = kv_lora_rank, rq = q_lora_rank):
+#   with q_lora_rank: q_a_proj.weight [rq, hidden], q_a_layernorm.weight [rq], q_b_proj.weight [H*(dn+dr), rq]
+#   without:          q_proj.weight [H*(dn+dr), hidden]
+#   kv_a_proj_with_mqa.weight [r+dr, hidden], kv_a_layernorm.weight [r], kv_b_proj.weight [H*(dn+dv), r],
+#   o_proj.weight [hidden, H*dv]; with attention_bias: q_a_proj.bias, kv_a_proj_with_mqa.bias, o_proj.bias.
+# Both RMSNorms inside the module are built with the class default eps = 1e-6 (not config.rms_norm_eps,
+# which only the decoder layer's norms use); the cases keep rms_norm_eps = 1e-6 so both readings agree.
+DEEPSEEK_V3_NORM_EPS = 1e-6
+
+
+def deepseek_v3_config_kwargs(partial: dict[str, Any]) -> dict[str, Any]:
+    cfg = json.loads(json.dumps(DEEPSEEK_V3_DEFAULTS))
+    cfg.update(partial)
+    # The config's default num_key_value_heads is 128, not "same as num_attention_heads"; the module expands
+    # every head's key itself, and num_key_value_groups = H // num_key_value_heads must be 1.
+    cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
+    return cfg
+
+
+def record_deepseek_v3(spec: CaseSpec) -> Recording:
+    from transformers import DeepseekV3Config, DeepseekV3Model
+    return _hf_record(spec, DeepseekV3Config, DeepseekV3Model, deepseek_v3_config_kwargs(spec.config))
+
+
+def _deepseek_v3_64(rec: Recording, spec: CaseSpec, *, interleaved: bool | None = None):
+    c = rec.config
+    H, dn, dr, dv = c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+    r, rq = c["kv_lora_rank"], c["q_lora_rank"]
+    rp = c["rope_parameters"]
+    if rp.get("rope_type", "default") != "default":
+        raise NotImplementedError("deepseek_v3 check: rope scaling (YaRN mscale) is not handled")
+    if c["num_key_value_heads"] != H:
+        raise AssertionError("deepseek_v3: num_key_value_heads must equal num_attention_heads")
+    if interleaved is None:
+        interleaved = bool(c["rope_interleave"])
+    L = spec.prefill_len + spec.decode_steps
+    p = {k: v.to(torch.float64) for k, v in rec.params.items()}
+    x = rec.hidden_states.to(torch.float64)[0]
+    positions = torch.arange(spec.position_offset, spec.position_offset + L)
+    inv = rope_inv_freq64(dr, rp)
+
+    if rq is None:
+        q = _linear64(x, p, "q_proj")
+    else:
+        q = _linear64(rms_norm64(_linear64(x, p, "q_a_proj"), p["q_a_layernorm.weight"], DEEPSEEK_V3_NORM_EPS),
+                      p, "q_b_proj")
+    q = q.reshape(L, H, dn + dr)
+    q_nope, q_pe = q[..., :dn], rope64(q[..., dn:], positions, inv, interleaved=interleaved)
+
+    kv_a = _linear64(x, p, "kv_a_proj_with_mqa")                               # [L, r + dr]
+    c_kv = rms_norm64(kv_a[:, :r], p["kv_a_layernorm.weight"], DEEPSEEK_V3_NORM_EPS)
+    k_pe = rope64(kv_a[:, None, r:], positions, inv, interleaved=interleaved)   # [L, 1, dr], all heads
+    kv = (c_kv @ p["kv_b_proj.weight"].T).reshape(L, H, dn + dv)
+    k_nope, v = kv[..., :dn], kv[..., dn:]
+
+    q_full = torch.cat([q_nope, q_pe], dim=-1)
+    k_full = torch.cat([k_nope, k_pe.expand(L, H, dr)], dim=-1)
+    out = _linear64(causal_attention64(q_full, k_full, v, (dn + dr) ** -0.5), p, "o_proj")
+    return _split_expected(out, spec.prefill_len)
+
+
+def check_deepseek_v3(rec: Recording, spec: CaseSpec) -> dict[str, Any]:
+    return _deepseek_v3_64(rec, spec)
+
+
+def contrasts_deepseek_v3(rec: Recording, spec: CaseSpec) -> dict[str, float]:
+    other = "half_split" if rec.config["rope_interleave"] else "interleaved"
+    return {f"rope_{other}": _contrast_error(rec, _deepseek_v3_64(rec, spec,
+                                                                  interleaved=not rec.config["rope_interleave"]))}
+
+
+def describe_deepseek_v3(rec: Recording, spec: CaseSpec) -> str:
+    c = rec.config
+    return (f"hidden={c['hidden_size']:<4} H={c['num_attention_heads']} q_lora={c['q_lora_rank']} "
+            f"kv_lora={c['kv_lora_rank']} nope={c['qk_nope_head_dim']} rope={c['qk_rope_head_dim']} "
+            f"v={c['v_head_dim']} interleave={c['rope_interleave']!s:<5} "
+            f"theta={c['rope_parameters']['rope_theta']:g} "
+            f"scale={(c['qk_nope_head_dim'] + c['qk_rope_head_dim']) ** -0.5:.6g}")
+
+
+register_reference(
+    "deepseek_v3", layer_type="attention", record=record_deepseek_v3, check=check_deepseek_v3,
+    describe=describe_deepseek_v3, contrasts=contrasts_deepseek_v3,
+    summary="transformers DeepseekV3Attention (MLA, eager) in a tiny dense DeepseekV3Model, latent cache")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -331,6 +748,53 @@ _sdpa_case("sdpa_mqa_h4", 2004, 7, 5,
 _sdpa_case("sdpa_mqa_noncausal", 2005, 6, 3,
            "Multi-query attention, H = 4, G = 1, non-causal prefill.",
            hidden_size=32, head_dim=8, num_attention_heads=4, num_key_value_heads=1, is_causal=False)
+
+
+# Chapters on RoPE, GQA/MQA and MLA: the real Hugging Face modules (see "Hugging Face references").
+def _hf_case(reference, name, seed, T, N, description, offset=0, **config):
+    add_case(CaseSpec(name=name, reference=reference, seed=seed, prefill_len=T, decode_steps=N,
+                      config=config, description=description, position_offset=offset))
+
+
+_hf_case("llama", "llama_mha", 3001, 9, 4,
+         "transformers LlamaAttention, multi-head: H = G = 4 heads of dimension 16, RoPE theta 10000 "
+         "(half-split), causal prefill of 9, then 4 decode steps through DynamicCache.",
+         hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+_hf_case("llama", "llama_gqa", 3002, 11, 5,
+         "transformers LlamaAttention, grouped-query: H = 8 query heads sharing G = 2 KV heads, head_dim 16, "
+         "RoPE theta 500000, with attention_bias (Llama then has biases on q, k, v AND o_proj).",
+         hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=16, attention_bias=True,
+         rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+_hf_case("llama", "llama_mqa", 3003, 7, 5,
+         "transformers LlamaAttention, multi-query: H = 4 query heads sharing one KV head of dimension 8, "
+         "RoPE theta 10000.",
+         hidden_size=32, num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+_hf_case("llama", "llama31_rope_scaling", 3004, 20, 6,
+         "transformers LlamaAttention with Llama 3.1 RoPE scaling (rope_type llama3, factor 8, low/high freq "
+         "factors 1/4, original_max_position_embeddings 32, theta 500000; head_dim 32 puts rotary pairs in all "
+         "three bands), GQA H = 4, G = 2; positions start at 24.",
+         offset=24,
+         hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+_hf_case("deepseek_v3", "deepseek_v3_q_lora", 4001, 8, 5,
+         "transformers DeepseekV3Attention (MLA): q through q_a_proj -> RMSNorm -> q_b_proj (q_lora_rank 24), "
+         "latent kv_lora_rank 32, 4 heads, qk_nope 16 + qk_rope 8, v 16, interleaved RoPE (rope_interleave true), "
+         "the model's cache holds the normalised latent and the rotated shared k_pe.",
+         hidden_size=64, num_attention_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
+         qk_rope_head_dim=8, v_head_dim=16, rope_interleave=True)
+_hf_case("deepseek_v3", "deepseek_v3_no_q_lora", 4002, 9, 4,
+         "transformers DeepseekV3Attention (MLA) without query compression (q_lora_rank null: one q_proj), "
+         "kv_lora_rank 32, 4 heads, qk_nope 16 + qk_rope 8, v 16, interleaved RoPE.",
+         hidden_size=64, num_attention_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
+         qk_rope_head_dim=8, v_head_dim=16, rope_interleave=True)
+_hf_case("deepseek_v3", "deepseek_v3_half_split", 4003, 10, 3,
+         "transformers DeepseekV3Attention (MLA) with rope_interleave false: RoPE pairs (i, i + 4) of the 8 rotary "
+         "dimensions (rotate_half) instead of adjacent pairs; q_lora_rank 24, kv_lora_rank 32, 4 heads.",
+         hidden_size=64, num_attention_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
+         qk_rope_head_dim=8, v_head_dim=16, rope_interleave=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -418,8 +882,9 @@ def write_case(out_dir: str, spec: CaseSpec, rec: Recording, gen: dict[str, Any]
         "decode_steps": spec.decode_steps,
         "seed": spec.seed,
         "tolerance": spec.tolerance,
-        "generator": gen,
     }
+    meta |= rec.meta
+    meta["generator"] = gen
     with open(os.path.join(case_dir, "case.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
@@ -438,6 +903,37 @@ def pitfall_demo() -> float:
     return float((full - top_left).abs().max())
 
 
+def write_checked_case(args, spec: CaseSpec, gen: dict[str, Any]) -> None:
+    """Record `spec`, validate it (shapes, float64 self-check, contrasts, determinism), write it when
+    committed and print its summary line; raise on any failure."""
+    ref = REFERENCES[spec.reference]
+    rec = ref.record(spec)
+    contrasts = ref.contrasts(rec, spec) if ref.contrasts else {}
+    try:
+        err = validate(rec, spec)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; contrasts {contrasts}") from e
+    # Determinism: a second recording from the same seed must be bit-identical.
+    again = REFERENCES[spec.reference].record(spec)
+    for a, b in [(rec.prefill, again.prefill), (rec.decode, again.decode)]:
+        if not torch.equal(a, b):
+            raise AssertionError(f"{spec.name}: two recordings from seed {spec.seed} differ")
+    max_expected = max(float(t.abs().max()) for t in (rec.prefill, rec.decode) if t.numel())
+    for label, value in contrasts.items():
+        if not value > CONTRAST_MIN:
+            raise AssertionError(f"{spec.name}: the wrong recomputation {label!r} differs by only {value:.3e}; "
+                                 f"the case would not catch that mistake")
+    where = write_case(args.out, spec, rec, gen) if spec.committed else "(not written)"
+    shown = ref.describe(rec, spec) if ref.describe else ""
+    contrast_text = "".join(f" contrast[{k}]={v:.2e}" for k, v in contrasts.items())
+    print(f"{spec.name:<32} {spec.reference:<11} {shown} T={spec.prefill_len:<3} N={spec.decode_steps:<3} "
+          f"hidden_states={list(rec.hidden_states.shape)} prefill={list(rec.prefill.shape)} "
+          f"decode={list(rec.decode.shape)} max|expected|={max_expected:.4f} self_check={err:.2e}"
+          f"{contrast_text} {where}")
+    for line in (ref.notes(rec, spec) if ref.notes else []):
+        print(line)
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="directory to write <out>/<case>/{case.json,tensors.safetensors}")
@@ -452,7 +948,7 @@ def main(argv: list[str]) -> int:
             print(f"reference {r.name:<12} layer_type={r.layer_type:<10} {r.summary}")
         for s in CASES.values():
             tag = "" if s.committed else "  [selftest only]"
-            print(f"case {s.name:<32} reference={s.reference:<8} T={s.prefill_len:<3} N={s.decode_steps:<3}"
+            print(f"case {s.name:<32} reference={s.reference:<11} T={s.prefill_len:<3} N={s.decode_steps:<3}"
                   f" seed={s.seed}{tag}")
         return 0
     if not args.out:
@@ -478,23 +974,17 @@ def main(argv: list[str]) -> int:
     if args.selftest:
         print(f"pitfall: is_causal=True with 1 query x 5 keys sees key 0 only (differs by {pitfall_demo():.3f})")
 
+    failed = []
     for spec in chosen:
-        rec = REFERENCES[spec.reference].record(spec)
-        err = validate(rec, spec)
-        # Determinism: a second recording from the same seed must be bit-identical.
-        again = REFERENCES[spec.reference].record(spec)
-        for a, b in [(rec.prefill, again.prefill), (rec.decode, again.decode)]:
-            if not torch.equal(a, b):
-                raise AssertionError(f"{spec.name}: two recordings from seed {spec.seed} differ")
-        max_expected = max(float(t.abs().max()) for t in (rec.prefill, rec.decode) if t.numel())
-        where = write_case(args.out, spec, rec, gen) if spec.committed else "(not written)"
-        c = rec.config
-        heads = f"H={c.get('num_attention_heads')} G={c.get('num_key_value_heads')}"
-        print(f"{spec.name:<32} {spec.reference:<6} hidden={c.get('hidden_size'):<4} d={c.get('head_dim'):<4} "
-              f"{heads} T={spec.prefill_len:<3} N={spec.decode_steps:<3} causal={c.get('is_causal')!s:<5} "
-              f"bias={c.get('attention_bias')!s:<5} scale={c.get('scale'):.6g} "
-              f"hidden_states={list(rec.hidden_states.shape)} prefill={list(rec.prefill.shape)} "
-              f"decode={list(rec.decode.shape)} max|expected|={max_expected:.4f} self_check={err:.2e} {where}")
+        try:
+            write_checked_case(args, spec, gen)
+        except Exception as e:  # report every case, then fail
+            failed.append(spec.name)
+            print(f"{spec.name:<32} FAILED: {type(e).__name__}: {e}")
+            traceback.print_exc(limit=-4, file=sys.stdout)
+    if failed:
+        print(f"make_cases.py: {len(failed)} case(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

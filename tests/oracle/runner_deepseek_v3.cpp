@@ -20,7 +20,9 @@ std::vector<Outputs> run_deepseek_v3(const Case& c) {
   s.qk_nope_head_dim = c.config_int("qk_nope_head_dim");
   s.qk_rope_head_dim = c.config_int("qk_rope_head_dim");
   s.v_head_dim = c.config_int("v_head_dim");
-  s.rms_norm_eps = c.config_double("rms_norm_eps");
+  // The reference builds both of its RMSNorms (q_a_layernorm, kv_a_layernorm) with the class default eps 1e-6,
+  // whatever the config's rms_norm_eps says (that one is for the decoder layer's norms).
+  s.rms_norm_eps = 1e-6;
   try {
     s.validate();
   } catch (const af::Error& e) {

@@ -71,6 +71,7 @@ std::vector<Outputs> run_llama(const Case& c) {
     w.q_bias = c.tensor("q_proj.bias", af::Shape{qd});
     w.k_bias = c.tensor("k_proj.bias", af::Shape{kvd});
     w.v_bias = c.tensor("v_proj.bias", af::Shape{kvd});
+    w.o_bias = c.tensor("o_proj.bias", af::Shape{h});  // Llama's attention_bias covers the output projection too
   }
   const std::int64_t T = c.prefill_len, N = c.decode_steps;
   const af::Tensor x = c.tensor("input.hidden_states", af::Shape{1, T + N, h}).reshaped(af::Shape{T + N, h});

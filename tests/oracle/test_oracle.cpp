@@ -1,14 +1,14 @@
 #include "af/safetensors.hpp"
 #include "oracle.hpp"
 
-#include <catch2/catch.hpp>
 #include <fmt/format.h>
+#include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
+#include <sys/wait.h>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <sys/wait.h>
 
 namespace fs = std::filesystem;
 
@@ -26,7 +26,8 @@ fs::path copy_case(const std::string& name) {
 }
 
 int oracle_check_status(const fs::path& dir) {
-  const int status = std::system(fmt::format("'{}' '{}' > '{}.log' 2>&1", ORACLE_CHECK, dir.string(), dir.string()).c_str());
+  const int status =
+      std::system(fmt::format("'{}' '{}' > '{}.log' 2>&1", ORACLE_CHECK, dir.string(), dir.string()).c_str());
   REQUIRE(WIFEXITED(status));
   return WEXITSTATUS(status);
 }
@@ -37,8 +38,10 @@ void rewrite_tensors(const fs::path& dir, const std::function<void(std::map<std:
   std::map<std::string, af::Tensor> floats;
   af::SafetensorsWriter writer;
   for (const auto& name : file.names()) {
-    if (file.stored(name).dtype == af::DType::i64) writer.add_stored(name, file.stored(name));
-    else floats.emplace(name, file.tensor(name));
+    if (file.stored(name).dtype == af::DType::i64)
+      writer.add_stored(name, file.stored(name));
+    else
+      floats.emplace(name, file.tensor(name));
   }
   edit(floats);
   for (const auto& [name, tensor] : floats) writer.add(name, tensor);
@@ -91,7 +94,9 @@ TEST_CASE("oracle_check exits 2 and names what is missing in a malformed case", 
   }
   SECTION("a weight of the wrong shape") {
     const fs::path dir = copy_case("wrong_shape");
-    rewrite_tensors(dir, [](auto& floats) { floats.at("o_proj.weight") = af::Tensor(af::Shape{3, 3}, std::vector<float>(9, 1.0f)); });
+    rewrite_tensors(dir, [](auto& floats) {
+      floats.at("o_proj.weight") = af::Tensor(af::Shape{3, 3}, std::vector<float>(9, 1.0f));
+    });
     CHECK(oracle_check_status(dir) == 2);
   }
 }

@@ -58,6 +58,7 @@ struct GroupedWeights {
   Tensor v_proj;                  ///< [G * d, hidden]
   Tensor o_proj;                  ///< [hidden, H * d]
   Tensor q_bias, k_bias, v_bias;  ///< [H * d], [G * d], [G * d] or empty
+  Tensor o_bias = {};             ///< [hidden] or empty (Llama with attention_bias has one; most models do not)
 
   /// Throws af::Error naming the first tensor whose shape disagrees with `shape`.
   void validate(const GroupedShape& shape) const;
