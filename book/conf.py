@@ -59,3 +59,7 @@ html_copy_source = False
 # The book is read from file://, where a page may not fetch another page (CORS): search lists the matching
 # pages without the summaries it would fetch from them.
 html_show_search_summary = False
+
+# The book's own style sheet (book/_static/book.css): a wider text column for the programs' tables.
+html_static_path = ["_static"]
+html_css_files = ["book.css"]
