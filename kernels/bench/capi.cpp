@@ -1,0 +1,63 @@
+// The decode kernels behind a C interface, for the benchmark script (bench_decode.py, through ctypes).
+// Every function returns 0, or 1 with the exception's message in `error`.
+#include "af/kernels/decode.hpp"
+
+#include <cstdio>
+#include <exception>
+
+namespace {
+
+template <class Body>
+int guarded(char* error, int error_size, Body body) {
+  try {
+    body();
+    return 0;
+  } catch (const std::exception& e) {
+    std::snprintf(error, static_cast<std::size_t>(error_size), "%s", e.what());
+    return 1;
+  }
+}
+
+af::kernels::DecodeShape shape_of(long long batch, long long q_heads, long long kv_heads, long long head_dim,
+                                  long long seq_len) {
+  return {batch, q_heads, kv_heads, head_dim, seq_len};
+}
+
+}  // namespace
+
+extern "C" {
+
+/// Plans `version` ("v1_naive" ... "best") for the shape: the version that runs, splits, keys per split and
+/// workspace bytes. `splits` 0 lets the plan choose.
+int af_decode_plan(const char* version, long long batch, long long q_heads, long long kv_heads, long long head_dim,
+                   long long seq_len, int sm_count, int splits, int* out_version, int* out_splits,
+                   long long* out_keys_per_split, long long* out_workspace_bytes, char* error, int error_size) {
+  return guarded(error, error_size, [&] {
+    const auto plan = af::kernels::plan_decode(shape_of(batch, q_heads, kv_heads, head_dim, seq_len),
+                                               af::kernels::decode_version_from_name(version), sm_count, splits);
+    *out_version = static_cast<int>(plan.version);
+    *out_splits = plan.splits;
+    *out_keys_per_split = plan.keys_per_split;
+    *out_workspace_bytes = static_cast<long long>(plan.workspace_bytes);
+  });
+}
+
+/// Runs a plan from af_decode_plan on `stream` (a cudaStream_t; null for the default stream).
+int af_decode_run(int version, int splits, long long keys_per_split, long long workspace_bytes, long long batch,
+                  long long q_heads, long long kv_heads, long long head_dim, long long seq_len, const void* q,
+                  const void* k, const void* v, void* out, float scale, void* workspace, void* stream, char* error,
+                  int error_size) {
+  return guarded(error, error_size, [&] {
+    af::kernels::DecodePlan plan;
+    plan.version = static_cast<af::kernels::DecodeVersion>(version);
+    plan.splits = splits;
+    plan.keys_per_split = keys_per_split;
+    plan.workspace_bytes = static_cast<std::size_t>(workspace_bytes);
+    af::kernels::decode_attention(plan, shape_of(batch, q_heads, kv_heads, head_dim, seq_len),
+                                  static_cast<const std::uint16_t*>(q), static_cast<const std::uint16_t*>(k),
+                                  static_cast<const std::uint16_t*>(v), static_cast<std::uint16_t*>(out), scale,
+                                  workspace, plan.workspace_bytes, static_cast<cudaStream_t>(stream));
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,29 @@
+#pragma once
+/// @file reference.hpp
+/// The CPU side of the kernel checks: bf16 inputs drawn from the library's seeded generator, and decode
+/// attention computed by the library's af::attention (float32, one head at a time) on the same bf16 values.
+
+#include "af/kernels/decode.hpp"
+#include "af/random.hpp"
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+namespace af::kernels {
+
+/// `count` standard-normal values rounded to bf16, as bit patterns.
+std::vector<std::uint16_t> random_bf16(std::size_t count, af::Rng& rng);
+
+/// The float32 values of bf16 bit patterns.
+std::vector<float> bf16_to_floats(std::span<const std::uint16_t> bits);
+
+/// Decode attention on the CPU: out [batch, q_heads, head_dim] from q [batch, q_heads, head_dim] and the
+/// caches k, v [batch, kv_heads, seq_len, head_dim] (bf16 bit patterns), scale 1 / sqrt(head_dim).
+std::vector<float> reference_decode(const DecodeShape& shape, std::span<const std::uint16_t> q,
+                                    std::span<const std::uint16_t> k, std::span<const std::uint16_t> v);
+
+/// ||a - b|| / ||b|| (Frobenius); NaN when `a` holds a NaN or an infinity.
+double relative_error(std::span<const float> a, std::span<const float> b);
+
+}  // namespace af::kernels

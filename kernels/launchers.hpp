@@ -1,0 +1,44 @@
+#pragma once
+// The launchers that the host API (the .cpp files, compiled by the C++ compiler) calls into the .cu files.
+// Private to kernels/. The arguments are checked before they get here: the .cu files only launch. (nvcc
+// 13.0 cannot compile fmt, so af::Error and its formatted messages live on the C++ side.)
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace af::kernels {
+struct RowMask;
+}
+
+namespace af::kernels::detail {
+
+void launch_dot(const float* a, const float* b, std::int64_t n, float* result, cudaStream_t stream);
+void launch_matmul(const float* a, const float* b, float* c, int m, int k, int n, cudaStream_t stream);
+void launch_softmax_rows(float* scores, std::int64_t rows, std::int64_t cols, const RowMask& mask, cudaStream_t stream);
+
+struct DecodeArgs {
+  const std::uint16_t* q;  // [batch, q_heads, D]
+  const std::uint16_t* k;  // [batch, kv_heads, seq_len, D]
+  const std::uint16_t* v;  // [batch, kv_heads, seq_len, D]
+  std::uint16_t* out;      // [batch, q_heads, D]
+  float* partial_o;        // [batch, q_heads, splits, D]   (splits > 1)
+  float* partial_lse;      // [batch, q_heads, splits]      log2-sum-exp2 of the scaled scores
+  int batch, q_heads, kv_heads, head_dim;
+  std::int64_t seq_len;
+  int splits;
+  std::int64_t keys_per_split;
+  float scale_log2;  // scale * log2(e): the kernels use exp2
+};
+
+void launch_decode_v1(const DecodeArgs& args, cudaStream_t stream);
+void launch_decode_gqa(const DecodeArgs& args, cudaStream_t stream);                  // v2 (splits 1) and v3
+void launch_decode_mma(const DecodeArgs& args, bool pipelined, cudaStream_t stream);  // v4, v5
+void launch_decode_combine(const DecodeArgs& args, cudaStream_t stream);
+
+// Heads of one group handled by one block, and resident blocks per multiprocessor (for the split choice).
+int gqa_heads_per_block(int group);
+int gqa_blocks_per_sm(int head_dim, int group);
+constexpr int mma_heads_per_block = 16;
+int mma_blocks_per_sm(int head_dim, bool pipelined);
+
+}  // namespace af::kernels::detail

@@ -1,0 +1,60 @@
+// The CPU reference for the kernel checks (see af/kernels/reference.hpp).
+#include "af/kernels/reference.hpp"
+
+#include "af/attention.hpp"
+#include "af/error.hpp"
+#include "af/numeric.hpp"
+
+#include <cmath>
+
+namespace af::kernels {
+
+std::vector<std::uint16_t> random_bf16(std::size_t count, af::Rng& rng) {
+  std::vector<std::uint16_t> bits(count);
+  for (auto& b : bits) b = af::bf16_bits(static_cast<float>(rng.normal()));
+  return bits;
+}
+
+std::vector<float> bf16_to_floats(std::span<const std::uint16_t> bits) {
+  std::vector<float> values(bits.size());
+  for (std::size_t i = 0; i < bits.size(); ++i) values[i] = af::bf16_to_float(bits[i]);
+  return values;
+}
+
+std::vector<float> reference_decode(const DecodeShape& s, std::span<const std::uint16_t> q,
+                                    std::span<const std::uint16_t> k, std::span<const std::uint16_t> v) {
+  const auto d = s.head_dim, cache = s.seq_len * d;
+  require(static_cast<std::int64_t>(q.size()) == s.batch * s.q_heads * d,
+          "reference_decode: q holds {} values (expected {})", q.size(), s.batch * s.q_heads * d);
+  require(static_cast<std::int64_t>(k.size()) == s.batch * s.kv_heads * cache && k.size() == v.size(),
+          "reference_decode: k holds {} values, v {} (expected {} each)", k.size(), v.size(),
+          s.batch * s.kv_heads * cache);
+  const auto qf = bf16_to_floats(q), kf = bf16_to_floats(k), vf = bf16_to_floats(v);
+  std::vector<float> out(q.size());
+  af::AttentionOptions options;
+  options.causal = false;  // the new token sees every cached token
+  for (std::int64_t b = 0; b < s.batch; ++b)
+    for (std::int64_t h = 0; h < s.q_heads; ++h) {
+      const std::int64_t kv = h / s.group(), head = b * s.q_heads + h;
+      const float* keys = kf.data() + (b * s.kv_heads + kv) * cache;
+      const float* values = vf.data() + (b * s.kv_heads + kv) * cache;
+      const af::ConstMatrix qm{qf.data() + head * d, 1, d, d};
+      const af::ConstMatrix km{keys, s.seq_len, d, d}, vm{values, s.seq_len, d, d};
+      const af::Tensor o = af::attention(qm, km, vm, options);
+      std::copy(o.data(), o.data() + d, out.data() + head * d);
+    }
+  return out;
+}
+
+double relative_error(std::span<const float> a, std::span<const float> b) {
+  require(a.size() == b.size(), "relative_error: sizes {} and {} differ", a.size(), b.size());
+  double diff = 0.0, norm = 0.0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i])) return std::nan("");
+    diff += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
+    norm += static_cast<double>(b[i]) * b[i];
+  }
+  return std::sqrt(diff / norm);
+}
+
+}  // namespace af::kernels
