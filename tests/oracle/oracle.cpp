@@ -104,6 +104,22 @@ Case read_case(const std::filesystem::path& dir) {
   return c;
 }
 
+af::GroupedWeights read_grouped_weights(const Case& c, const af::GroupedShape& shape, bool qkv_bias, bool o_bias) {
+  const std::int64_t h = shape.hidden, qd = shape.heads * shape.head_dim, kvd = shape.kv_heads * shape.head_dim;
+  af::GroupedWeights w;
+  w.q_proj = c.tensor("q_proj.weight", af::Shape{qd, h});
+  w.k_proj = c.tensor("k_proj.weight", af::Shape{kvd, h});
+  w.v_proj = c.tensor("v_proj.weight", af::Shape{kvd, h});
+  w.o_proj = c.tensor("o_proj.weight", af::Shape{h, qd});
+  if (qkv_bias) {
+    w.q_bias = c.tensor("q_proj.bias", af::Shape{qd});
+    w.k_bias = c.tensor("k_proj.bias", af::Shape{kvd});
+    w.v_bias = c.tensor("v_proj.bias", af::Shape{kvd});
+  }
+  if (o_bias) w.o_bias = c.tensor("o_proj.bias", af::Shape{h});
+  return w;
+}
+
 const std::map<std::string, Runner>& runners() {
   static const std::map<std::string, Runner> table = {
       {"sdpa", run_sdpa},

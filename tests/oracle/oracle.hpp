@@ -2,6 +2,7 @@
 // The oracle harness: a case as read from tests/oracle/cases/<name>/, and the runners that compute a
 // mechanism's outputs from the case's weights with the library (see shared ORACLE.md and README.md here).
 #include "af/error.hpp"
+#include "af/grouped_attention.hpp"
 #include "af/safetensors.hpp"
 #include "af/tensor.hpp"
 
@@ -54,6 +55,10 @@ struct Outputs {
   af::Tensor decode;
   std::string path;
 };
+
+/// The q/k/v/o projections of a grouped layer under their Hugging Face names, checked against `shape`; the
+/// q/k/v biases when `qkv_bias`, and o_proj's when `o_bias`.
+af::GroupedWeights read_grouped_weights(const Case& c, const af::GroupedShape& shape, bool qkv_bias, bool o_bias);
 
 /// Every way the library computes the case's mechanism; each must pass.
 using Runner = std::function<std::vector<Outputs>(const Case&)>;

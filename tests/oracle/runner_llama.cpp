@@ -60,19 +60,10 @@ std::vector<Outputs> run_llama(const Case& c) {
     throw CaseError(fmt::format("{}: {}", c.name, e.what()));
   }
   const af::Rope rope = rope_from_config(c, shape.head_dim);
+  // Llama's attention_bias puts a bias on all four projections, the output one included.
   const bool bias = c.config.value("attention_bias", false);
-  const std::int64_t h = shape.hidden, qd = shape.heads * shape.head_dim, kvd = shape.kv_heads * shape.head_dim;
-  af::GroupedWeights w;
-  w.q_proj = c.tensor("q_proj.weight", af::Shape{qd, h});
-  w.k_proj = c.tensor("k_proj.weight", af::Shape{kvd, h});
-  w.v_proj = c.tensor("v_proj.weight", af::Shape{kvd, h});
-  w.o_proj = c.tensor("o_proj.weight", af::Shape{h, qd});
-  if (bias) {
-    w.q_bias = c.tensor("q_proj.bias", af::Shape{qd});
-    w.k_bias = c.tensor("k_proj.bias", af::Shape{kvd});
-    w.v_bias = c.tensor("v_proj.bias", af::Shape{kvd});
-    w.o_bias = c.tensor("o_proj.bias", af::Shape{h});  // Llama's attention_bias covers the output projection too
-  }
+  const af::GroupedWeights w = read_grouped_weights(c, shape, bias, bias);
+  const std::int64_t h = shape.hidden;
   const std::int64_t T = c.prefill_len, N = c.decode_steps;
   const af::Tensor x = c.tensor("input.hidden_states", af::Shape{1, T + N, h}).reshaped(af::Shape{T + N, h});
   const std::vector<std::int64_t> positions = c.positions(T + N);

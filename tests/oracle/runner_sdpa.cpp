@@ -20,18 +20,9 @@ std::vector<Outputs> run_sdpa(const Case& c) {
                     "a head count divisible by the KV head count)",
                     c.name, layer.hidden, layer.heads, layer.kv_heads, layer.head_dim));
   const af::AttentionOptions options{c.config_bool("is_causal"), c.config_double("scale")};
-  const bool bias = c.config.value("attention_bias", false);
-  const std::int64_t h = layer.hidden, qd = layer.heads * layer.head_dim, kvd = layer.kv_heads * layer.head_dim;
-  af::GroupedWeights w;
-  w.q_proj = c.tensor("q_proj.weight", af::Shape{qd, h});
-  w.k_proj = c.tensor("k_proj.weight", af::Shape{kvd, h});
-  w.v_proj = c.tensor("v_proj.weight", af::Shape{kvd, h});
-  w.o_proj = c.tensor("o_proj.weight", af::Shape{h, qd});
-  if (bias) {
-    w.q_bias = c.tensor("q_proj.bias", af::Shape{qd});
-    w.k_bias = c.tensor("k_proj.bias", af::Shape{kvd});
-    w.v_bias = c.tensor("v_proj.bias", af::Shape{kvd});
-  }
+  // The sdpa module has biases on q/k/v only (o_proj never has one).
+  const af::GroupedWeights w = read_grouped_weights(c, layer, c.config.value("attention_bias", false), false);
+  const std::int64_t h = layer.hidden;
 
   const std::int64_t T = c.prefill_len, N = c.decode_steps;
   const af::Tensor x = c.tensor("input.hidden_states", af::Shape{1, T + N, h}).reshaped(af::Shape{T + N, h});
