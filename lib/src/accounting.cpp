@@ -18,6 +18,33 @@ std::int64_t CachedTensor::elements() const {
 
 std::int64_t CachedTensor::bytes() const { return elements() * bytes_of(dtype); }
 
+namespace {
+// Heads of `t` on one of `tp` ranks (at least one: fewer heads than ranks means replicas).
+std::int64_t heads_per_gpu(const CachedTensor& t, std::int64_t tp) {
+  require(tp >= 1, "tensor parallelism of degree {} (expected >= 1)", tp);
+  if (t.head_axis < 0) return 0;
+  require(t.head_axis < static_cast<int>(t.shape.size()), "CachedTensor {}: head axis {} of a rank-{} shape", t.name,
+          t.head_axis, t.shape.size());
+  const std::int64_t heads = t.shape[static_cast<std::size_t>(t.head_axis)];
+  require(heads % tp == 0 || tp % heads == 0,
+          "CachedTensor {}: {} heads over {} tensor-parallel ranks (expected one of the two to divide the other)",
+          t.name, heads, tp);
+  return heads >= tp ? heads / tp : 1;
+}
+}  // namespace
+
+std::int64_t CachedTensor::bytes_per_gpu(std::int64_t tp) const {
+  const std::int64_t per_gpu = heads_per_gpu(*this, tp);
+  if (head_axis < 0) return bytes();
+  return bytes() / shape[static_cast<std::size_t>(head_axis)] * per_gpu;
+}
+
+std::int64_t CachedTensor::copies(std::int64_t tp) const {
+  const std::int64_t per_gpu = heads_per_gpu(*this, tp);
+  if (head_axis < 0) return tp;
+  return per_gpu * tp / shape[static_cast<std::size_t>(head_axis)];
+}
+
 std::int64_t CacheCard::bytes_per_token() const {
   std::int64_t total = 0;
   for (const CachedTensor& t : per_token) total += t.bytes();
@@ -32,6 +59,24 @@ std::int64_t CacheCard::bytes_read(std::int64_t t) const {
   return total;
 }
 
+std::int64_t CacheCard::bytes_per_token_per_gpu(std::int64_t tp) const {
+  std::int64_t total = 0;
+  for (const CachedTensor& t : per_token) total += t.bytes_per_gpu(tp);
+  return total;
+}
+
+std::int64_t CacheCard::bytes_stored_per_gpu(std::int64_t t, std::int64_t tp) const {
+  return stored_tokens(t) * bytes_per_token_per_gpu(tp);
+}
+
+std::int64_t CacheCard::bytes_read_per_gpu(std::int64_t t, std::int64_t tp) const {
+  const std::int64_t whole = bytes_per_token(), share = bytes_per_token_per_gpu(tp);
+  std::int64_t total = 0;
+  for (const DecodeRead& read : decode_reads(t))
+    total += read.bytes / whole * share + read.bytes % whole * share / whole;
+  return total;
+}
+
 CacheCard dense_kv_card(std::string mechanism, std::int64_t heads, std::int64_t kv_heads, std::int64_t head_dim,
                         DType dtype) {
   require(heads > 0 && kv_heads > 0 && head_dim > 0 && heads % kv_heads == 0,
@@ -41,7 +86,7 @@ CacheCard dense_kv_card(std::string mechanism, std::int64_t heads, std::int64_t 
   card.mechanism = std::move(mechanism);
   card.projected = fmt::format("every token: q of {} head{}, k and v of {} head{}, each of dimension {}", heads,
                                heads == 1 ? "" : "s", kv_heads, kv_heads == 1 ? "" : "s", head_dim);
-  card.per_token = {{"K", {kv_heads, head_dim}, dtype}, {"V", {kv_heads, head_dim}, dtype}};
+  card.per_token = {{"K", {kv_heads, head_dim}, dtype, 0}, {"V", {kv_heads, head_dim}, dtype, 0}};
   card.stored_tokens = [](std::int64_t t) { return t; };
   const std::int64_t per_token = card.bytes_per_token();
   card.decode_reads = [per_token](std::int64_t t) {
@@ -50,6 +95,39 @@ CacheCard dense_kv_card(std::string mechanism, std::int64_t heads, std::int64_t 
   card.trade_offs =
       "nothing is recomputed: each token's k and v are projected once and kept; memory and the bytes read per "
       "decode step grow linearly with the context";
+  return card;
+}
+
+CacheCard mla_kv_card(std::int64_t heads, std::int64_t kv_lora_rank, std::int64_t rope_dim, DType dtype) {
+  require(heads > 0 && kv_lora_rank > 0 && rope_dim > 0,
+          "mla_kv_card: {} heads, kv_lora_rank {}, rope_dim {} (expected all > 0)", heads, kv_lora_rank, rope_dim);
+  CacheCard card;
+  card.mechanism = "MLA (multi-head latent attention)";
+  card.projected = fmt::format(
+      "every token: q of {} heads; one latent c_KV of {} values and one RoPE key k_rope of {} values shared by all "
+      "heads, from which every head's keys and values are up-projected (or absorbed into q and the output)",
+      heads, kv_lora_rank, rope_dim);
+  card.per_token = {{"c_KV", {kv_lora_rank}, dtype, -1}, {"k_rope", {rope_dim}, dtype, -1}};
+  card.stored_tokens = [](std::int64_t t) { return t; };
+  const std::int64_t per_token = card.bytes_per_token();
+  card.decode_reads = [per_token](std::int64_t t) {
+    return std::vector<DecodeRead>{{"every cached latent and RoPE key", t, t * per_token}};
+  };
+  card.trade_offs = fmt::format(
+      "one {}-value entry per token and layer for all {} heads (memory and reads as MQA with a wide head); extra "
+      "up-projection or absorbed-matrix FLOPs per step; under tensor parallelism every rank keeps the whole latent",
+      kv_lora_rank + rope_dim, heads);
+  return card;
+}
+
+CacheCard with_sliding_window(CacheCard card, std::int64_t window) {
+  require(window > 0, "with_sliding_window: window {} (expected > 0)", window);
+  const auto stored = card.stored_tokens;
+  const auto reads = card.decode_reads;
+  card.stored_tokens = [stored, window](std::int64_t t) { return stored(std::min(t, window)); };
+  card.decode_reads = [reads, window](std::int64_t t) { return reads(std::min(t, window)); };
+  card.mechanism += fmt::format(", sliding window of {}", window);
+  card.trade_offs += fmt::format("; only the last {} tokens are kept and read", window);
   return card;
 }
 

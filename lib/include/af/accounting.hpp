@@ -18,9 +18,18 @@ struct CachedTensor {
   std::string name;
   std::vector<std::int64_t> shape;  ///< per token
   DType dtype = DType::bf16;
+  /// The axis of `shape` that tensor parallelism splits across ranks (the KV-head axis of K and V), or -1
+  /// when every rank keeps the whole tensor (MLA's latent, which all heads read).
+  int head_axis = -1;
 
   std::int64_t elements() const;
   std::int64_t bytes() const;
+  /// Bytes one of `tp` tensor-parallel ranks keeps per token: the split axis divided by `tp`, or one head
+  /// per rank when there are fewer heads than ranks (each head then replicated on tp / heads ranks).
+  /// Throws af::Error when tp < 1 or neither of heads and tp divides the other.
+  std::int64_t bytes_per_gpu(std::int64_t tp) const;
+  /// How many ranks keep a copy of each element under tensor parallelism of degree `tp` (1 = no replica).
+  std::int64_t copies(std::int64_t tp) const;
 };
 
 /// What one decode query reads from the cache of one layer.
@@ -49,6 +58,13 @@ struct CacheCard {
   std::int64_t bytes_stored(std::int64_t t) const;
   /// Total bytes one decode query reads in one layer at context `t`.
   std::int64_t bytes_read(std::int64_t t) const;
+
+  /// Under tensor parallelism of degree `tp`: bytes one rank keeps per token in one layer.
+  std::int64_t bytes_per_token_per_gpu(std::int64_t tp) const;
+  /// Bytes one rank holds in one layer after `t` tokens.
+  std::int64_t bytes_stored_per_gpu(std::int64_t t, std::int64_t tp) const;
+  /// Bytes one rank reads in one layer per decode query at context `t`: its share of every entry read.
+  std::int64_t bytes_read_per_gpu(std::int64_t t, std::int64_t tp) const;
 };
 
 /// The dense KV cache of `heads` query heads sharing `kv_heads` key/value heads of dimension `head_dim`
@@ -56,6 +72,17 @@ struct CacheCard {
 /// query reads every cached token. Throws af::Error on sizes <= 0 or heads not a multiple of kv_heads.
 CacheCard dense_kv_card(std::string mechanism, std::int64_t heads, std::int64_t kv_heads, std::int64_t head_dim,
                         DType dtype);
+
+/// Multi-head latent attention (DeepSeek-V2/V3) in its absorbed form: per token and layer one latent `c_KV` of
+/// `kv_lora_rank` values and one decoupled RoPE key `k_rope` of `rope_dim` values, shared by all `heads` query
+/// heads (keys and values are up-projected from the latent, or the up-projections are absorbed into the
+/// query and output). A decode query reads every cached latent. Under tensor parallelism every rank keeps the
+/// whole latent. Throws af::Error on sizes <= 0.
+CacheCard mla_kv_card(std::int64_t heads, std::int64_t kv_lora_rank, std::int64_t rope_dim, DType dtype);
+
+/// `card` with a sliding window of `window` tokens: at most `window` tokens are kept (a ring buffer) and read.
+/// Throws af::Error for window <= 0.
+CacheCard with_sliding_window(CacheCard card, std::int64_t window);
 
 /// A real model's attention, with the source of its numbers.
 struct ModelCache {
@@ -65,6 +92,18 @@ struct ModelCache {
   CacheCard card;  ///< one layer
 
   std::int64_t bytes_per_token() const { return layers * card.bytes_per_token(); }
+  /// Bytes one sequence's cache holds after `t` tokens, all layers.
+  std::int64_t bytes_stored(std::int64_t t) const { return layers * card.bytes_stored(t); }
+  /// Bytes one decode step of one sequence reads at context `t`, all layers.
+  std::int64_t bytes_read(std::int64_t t) const { return layers * card.bytes_read(t); }
+  /// The same on one of `tp` tensor-parallel ranks.
+  std::int64_t bytes_per_token_per_gpu(std::int64_t tp) const { return layers * card.bytes_per_token_per_gpu(tp); }
+  std::int64_t bytes_stored_per_gpu(std::int64_t t, std::int64_t tp) const {
+    return layers * card.bytes_stored_per_gpu(t, tp);
+  }
+  std::int64_t bytes_read_per_gpu(std::int64_t t, std::int64_t tp) const {
+    return layers * card.bytes_read_per_gpu(t, tp);
+  }
 };
 
 /// The six answers as aligned text: what is projected, what is cached, the stored shape in prefill and
