@@ -9,39 +9,24 @@
 #include "af/grouped_attention.hpp"
 #include "af/program.hpp"
 #include "af/random.hpp"
+#include "timing.hpp"
 
 #include <fmt/format.h>
 #include <fmt/os.h>
 
 #include <algorithm>
-#include <chrono>
 #include <filesystem>
-#include <fstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-template <class F>
-double median_seconds(int repeats, F&& body) {
-  std::vector<double> times;
-  for (int r = 0; r < repeats; ++r) {
-    const auto start = Clock::now();
-    body();
-    times.push_back(std::chrono::duration<double>(Clock::now() - start).count());
-  }
-  std::ranges::sort(times);
-  return times[times.size() / 2];
-}
-
 // The machine's read bandwidth as one core streams it: the sum of a buffer far larger than the caches.
 double streaming_read_gbps(int repeats) {
   std::vector<float> buffer(std::size_t{128} << 20, 1.0f);  // 512 MiB
   volatile float sink = 0.0f;
-  const double seconds = median_seconds(repeats, [&] {
+  const double seconds = bench::median_seconds(repeats, [&] {
     float partial[16] = {};
     for (std::size_t i = 0; i < buffer.size(); i += 16)
       for (std::size_t j = 0; j < 16; ++j) partial[j] += buffer[i + j];
@@ -50,13 +35,6 @@ double streaming_read_gbps(int repeats) {
     sink = sink + total;
   });
   return static_cast<double>(buffer.size() * sizeof(float)) / seconds / 1e9;
-}
-
-std::string cpu_model() {
-  std::ifstream cpuinfo("/proc/cpuinfo");
-  for (std::string line; std::getline(cpuinfo, line);)
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  return "unknown CPU";
 }
 
 af::GroupedWeights random_weights(af::Rng& rng, const af::GroupedShape& s) {
@@ -100,7 +78,7 @@ int main(int argc, char** argv) {
     af::Rng rng(5);
     const double stream = streaming_read_gbps(repeats);
     const std::string machine =
-        fmt::format("{}, {} hardware threads", cpu_model(), std::thread::hardware_concurrency());
+        fmt::format("{}, {} hardware threads", bench::cpu_model(), std::thread::hardware_concurrency());
     fmt::print("CPU: {}\nStreaming read, one core: {:.1f} GB/s (sum over 512 MiB, median of {})\n", machine, stream,
                repeats);
     fmt::print("Layer: hidden {}, H = {} query heads of d = {}, float32; one thread\n\n", hidden, heads, head_dim);
@@ -125,7 +103,8 @@ int main(int argc, char** argv) {
         const af::Tensor kv = af::random_uniform(af::Shape{t, v.kv_heads * head_dim}, rng, -1.0, 1.0);
         cache.append(kv.matrix(), kv.matrix());
         const af::Tensor q = af::random_uniform(af::Shape{1, heads * head_dim}, rng, -1.0, 1.0);
-        const double seconds = median_seconds(repeats, [&] { (void)af::grouped_attend(q.matrix(), shape, cache, {}); });
+        const double seconds =
+            bench::median_seconds(repeats, [&] { (void)af::grouped_attend(q.matrix(), shape, cache, {}); });
         const std::int64_t bytes = 2 * t * v.kv_heads * head_dim * static_cast<std::int64_t>(sizeof(float));
         const double gbps = static_cast<double>(bytes) / seconds / 1e9;
         fmt::print("  {:<4} {:>3} {:>8} {:>12.3f} {:>16} {:>10.2f} {:>11.0f}%\n", v.name, v.kv_heads, t, seconds * 1e3,
@@ -141,7 +120,7 @@ int main(int argc, char** argv) {
       const af::GroupedWeights w = random_weights(rng, shape);
       for (std::int64_t T : prefill_lengths) {
         const af::Tensor x = af::random_uniform(af::Shape{T, hidden}, rng, -1.0, 1.0);
-        const double seconds = median_seconds(repeats, [&] {
+        const double seconds = bench::median_seconds(repeats, [&] {
           af::GroupedKvCache cache(T, v.kv_heads, head_dim);
           (void)af::grouped_attention(x.matrix(), shape, w, {}, cache);
         });

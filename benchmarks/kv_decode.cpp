@@ -13,40 +13,18 @@
 #include "af/linalg.hpp"
 #include "af/program.hpp"
 #include "af/random.hpp"
+#include "timing.hpp"
 
 #include <fmt/format.h>
 #include <fmt/os.h>
 
 #include <algorithm>
-#include <chrono>
 #include <filesystem>
-#include <fstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 namespace {
-
-using Clock = std::chrono::steady_clock;
-
-template <class F>
-double median_seconds(int repeats, F&& body) {
-  std::vector<double> times;
-  for (int r = 0; r < repeats; ++r) {
-    const auto start = Clock::now();
-    body();
-    times.push_back(std::chrono::duration<double>(Clock::now() - start).count());
-  }
-  std::ranges::sort(times);
-  return times[times.size() / 2];
-}
-
-std::string cpu_model() {
-  std::ifstream cpuinfo("/proc/cpuinfo");
-  for (std::string line; std::getline(cpuinfo, line);)
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  return "unknown CPU";
-}
 
 // [decode-step]
 // One decode step of a batch: every layer projects the batch's B new tokens together ([B, hidden] through each
@@ -119,7 +97,7 @@ int main(int argc, char** argv) {
     const std::int64_t weight_bytes = layers * (2 * qd + 2 * kvd) * hidden * 4;
     const std::int64_t kv_bytes_per_token = layers * 2 * kvd * 4;
     const std::string machine =
-        fmt::format("{}, {} hardware threads", cpu_model(), std::thread::hardware_concurrency());
+        fmt::format("{}, {} hardware threads", bench::cpu_model(), std::thread::hardware_concurrency());
     fmt::print("CPU: {}; one thread, float32\n", machine);
     fmt::print("Model: {} attention layers, hidden {}, H = {} query heads on G = {} KV heads of d = {}\n", layers,
                hidden, heads, kv_heads, d);
@@ -133,7 +111,7 @@ int main(int argc, char** argv) {
     fmt::print("  {:>8} {:>12} {:>16}\n", "prompt", "TTFT (ms)", "ms per token");
     for (std::int64_t T : prompts) {
       const af::Tensor x = af::random_uniform(af::Shape{T, hidden}, rng, -1.0, 1.0);
-      const double seconds = median_seconds(repeats, [&] {
+      const double seconds = bench::median_seconds(repeats, [&] {
         af::Tensor h = x;
         for (std::int64_t l = 0; l < layers; ++l) {
           af::GroupedKvCache cache(T, kv_heads, d);
@@ -158,7 +136,7 @@ int main(int argc, char** argv) {
             layer.back().append(filler.matrix(), filler.matrix());
           }
         const af::Tensor x = af::random_uniform(af::Shape{b, hidden}, rng, -1.0, 1.0);
-        const double seconds = median_seconds(repeats, [&] { (void)decode_step(x, s, weights, caches); });
+        const double seconds = bench::median_seconds(repeats, [&] { (void)decode_step(x, s, weights, caches); });
         const std::int64_t kv = b * t * kv_bytes_per_token;
         fmt::print("  {:>8} {:>6} {:>12.3f} {:>16.4f} {:>14} {:>14}\n", t, b, seconds * 1e3,
                    seconds * 1e3 / static_cast<double>(b), weight_bytes, kv);
