@@ -93,6 +93,7 @@ int main(int argc, char** argv) {
         stream, hidden, heads, head_dim);
     csv += "phase,variant,kv_heads,tokens,seconds,kv_bytes_read,gbps\n";
 
+    std::vector<double> longest_context_seconds;  // MHA, GQA, MQA at the largest context
     fmt::print("Decode: one query token over the cache (attention only), median of {}\n", repeats);
     fmt::print("  {:<4} {:>3} {:>8} {:>12} {:>16} {:>10} {:>12}\n", "", "G", "context", "time (ms)", "K+V bytes read",
                "GB/s", "of stream");
@@ -110,8 +111,14 @@ int main(int argc, char** argv) {
         fmt::print("  {:<4} {:>3} {:>8} {:>12.3f} {:>16} {:>10.2f} {:>11.0f}%\n", v.name, v.kv_heads, t, seconds * 1e3,
                    bytes, gbps, 100.0 * gbps / stream);
         csv += fmt::format("decode,{},{},{},{:.6e},{},{:.3f}\n", v.name, v.kv_heads, t, seconds, bytes, gbps);
+        if (t == contexts.back()) longest_context_seconds.push_back(seconds);
       }
     }
+    // If decode were bound by the bytes it reads, the time ratios would equal the byte ratios.
+    fmt::print(
+        "  at {} tokens: MHA takes {:.1f}x the time of GQA (reads {}x the bytes) and {:.1f}x that of MQA ({}x)\n",
+        contexts.back(), longest_context_seconds[0] / longest_context_seconds[1], heads / gqa_kv_heads,
+        longest_context_seconds[0] / longest_context_seconds[2], heads);
 
     fmt::print("\nPrefill: the whole layer (projections and causal attention) over T tokens, median of {}\n", repeats);
     fmt::print("  {:<4} {:>3} {:>8} {:>12} {:>16}\n", "", "G", "T", "time (ms)", "ms per token");
