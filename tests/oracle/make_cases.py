@@ -705,6 +705,100 @@ register_reference(
     summary="transformers DeepseekV3Attention (MLA, eager) in a tiny dense DeepseekV3Model, latent cache")
 
 
+# ---- Reference "mistral": transformers' MistralAttention with a sliding window ------------------------
+#
+# Parameters as for "llama" without biases: q_proj.weight [H*d, hidden], k_proj.weight [G*d, hidden],
+# v_proj.weight [G*d, hidden], o_proj.weight [hidden, H*d]. Half-split RoPE on q and k, keys cached after
+# rotation, scale d^-0.5, GQA by repeat_kv. The window (transformers' masking_utils, sliding_window_overlay
+# AND the causal mask): key k is visible to query q iff  k <= q  and  k > q - sliding_window,  i.e.
+# 0 <= q - k < W: the query sees itself and the W - 1 tokens before it. The model's DynamicCache keeps a
+# sliding layer's last W - 1 keys between calls (with the new token that makes W). The cases use
+# T + N > W + 1 so that the window edge is crossed during the prefill and again during decode.
+
+MISTRAL_DEFAULTS = {
+    "vocab_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+
+
+def mistral_config_kwargs(partial: dict[str, Any]) -> dict[str, Any]:
+    cfg = json.loads(json.dumps(MISTRAL_DEFAULTS))
+    cfg.update(partial)
+    return cfg
+
+
+def record_mistral(spec: CaseSpec) -> Recording:
+    from transformers import MistralConfig, MistralModel
+    cfg = mistral_config_kwargs(spec.config)
+    window = cfg.get("sliding_window")
+    if not isinstance(window, int) or spec.prefill_len + spec.decode_steps <= window + 1:
+        raise AssertionError(f"{spec.name}: need an integer sliding_window and T + N > W + 1, got W={window}")
+    rec = _hf_record(spec, MistralConfig, MistralModel, cfg)
+    if rec.config.get("sliding_window") != window:
+        raise AssertionError(f"{spec.name}: the built config has sliding_window {rec.config.get('sliding_window')}")
+    return rec
+
+
+def windowed_attention64(q, k, v, scale: float, window: int | None):
+    """causal_attention64 with a window: row i sees keys j with 0 <= i - j < window (None: all j <= i)."""
+    L, H = q.shape[0], q.shape[1]
+    G = k.shape[1]
+    distance = torch.arange(L)[:, None] - torch.arange(L)[None, :]            # i - j
+    allowed = distance >= 0 if window is None else (distance >= 0) & (distance < window)
+    heads = []
+    for h in range(H):
+        kv = h // (H // G)
+        s = (q[:, h, :] @ k[:, kv, :].T) * scale
+        s = s.masked_fill(~allowed, float("-inf"))
+        w = torch.exp(s - s.max(dim=1, keepdim=True).values)
+        heads.append((w / w.sum(dim=1, keepdim=True)) @ v[:, kv, :])
+    return torch.cat(heads, dim=1)                                             # [L, H*dv]
+
+
+def _mistral64(rec: Recording, spec: CaseSpec, *, window_shift: int = 0, no_window: bool = False):
+    c = rec.config
+    H, G = c["num_attention_heads"], c["num_key_value_heads"]
+    d = c.get("head_dim") or c["hidden_size"] // H
+    L = spec.prefill_len + spec.decode_steps
+    p = {k: v.to(torch.float64) for k, v in rec.params.items()}
+    x = rec.hidden_states.to(torch.float64)[0]
+    positions = torch.arange(spec.position_offset, spec.position_offset + L)
+    inv = rope_inv_freq64(d, c["rope_parameters"])
+    q = rope64(_linear64(x, p, "q_proj").reshape(L, H, d), positions, inv, interleaved=False)
+    k = rope64(_linear64(x, p, "k_proj").reshape(L, G, d), positions, inv, interleaved=False)
+    v = _linear64(x, p, "v_proj").reshape(L, G, d)
+    window = None if no_window else c["sliding_window"] + window_shift
+    out = _linear64(windowed_attention64(q, k, v, d ** -0.5, window), p, "o_proj")
+    return _split_expected(out, spec.prefill_len)
+
+
+def check_mistral(rec: Recording, spec: CaseSpec) -> dict[str, Any]:
+    return _mistral64(rec, spec)
+
+
+def contrasts_mistral(rec: Recording, spec: CaseSpec) -> dict[str, float]:
+    # The off-by-one reading (q - k <= W) and no window at all must both be caught.
+    return {"window_edge_q-k<=W": _contrast_error(rec, _mistral64(rec, spec, window_shift=1)),
+            "no_window": _contrast_error(rec, _mistral64(rec, spec, no_window=True))}
+
+
+def describe_mistral(rec: Recording, spec: CaseSpec) -> str:
+    c = rec.config
+    d = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    return (f"hidden={c['hidden_size']:<4} d={d:<4} H={c['num_attention_heads']} G={c['num_key_value_heads']} "
+            f"W={c['sliding_window']} theta={c['rope_parameters']['rope_theta']:g} offset={spec.position_offset}")
+
+
+register_reference(
+    "mistral", layer_type="sliding_attention", record=record_mistral, check=check_mistral,
+    describe=describe_mistral, contrasts=contrasts_mistral,
+    summary="transformers MistralAttention (eager) in a tiny MistralModel: GQA, RoPE, sliding window 0<=q-k<W")
+
+
 # --------------------------------------------------------------------------------------------------
 # Cases
 # --------------------------------------------------------------------------------------------------
@@ -795,6 +889,18 @@ _hf_case("deepseek_v3", "deepseek_v3_half_split", 4003, 10, 3,
          "dimensions (rotate_half) instead of adjacent pairs; q_lora_rank 24, kv_lora_rank 32, 4 heads.",
          hidden_size=64, num_attention_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
          qk_rope_head_dim=8, v_head_dim=16, rope_interleave=False)
+_hf_case("mistral", "mistral_window5_gqa", 5001, 9, 8,
+         "transformers MistralAttention with sliding_window 5: GQA H = 4, G = 2, head_dim 16, RoPE theta 10000; "
+         "prefill of 9 (queries past position 4 lose their oldest keys), then 8 decode steps through the model's "
+         "DynamicCache, whose sliding layers keep only the last W - 1 keys: T + N = 17 > W, the ring wraps.",
+         hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=5,
+         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+_hf_case("mistral", "mistral_window3_mqa_offset", 5002, 4, 11,
+         "transformers MistralAttention with sliding_window 3: MQA H = 4, G = 1, head_dim 8, RoPE theta 1e6, "
+         "positions start at 40; a prefill of 4 then 11 decode steps (T + N = 15, five times the window).",
+         offset=40,
+         hidden_size=32, num_attention_heads=4, num_key_value_heads=1, head_dim=8, sliding_window=3,
+         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
 
 
 # --------------------------------------------------------------------------------------------------

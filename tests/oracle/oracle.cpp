@@ -125,6 +125,7 @@ const std::map<std::string, Runner>& runners() {
       {"sdpa", run_sdpa},
       {"llama", run_llama},
       {"deepseek_v3", run_deepseek_v3},
+      {"mistral", run_mistral},
   };
   return table;
 }

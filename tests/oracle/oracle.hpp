@@ -70,5 +70,6 @@ const std::map<std::string, Runner>& runners();
 std::vector<Outputs> run_sdpa(const Case& c);
 std::vector<Outputs> run_llama(const Case& c);
 std::vector<Outputs> run_deepseek_v3(const Case& c);
+std::vector<Outputs> run_mistral(const Case& c);
 
 }  // namespace oracle
