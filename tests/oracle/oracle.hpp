@@ -3,6 +3,7 @@
 // mechanism's outputs from the case's weights with the library (see shared ORACLE.md and README.md here).
 #include "af/error.hpp"
 #include "af/grouped_attention.hpp"
+#include "af/rope.hpp"
 #include "af/safetensors.hpp"
 #include "af/tensor.hpp"
 
@@ -55,6 +56,14 @@ struct Outputs {
   af::Tensor decode;
   std::string path;
 };
+
+/// The attention sizes of a Hugging Face decoder config (hidden_size, num_attention_heads, num_key_value_heads
+/// defaulting to the head count, head_dim defaulting to hidden / heads), validated; CaseError otherwise.
+af::GroupedShape read_hf_grouped_shape(const Case& c);
+
+/// The rotary embedding of a Hugging Face config: theta and type from `rope_parameters` (transformers 5) or
+/// `rope_theta` / `rope_scaling` (earlier); types "default" and "llama3"; partial rotation is rejected.
+af::Rope read_hf_rope(const Case& c, std::int64_t head_dim, af::RopeLayout layout);
 
 /// The q/k/v/o projections of a grouped layer under their Hugging Face names, checked against `shape`; the
 /// q/k/v biases when `qkv_bias`, and o_proj's when `o_bias`.

@@ -8,58 +8,9 @@
 
 namespace oracle {
 
-namespace {
-
-// transformers 5 keeps the rotary settings in `rope_parameters`; earlier versions used `rope_theta` and
-// `rope_scaling`. Either is read.
-af::Rope rope_from_config(const Case& c, std::int64_t head_dim) {
-  const nlohmann::json& config = c.config;
-  const nlohmann::json* params = nullptr;
-  double theta = 0.0;
-  if (config.contains("rope_parameters") && config.at("rope_parameters").is_object()) {
-    params = &config.at("rope_parameters");
-    if (!params->contains("rope_theta"))
-      throw CaseError(fmt::format("{}: config rope_parameters has no rope_theta", c.name));
-    theta = params->at("rope_theta").get<double>();
-  } else {
-    theta = c.config_double("rope_theta");
-    if (config.contains("rope_scaling") && config.at("rope_scaling").is_object()) params = &config.at("rope_scaling");
-  }
-  std::optional<af::Llama3Scaling> scaling;
-  if (params != nullptr) {
-    const std::string type = params->value("rope_type", params->value("type", std::string("default")));
-    if (type == "llama3") {
-      const auto number = [&](const char* key) {
-        if (!params->contains(key)) throw CaseError(fmt::format("{}: llama3 rope scaling has no \"{}\"", c.name, key));
-        return params->at(key).get<double>();
-      };
-      scaling = af::Llama3Scaling{number("factor"), number("low_freq_factor"), number("high_freq_factor"),
-                                  number("original_max_position_embeddings")};
-    } else if (type != "default") {
-      throw CaseError(
-          fmt::format("{}: rope type \"{}\" is not supported (this build knows default and llama3)", c.name, type));
-    }
-  }
-  return af::Rope(head_dim, theta, af::RopeLayout::half_split, scaling);
-}
-
-}  // namespace
-
 std::vector<Outputs> run_llama(const Case& c) {
-  af::GroupedShape shape;
-  shape.hidden = c.config_int("hidden_size");
-  shape.heads = c.config_int("num_attention_heads");
-  shape.kv_heads = c.config.contains("num_key_value_heads") && !c.config.at("num_key_value_heads").is_null()
-                       ? c.config_int("num_key_value_heads")
-                       : shape.heads;
-  shape.head_dim = c.config.contains("head_dim") && !c.config.at("head_dim").is_null() ? c.config_int("head_dim")
-                                                                                       : shape.hidden / shape.heads;
-  try {
-    shape.validate();
-  } catch (const af::Error& e) {
-    throw CaseError(fmt::format("{}: {}", c.name, e.what()));
-  }
-  const af::Rope rope = rope_from_config(c, shape.head_dim);
+  const af::GroupedShape shape = read_hf_grouped_shape(c);
+  const af::Rope rope = read_hf_rope(c, shape.head_dim, af::RopeLayout::half_split);
   // Llama's attention_bias puts a bias on all four projections, the output one included.
   const bool bias = c.config.value("attention_bias", false);
   const af::GroupedWeights w = read_grouped_weights(c, shape, bias, bias);
