@@ -844,6 +844,118 @@ _sdpa_case("sdpa_mqa_noncausal", 2005, 6, 3,
            hidden_size=32, head_dim=8, num_attention_heads=4, num_key_value_heads=1, is_causal=False)
 
 
+# Chapter 09: kept sink tokens (StreamingLLM). No model layer ships this mask, so the reference is the sdpa
+# module's projections with torch SDPA under an explicit boolean mask: query q sees key k iff k <= q and
+# (k < sinks or q - k < window). Its own cache evicts: after every call it keeps the first `sinks` tokens and
+# the last window - 1 (all the next query can see besides itself), so the stream of T + N > sinks + window
+# tokens really runs through a bounded cache. No RoPE: the positions question is the library's (tested in
+# tests/test_sinks.cpp); this case pins the mask and the eviction.
+
+def _sink_visible(q_idx, k_idx, sinks: int, window: int):
+    q = q_idx.unsqueeze(1)
+    k = k_idx.unsqueeze(0)
+    return (k <= q) & ((k < sinks) | (q - k < window))
+
+
+def record_sdpa_sinks(spec: CaseSpec) -> Recording:
+    cfg = sdpa_config(spec.config)
+    S, W = int(cfg["sinks"]), int(cfg["window"])
+    T, N = spec.prefill_len, spec.decode_steps
+    if T + N <= S + W:
+        raise ValueError(f"{spec.name}: T + N = {T + N} must exceed sinks + window = {S + W}")
+    hidden, d, H, G = cfg["hidden_size"], cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    g = seeded_generator(spec.seed)
+    params = {
+        "q_proj.weight": randn(g, H * d, hidden, std=1 / math.sqrt(hidden)),
+        "k_proj.weight": randn(g, G * d, hidden, std=1 / math.sqrt(hidden)),
+        "v_proj.weight": randn(g, G * d, hidden, std=1 / math.sqrt(hidden)),
+        "o_proj.weight": randn(g, hidden, H * d, std=1 / math.sqrt(H * d)),
+    }
+    x = randn(g, 1, T + N, hidden)
+    module = SdpaAttention(cfg).eval()
+    missing, unexpected = module.load_state_dict(params, strict=True)
+    assert not missing and not unexpected
+
+    cache = {"k": None, "v": None, "idx": torch.zeros(0, dtype=torch.int64, device=DEVICE)}
+    held_max = 0
+
+    def step(chunk, first):
+        nonlocal held_max
+        b, L, _ = chunk.shape
+        q = module.q_proj(chunk).view(b, L, H, d).transpose(1, 2)
+        k = module.k_proj(chunk).view(b, L, G, d).transpose(1, 2)
+        v = module.v_proj(chunk).view(b, L, G, d).transpose(1, 2)
+        new_idx = torch.arange(first, first + L, dtype=torch.int64, device=DEVICE)
+        keys = k if cache["k"] is None else torch.cat([cache["k"], k], dim=2)
+        values = v if cache["v"] is None else torch.cat([cache["v"], v], dim=2)
+        idx = torch.cat([cache["idx"], new_idx])
+        mask = _sink_visible(new_idx, idx, S, W)                     # [L, held + L], True = attend
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=cfg["scale"],
+                                             enable_gqa=(H != G))
+        # Evict: keep the sinks and the last W - 1 tokens.
+        keep = (idx < S) | (idx > idx.max() - W)
+        cache["k"], cache["v"], cache["idx"] = keys[:, :, keep], values[:, :, keep], idx[keep]
+        held_max = max(held_max, int(keep.sum()))
+        return module.o_proj(out.transpose(1, 2).reshape(b, L, H * d))
+
+    with torch.no_grad():
+        prefill = step(x[:, :T], 0)
+        steps = [step(x[:, T + i:T + i + 1], T + i) for i in range(N)]
+    decode = torch.cat(steps, dim=1) if steps else torch.zeros(1, 0, hidden, dtype=torch.float32)
+    assert held_max <= S + W, (held_max, S, W)
+    return Recording(config=cfg, params=params, hidden_states=x, position_ids=position_ids(T + N),
+                     prefill=prefill.contiguous(), decode=decode.contiguous(),
+                     meta={"max_cached_tokens": held_max})
+
+
+def check_sdpa_sinks(rec: Recording, spec: CaseSpec) -> dict[str, Any]:
+    """float64 from the formulas: all T + N tokens at once under the explicit sink + window mask."""
+    cfg = rec.config
+    T, N = spec.prefill_len, spec.decode_steps
+    H, G, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    L = T + N
+    p = {k: v.to(torch.float64) for k, v in rec.params.items()}
+    x = rec.hidden_states.to(torch.float64)[0]
+    q = (x @ p["q_proj.weight"].T).reshape(L, H, d)
+    k = (x @ p["k_proj.weight"].T).reshape(L, G, d)
+    v = (x @ p["v_proj.weight"].T).reshape(L, G, d)
+    i = torch.arange(L)
+    allowed = _sink_visible(i, i, int(cfg["sinks"]), int(cfg["window"]))
+    heads = []
+    for h in range(H):
+        kv = h // (H // G)
+        s = ((q[:, h, :] @ k[:, kv, :].T) * cfg["scale"]).masked_fill(~allowed, float("-inf"))
+        w = torch.exp(s - s.max(dim=1, keepdim=True).values)
+        heads.append((w / w.sum(dim=1, keepdim=True)) @ v[:, kv, :])
+    out = torch.cat(heads, dim=1) @ p["o_proj.weight"].T
+    return {"expected.prefill": out[:T].unsqueeze(0), "expected.decode": out[T:].unsqueeze(0)}
+
+
+def describe_sdpa_sinks(rec: Recording, spec: CaseSpec) -> str:
+    c = rec.config
+    return (f"H={c['num_attention_heads']} G={c['num_key_value_heads']} d={c['head_dim']} sinks={c['sinks']} "
+            f"window={c['window']} T+N={spec.prefill_len + spec.decode_steps} "
+            f"max_cached={rec.meta['max_cached_tokens']}")
+
+
+register_reference(
+    "sdpa_sinks", layer_type="attention", record=record_sdpa_sinks, check=check_sdpa_sinks,
+    describe=describe_sdpa_sinks,
+    summary="projections + torch SDPA under an explicit sink + window boolean mask, own evicting cache")
+
+add_case(CaseSpec(name="sdpa_sinks_s2_w4_gqa", reference="sdpa_sinks", seed=9001, prefill_len=5, decode_steps=14,
+                  config={"hidden_size": 32, "head_dim": 8, "num_attention_heads": 4, "num_key_value_heads": 2,
+                          "sinks": 2, "window": 4},
+                  description="Kept sinks (StreamingLLM): 2 sinks + window 4, H = 4, G = 2; prefill 5, 14 decode "
+                              "steps (19 tokens through a cache of at most 6: the window wraps three times)."))
+add_case(CaseSpec(name="sdpa_sinks_s4_w3_prefill_long", reference="sdpa_sinks", seed=9002, prefill_len=12,
+                  decode_steps=9,
+                  config={"hidden_size": 48, "head_dim": 16, "num_attention_heads": 3, "num_key_value_heads": 1,
+                          "sinks": 4, "window": 3},
+                  description="Kept sinks: 4 sinks + window 3, MQA (H = 3, G = 1); a prefill of 12 longer than the "
+                              "cache (7), then 9 decode steps."))
+
+
 # Chapters on RoPE, GQA/MQA and MLA: the real Hugging Face modules (see "Hugging Face references").
 def _hf_case(reference, name, seed, T, N, description, offset=0, **config):
     add_case(CaseSpec(name=name, reference=reference, seed=seed, prefill_len=T, decode_steps=N,

@@ -180,6 +180,7 @@ const std::map<std::string, Runner>& runners() {
       {"llama", run_llama},
       {"deepseek_v3", run_deepseek_v3},
       {"mistral", run_mistral},
+      {"sdpa_sinks", run_sdpa_sinks},
   };
   return table;
 }

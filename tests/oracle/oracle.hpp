@@ -80,5 +80,6 @@ std::vector<Outputs> run_sdpa(const Case& c);
 std::vector<Outputs> run_llama(const Case& c);
 std::vector<Outputs> run_deepseek_v3(const Case& c);
 std::vector<Outputs> run_mistral(const Case& c);
+std::vector<Outputs> run_sdpa_sinks(const Case& c);
 
 }  // namespace oracle
