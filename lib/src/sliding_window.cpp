@@ -2,6 +2,7 @@
 
 #include "af/error.hpp"
 #include "af/linalg.hpp"
+#include "af/sinks.hpp"
 
 #include <algorithm>
 #include <limits>
@@ -22,36 +23,10 @@ Mask sliding_window_mask(std::int64_t queries, std::int64_t keys, std::int64_t f
 Tensor windowed_grouped_attend(ConstMatrix q, std::span<const std::int64_t> query_index, ConstMatrix keys,
                                ConstMatrix values, std::span<const std::int64_t> key_index, const GroupedShape& shape,
                                std::int64_t window, const AttentionOptions& options) {
-  shape.validate();
   require(window >= 1, "windowed_grouped_attend: window {} (expected >= 1)", window);
   require(options.causal, "windowed_grouped_attend: a sliding window is causal (expected options.causal = true)");
-  const std::int64_t d = shape.head_dim, kv_width = shape.kv_heads * d;
-  if (!(q.cols == shape.heads * d && static_cast<std::int64_t>(query_index.size()) == q.rows))
-    fail("windowed_grouped_attend: queries {} with {} indices (expected [Tq, {}] and Tq indices)", q.shape_str(),
-         query_index.size(), shape.heads * d);
-  if (!(keys.cols == kv_width && values.cols == kv_width && keys.rows == values.rows &&
-        static_cast<std::int64_t>(key_index.size()) == keys.rows))
-    fail("windowed_grouped_attend: keys {}, values {}, {} key indices (expected [Tk, {}] each and Tk indices)",
-         keys.shape_str(), values.shape_str(), key_index.size(), kv_width);
-  const double scale = options.scale.value_or(default_scale(d));
-  Tensor out(Shape{q.rows, shape.heads * d});
-  std::vector<float> weights(static_cast<std::size_t>(keys.rows));
-  for (std::int64_t i = 0; i < q.rows; ++i)
-    for (std::int64_t h = 0; h < shape.heads; ++h) {
-      const std::size_t qh = static_cast<std::size_t>(h * d), kv = static_cast<std::size_t>(shape.kv_head_of(h) * d);
-      const auto query = q.row(i).subspan(qh, static_cast<std::size_t>(d));
-      for (std::int64_t j = 0; j < keys.rows; ++j)
-        weights[static_cast<std::size_t>(j)] =
-            in_window(query_index[static_cast<std::size_t>(i)], key_index[static_cast<std::size_t>(j)], window)
-                ? static_cast<float>(dot(query, keys.row(j).subspan(kv, static_cast<std::size_t>(d))) * scale)
-                : -std::numeric_limits<float>::infinity();
-      softmax(weights);
-      const auto context = out.matrix().row(i).subspan(qh, static_cast<std::size_t>(d));
-      for (std::int64_t j = 0; j < keys.rows; ++j)
-        if (weights[static_cast<std::size_t>(j)] != 0.0f)
-          axpy(weights[static_cast<std::size_t>(j)], values.row(j).subspan(kv, static_cast<std::size_t>(d)), context);
-    }
-  return out;
+  // A window is the sink mask of chapter 09 with no sinks and no sink logits: one loop serves both.
+  return sink_grouped_attend(q, query_index, keys, values, key_index, shape, SinkSpec{0, window, {}}, options);
 }
 
 Tensor windowed_attend_full_cache(ConstMatrix q, const GroupedShape& shape, const GroupedKvCache& cache,
