@@ -49,12 +49,24 @@ struct Case {
 /// Reads `dir/case.json` and `dir/tensors.safetensors`; throws CaseError when either is malformed.
 Case read_case(const std::filesystem::path& dir);
 
+/// The entries a selecting mechanism chose for each of `rows` query rows, at most `k` per row, padded with -1.
+/// `oracle_check` compares it with the case's `expected.selected.<name>` [.., rows, k] (int64) row by row as
+/// sets: the order within a row and the -1 padding do not matter, every chosen index does.
+struct Selection {
+  std::string name;
+  std::int64_t rows = 0;
+  std::int64_t k = 0;
+  std::vector<std::int64_t> indices;  ///< rows * k, row-major
+};
+
 /// What a runner returns: the outputs of the prefill [T, hidden] and of the N decode steps [N, hidden], and,
 /// for a mechanism with several exact ways to compute it (MLA's naive and absorbed paths), which way.
 struct Outputs {
   af::Tensor prefill;
   af::Tensor decode;
   std::string path;
+  /// For a mechanism that selects (DSA, CSA): the entries it chose, one per `expected.selected.<name>` tensor.
+  std::vector<Selection> selected = {};
 };
 
 /// The attention sizes of a Hugging Face decoder config (hidden_size, num_attention_heads, num_key_value_heads
