@@ -30,11 +30,20 @@ __device__ __forceinline__ uint4 load16_stream(const std::uint16_t* p) {
   return r;
 }
 
+// [swizzle]
+// The column at which sm_o keeps head dimension `col` of query row `row`: the low four bits of the column
+// are XORed with the row's low three bits and with bit 5 of the column. The mma kernels' 32 lanes store
+// 8 rows x 4 columns 16 apart; without it those land in 2 of the 32 banks (a 16-way conflict), with it in
+// 32 different banks. 32 consecutive columns of one row, as the merge reads them, stay in 32 banks too.
+__device__ __forceinline__ int swizzle_col(int row, int col) { return col ^ ((row & 7) | (((col >> 5) & 1) << 3)); }
+// [/swizzle]
+
 // [merge-warps]
 // Merges the online-softmax states of the block's warps for `rows` query heads and writes the result:
 // out (one split) or a partial output normalised by its own sum, plus lse = m + log2(l) (several splits).
-// sm_o [Warps][Rows][D] holds each warp's unnormalised sums, sm_m/sm_l its running maximum and sum.
-template <int Warps, int Rows, int D>
+// sm_o [Warps][Rows][D] holds each warp's unnormalised sums (at swizzle_col(r, d) when Swizzled), sm_m/sm_l
+// its running maximum and sum.
+template <int Warps, int Rows, int D, bool Swizzled = false>
 __device__ void merge_warps_and_store(const float (*sm_o)[Rows][D], const float (*sm_m)[Rows],
                                       const float (*sm_l)[Rows], int rows, const DecodeArgs& a, int b, int h0,
                                       int split) {
@@ -48,7 +57,7 @@ __device__ void merge_warps_and_store(const float (*sm_o)[Rows][D], const float 
     for (int w = 0; w < Warps; ++w) {
       const float weight = exp2f(sm_m[w][r] - m);  // 0 for a warp that saw no key
       l += sm_l[w][r] * weight;
-      o += sm_o[w][r][d] * weight;
+      o += sm_o[w][r][Swizzled ? swizzle_col(r, d) : d] * weight;
     }
     const std::int64_t head = std::int64_t{b} * a.q_heads + h0 + r;  // [batch, q_heads] flattened
     if (a.splits == 1) {

@@ -225,7 +225,10 @@ __global__ void __launch_bounds__(mma_warps * 32, Pipelined ? 2 : 3) decode_mma_
 #pragma unroll
   for (int n = 0; n < n_tiles; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) sm_o[warp][g + 8 * (e / 2)][64 * (n / 8) + 8 * (2 * t + (e & 1)) + n % 8] = st.o[n][e];
+    for (int e = 0; e < 4; ++e) {
+      const int row = g + 8 * (e / 2);
+      sm_o[warp][row][swizzle_col(row, 64 * (n / 8) + 8 * (2 * t + (e & 1)) + n % 8)] = st.o[n][e];
+    }
   if (t == 0) {
     sm_m[warp][g] = st.m[0];
     sm_m[warp][g + 8] = st.m[1];
@@ -233,7 +236,7 @@ __global__ void __launch_bounds__(mma_warps * 32, Pipelined ? 2 : 3) decode_mma_
     sm_l[warp][g + 8] = st.l[1];
   }
   __syncthreads();
-  merge_warps_and_store<mma_warps, 16, D>(sm_o, sm_m, sm_l, rows, a, b, h0, split);
+  merge_warps_and_store<mma_warps, 16, D, true>(sm_o, sm_m, sm_l, rows, a, b, h0, split);
 }
 // [/decode-mma]
 
