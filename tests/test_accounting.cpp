@@ -38,5 +38,6 @@ TEST_CASE("Real models' KV bytes per token match the hand-derived numbers", "[ac
   CHECK(af::dense_model("Falcon-7B").variant() == "MQA");
   CHECK(af::dense_model("Llama-2-7B").variant() == "MHA");
   CHECK(af::dense_model("Qwen3-235B-A22B").variant() == "GQA (groups of 16)");
-  CHECK_THROWS_WITH(af::dense_model("GPT-5"), Catch::Matchers::Contains("GPT-5") && Catch::Matchers::Contains("Llama-3.1-8B"));
+  CHECK_THROWS_WITH(af::dense_model("GPT-5"),
+                    Catch::Matchers::Contains("GPT-5") && Catch::Matchers::Contains("Llama-3.1-8B"));
 }

@@ -137,6 +137,16 @@ TEST_CASE("decode reads are the tokens of the visited blocks", "[block_sparse]")
   CHECK(af::block_sparse_decode_entries(af::BlockPattern{4, 1, 0, 0}, 0) == 0);
 }
 
+TEST_CASE("The block-sparse card's trade-offs are its own, not the dense card's", "[block_sparse][accounting]") {
+  const af::CacheCard card =
+      af::with_block_sparse(af::dense_kv_card("GQA", 8, 2, 16, af::DType::bf16), af::BlockPattern{64, 4, 1, 8});
+  CHECK(card.trade_offs.find("nothing is recomputed") == std::string::npos);
+  CHECK(card.trade_offs.find("grow linearly") == std::string::npos);
+  CHECK_THAT(card.trade_offs, Catch::Matchers::Contains("memory as dense") &&
+                                  Catch::Matchers::Contains("blocks of 64 tokens") &&
+                                  Catch::Matchers::Contains("every 8th block back"));
+}
+
 TEST_CASE("block-sparse errors name the bad value", "[block_sparse]") {
   CHECK_THROWS_AS(af::block_mask(af::BlockPattern{0, 1, 0, 0}, 4, 4), af::Error);
   CHECK_THROWS_AS(af::block_mask(af::BlockPattern{4, 0, 0, 0}, 4, 4), af::Error);

@@ -243,3 +243,24 @@ TEST_CASE("sink attention rejects bad arguments", "[sinks]") {
                   af::Error);
   CHECK_THROWS_AS(cache.index_in_row(0), af::Error);
 }
+
+TEST_CASE("The kept-sinks card stores and reads what af::SinkKvCache holds", "[sinks][accounting]") {
+  const std::int64_t G = 2, d = 8, S = 3, W = 5;
+  const af::CacheCard dense = af::dense_kv_card("GQA", 4, G, d, af::DType::f32);
+  const af::CacheCard card = af::with_kept_sinks(dense, S, W);
+  af::SinkKvCache cache(S, W, G, d);
+  af::Rng rng(909);
+  for (std::int64_t t = 1; t <= 20; ++t) {
+    const af::Tensor kv = af::random_normal(af::Shape{1, G * d}, rng);
+    cache.append(kv.matrix(), kv.matrix());
+    CHECK(card.stored_tokens(t) == cache.size());
+    CHECK(card.bytes_stored(t) == cache.bytes_held());
+    const auto reads = card.decode_reads(t);
+    REQUIRE(reads.size() == 1);
+    CHECK(reads[0].entries == cache.size());
+    CHECK(card.bytes_read(t) == dense.bytes_read(std::min(t, S + W)));
+  }
+  CHECK(card.trade_offs.find("nothing is recomputed") == std::string::npos);  // not the dense card's words
+  CHECK_THROWS_AS(af::with_kept_sinks(dense, -1, W), af::Error);
+  CHECK_THROWS_AS(af::with_kept_sinks(dense, S, 0), af::Error);
+}

@@ -3,6 +3,7 @@
 #include "af/random.hpp"
 #include "af/sliding_window.hpp"
 
+#include <fmt/format.h>
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -195,6 +196,8 @@ TEST_CASE("The ring's bytes are bounded by W whatever the context", "[sliding_wi
   CHECK(card.stored_tokens(1000) == window);
   CHECK(card.decode_reads(1000).front().entries == window);
   CHECK(card.decode_reads(5).front().entries == 5);
+  CHECK(card.trade_offs.find("grow linearly") == std::string::npos);  // the window's trade-offs, not dense's
+  CHECK_THAT(card.trade_offs, Catch::Contains(fmt::format("stop growing at {} tokens", window)));
   const af::InterleavedModel gemma = af::gemma3_27b();
   CHECK(gemma.bytes_per_token_after_windows() == 10 * 16 * 128 * 2 * 2);  // 81,920 B: the global layers
   CHECK(gemma.bytes_stored(1024) == 62 * 8192 * 1024);

@@ -373,16 +373,10 @@ int main(int argc, char** argv) {
     // bounded at S + W rows. gpt-oss: the learned sinks are parameters (64 per layer), not cache: the card is chapter
     // 08's.
     const std::int64_t card_sinks = 4, card_window = 2044;
-    af::ModelCache mistral = af::dense_model("Llama-2-7B").cache();
-    const auto stored = mistral.card.stored_tokens;
-    const auto reads = mistral.card.decode_reads;
-    mistral.card.stored_tokens = [stored](std::int64_t t) { return stored(std::min(t, card_sinks + card_window)); };
-    mistral.card.decode_reads = [reads](std::int64_t t) { return reads(std::min(t, card_sinks + card_window)); };
-    mistral.card.mechanism += fmt::format(", {} kept sinks + window of {}", card_sinks, card_window);
-    mistral.card.trade_offs +=
-        fmt::format("; the first {} and the last {} tokens are kept and read", card_sinks, card_window);
+    af::ModelCache llama2 = af::dense_model("Llama-2-7B").cache();
+    llama2.card = af::with_kept_sinks(llama2.card, card_sinks, card_window);
     const std::vector<std::int64_t> contexts{1024, 4096, 32768};
-    fmt::print("\n{}", af::format_cache_card(mistral.card, std::span(&mistral, 1), contexts));
+    fmt::print("\n{}", af::format_cache_card(llama2.card, std::span(&llama2, 1), contexts));
     const af::InterleavedModel gpt_oss = af::gpt_oss_120b();
     fmt::print("\n{}", af::format_cache_card(gpt_oss.parts[0].card, gpt_oss.parts, contexts));
     // [/cache-cards]

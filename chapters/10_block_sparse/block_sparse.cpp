@@ -16,6 +16,7 @@
 #include "af/models.hpp"
 #include "af/program.hpp"
 #include "af/random.hpp"
+#include "af/sinks.hpp"
 
 #include <fmt/format.h>
 #include <fmt/os.h>
@@ -186,7 +187,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--head-dim", head_dim, "Head dimension d")->check(CLI::Range(1, 256))->capture_default_str();
   app.add_option("--seed", seed, "Seed of the random inputs")->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for the figure data (patterns.dat)");
+  app.add_option("--out", out_dir, "Directory for the figure data (patterns.dat, mechanisms.dat)");
 
   return af::run_program(app, argc, argv, [&] {
     const Pattern p{block, local, global, stride};
@@ -294,6 +295,61 @@ int main(int argc, char** argv) {
     }
     checks.expect_true("block-sparse card stores what the dense card stores", stored_same);
 
+    // [mechanisms]
+    // One model size, four caches: Llama-3.1-8B's layers (32 of them, 8 KV heads of 128, bf16) dense, with a
+    // window (chapter 08), with kept sinks beside that window (chapter 09), and under the block pattern above.
+    const std::int64_t fig_window = 4096, fig_sinks = 4;
+    const af::ModelCache base = af::dense_model("Llama-3.1-8B").cache();
+    std::vector<af::ModelCache> caches(4, base);
+    caches[1].card = af::with_sliding_window(base.card, fig_window);
+    caches[2].card = af::with_kept_sinks(base.card, fig_sinks, fig_window);
+    caches[3].card = af::with_block_sparse(base.card, card_pattern);
+    const auto entries_read = [](const af::ModelCache& m, std::int64_t t) {
+      std::int64_t entries = 0;
+      for (const af::DecodeRead& r : m.card.decode_reads(t)) entries += r.entries;
+      return entries;
+    };
+    // [/mechanisms]
+    const std::vector<std::string> labels{"dense", fmt::format("window {}", fig_window),
+                                          fmt::format("{} sinks + window {}", fig_sinks, fig_window),
+                                          "block-sparse (64, 4, 1, 8)"};
+    // The same numbers counted directly: tokens held, and tokens a query at position t - 1 may see.
+    const Pattern fig_p{card_pattern.block, card_pattern.local_blocks, card_pattern.global_blocks, card_pattern.stride};
+    const auto expected_tokens = [&](std::size_t m, std::int64_t t, bool read) -> std::int64_t {
+      if (m == 1) return std::min(t, fig_window);
+      if (m == 2) return std::min(t, fig_sinks + fig_window);
+      if (m == 3 && read) {
+        std::int64_t seen = 0;
+        for (std::int64_t key = 0; key < t; ++key) seen += fig_p.allows(t - 1, key) ? 1 : 0;
+        return seen;
+      }
+      return t;
+    };
+    fmt::print("\nFour caches at one model size (Llama-3.1-8B, 32 layers, bf16, one sequence)\n");
+    fmt::print("  {:>8} | {:>10} {:>10} {:>10} {:>10} | {:>8} {:>8} {:>8} {:>8}\n", "context", "stored:", "", "", "",
+               "read:", "", "", "");
+    fmt::print("  {:>8} | {:>10} {:>10} {:>10} {:>10} | {:>8} {:>8} {:>8} {:>8}\n", "", "dense", "window", "sinks+W",
+               "blocks", "dense", "window", "sinks+W", "blocks");
+    std::vector<std::int64_t> contexts_fig;
+    for (double c = 256.0; c <= 131072.5; c *= std::pow(2.0, 0.125)) contexts_fig.push_back(std::llround(c));
+    bool counted = true;
+    for (const std::int64_t t : contexts_fig) {
+      for (std::size_t m = 0; m < caches.size(); ++m)
+        counted = counted && caches[m].bytes_stored(t) == expected_tokens(m, t, false) * base.bytes_per_token() &&
+                  entries_read(caches[m], t) == expected_tokens(m, t, true) &&
+                  caches[m].bytes_read(t) == entries_read(caches[m], t) * base.bytes_per_token();
+      if ((t & (t - 1)) != 0 || t < 1024) continue;  // the table shows powers of two from 1024
+      fmt::print("  {:>8} | {:>10} {:>10} {:>10} {:>10} | {:>8} {:>8} {:>8} {:>8}\n", t,
+                 af::human_bytes(static_cast<double>(caches[0].bytes_stored(t))),
+                 af::human_bytes(static_cast<double>(caches[1].bytes_stored(t))),
+                 af::human_bytes(static_cast<double>(caches[2].bytes_stored(t))),
+                 af::human_bytes(static_cast<double>(caches[3].bytes_stored(t))), entries_read(caches[0], t),
+                 entries_read(caches[1], t), entries_read(caches[2], t), entries_read(caches[3], t));
+    }
+    fmt::print("  (read: cached tokens one decode step reads in each layer; bytes read, all layers = that x {})\n",
+               af::human_bytes(static_cast<double>(base.bytes_per_token())));
+    checks.expect_true("four caches: bytes stored and entries read equal the tokens counted directly", counted);
+
     // Work against density: pairs scored (each 2 d FLOPs for q . k, 2 d for the values) for several patterns.
     struct Named {
       std::string name;
@@ -346,6 +402,18 @@ int main(int argc, char** argv) {
 
     if (!out_dir.empty()) {
       std::filesystem::create_directories(out_dir);
+      // The four caches against context: stored bytes, then cached entries read per decode step (per layer).
+      auto mech = fmt::output_file((std::filesystem::path(out_dir) / "mechanisms.dat").string());
+      mech.print("context");
+      for (const std::string& label : labels) mech.print(" \"{}\"", label);  // stored bytes
+      for (const std::string& label : labels) mech.print(" \"{}\"", label);  // entries read
+      mech.print("\n");
+      for (const std::int64_t t : contexts_fig) {
+        mech.print("{}", t);
+        for (const af::ModelCache& m : caches) mech.print(" {}", m.bytes_stored(t));
+        for (const af::ModelCache& m : caches) mech.print(" {}", entries_read(m, t));
+        mech.print("\n");
+      }
       // Element-level masks of the four sparse patterns, one gnuplot index each: "query key allowed".
       auto file = fmt::output_file((std::filesystem::path(out_dir) / "patterns.dat").string());
       file.print(

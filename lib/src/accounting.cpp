@@ -127,7 +127,11 @@ CacheCard with_sliding_window(CacheCard card, std::int64_t window) {
   card.stored_tokens = [stored, window](std::int64_t t) { return stored(std::min(t, window)); };
   card.decode_reads = [reads, window](std::int64_t t) { return reads(std::min(t, window)); };
   card.mechanism += fmt::format(", sliding window of {}", window);
-  card.trade_offs += fmt::format("; only the last {} tokens are kept and read", window);
+  card.trade_offs = fmt::format(
+      "memory and bandwidth stop growing at {} tokens per layer; quality: a key more than {} positions back is "
+      "invisible to this layer (reach grows only through the layers stacked above it); complexity: a ring buffer "
+      "whose oldest slot is overwritten, keys stored already rotated",
+      window, window - 1);
   return card;
 }
 

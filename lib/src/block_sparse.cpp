@@ -2,6 +2,8 @@
 
 #include "af/error.hpp"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -182,7 +184,18 @@ CacheCard with_block_sparse(CacheCard card, const BlockPattern& pattern) {
   };
   card.mechanism += fmt::format(", block-sparse (block {}, {} local, {} global, stride {})", pattern.block,
                                 pattern.local_blocks, pattern.global_blocks, pattern.stride);
-  card.trade_offs += "; every token is stored, a decode query reads only the blocks its pattern visits";
+  // The dense card's wording no longer holds: say what the pattern changes, and what it does not.
+  std::string visited = fmt::format("the diagonal block and {} before it", pattern.local_blocks - 1);
+  if (pattern.global_blocks > 0)
+    visited += fmt::format(", the first {} block{} of the sequence (global)", pattern.global_blocks,
+                           pattern.global_blocks == 1 ? "" : "s");
+  if (pattern.stride > 0) visited += fmt::format(", every {}th block back (strided)", pattern.stride);
+  card.trade_offs = fmt::format(
+      "memory as dense: every token is stored, since a later query block may visit any block, so nothing can be "
+      "evicted; bandwidth and attention FLOPs per decode step fall to the blocks of {} tokens that the query "
+      "visits ({}); quality: a key outside those blocks is invisible to that query, whatever it holds; "
+      "complexity: block tables per query block and a kernel that gathers whole blocks",
+      pattern.block, visited);
   return card;
 }
 

@@ -127,7 +127,7 @@ Tensor grouped_attention(ConstMatrix x, const GroupedShape& shape, const Grouped
   const Tensor k = linear(x, weights.k_proj.matrix(), weights.k_bias.values());  // [T, G * d]
   const Tensor v = linear(x, weights.v_proj.matrix(), weights.v_bias.values());  // [T, G * d]
   cache.append(k.matrix(), v.matrix());
-  const Tensor context = grouped_attend(q.matrix(), shape, cache, options);  // [T, H * d]
+  const Tensor context = grouped_attend(q.matrix(), shape, cache, options);           // [T, H * d]
   return linear(context.matrix(), weights.o_proj.matrix(), weights.o_bias.values());  // [T, hidden]
 }
 

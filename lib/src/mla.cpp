@@ -76,18 +76,20 @@ namespace {
 ConstMatrix columns(ConstMatrix m, std::int64_t first, std::int64_t count) {
   return {m.data + first, m.rows, count, m.row_stride};
 }
-Matrix columns(Matrix m, std::int64_t first, std::int64_t count) { return {m.data + first, m.rows, count, m.row_stride}; }
+Matrix columns(Matrix m, std::int64_t first, std::int64_t count) {
+  return {m.data + first, m.rows, count, m.row_stride};
+}
 
 }  // namespace
 
 Tensor mla_attention(ConstMatrix x, std::span<const std::int64_t> positions, const MlaShape& s, const MlaWeights& w,
-                     const Rope& rope, double scale, MlaPath path, MlaCache& cache) {
+                     const Rope& rope, double scale, MlaPath path, MlaCache& cache, const Mask* selected) {
   w.validate(s);
   require(x.cols == s.hidden, "mla_attention: input has {} columns (expected hidden {})", x.cols, s.hidden);
   require(rope.head_dim() == s.qk_rope_head_dim, "mla_attention: RoPE of dimension {} (expected {})", rope.head_dim(),
           s.qk_rope_head_dim);
-  const std::int64_t T = x.rows, H = s.heads, nope = s.qk_nope_head_dim, rd = s.qk_rope_head_dim,
-                     dq = s.qk_head_dim(), dv = s.v_head_dim, r = s.kv_lora_rank;
+  const std::int64_t T = x.rows, H = s.heads, nope = s.qk_nope_head_dim, rd = s.qk_rope_head_dim, dq = s.qk_head_dim(),
+                     dv = s.v_head_dim, r = s.kv_lora_rank;
 
   // Queries [T, H * (nope + rope)], through the low-rank path when there is one; the rope part rotated.
   Tensor q;
@@ -100,7 +102,8 @@ Tensor mla_attention(ConstMatrix x, std::span<const std::int64_t> positions, con
   }
   for (std::int64_t h = 0; h < H; ++h) {
     Matrix q_pe = columns(q.matrix(), h * dq + nope, rd);
-    for (std::int64_t t = 0; t < T; ++t) rope.rotate(q_pe.row(t), static_cast<double>(positions[static_cast<std::size_t>(t)]));
+    for (std::int64_t t = 0; t < T; ++t)
+      rope.rotate(q_pe.row(t), static_cast<double>(positions[static_cast<std::size_t>(t)]));
   }
 
   // The latent [T, r] (normalised) and the shared RoPE key [T, rope] (rotated): all that is cached.
@@ -112,7 +115,15 @@ Tensor mla_attention(ConstMatrix x, std::span<const std::int64_t> positions, con
   cache.append(latent.matrix(), rope_keys.matrix());
 
   const std::int64_t t_all = cache.size();
-  const Mask causal = Mask::causal(T, t_all, t_all - T);
+  Mask causal = Mask::causal(T, t_all, t_all - T);
+  if (selected != nullptr) {
+    require(selected->queries() == T && selected->keys() == t_all,
+            "mla_attention: selection mask is [{}, {}] (expected [{}, {}]: queries by cached tokens)",
+            selected->queries(), selected->keys(), T, t_all);
+    for (std::int64_t i = 0; i < T; ++i)
+      for (std::int64_t j = 0; j < t_all; ++j)
+        if (!selected->allows(i, j)) causal.set(i, j, false);
+  }
   const auto fs = static_cast<float>(scale);
   Tensor context(Shape{T, H * dv});
   if (path == MlaPath::naive) {
@@ -123,24 +134,28 @@ Tensor mla_attention(ConstMatrix x, std::span<const std::int64_t> positions, con
       const ConstMatrix q_nope = columns(q.matrix(), h * dq, nope), q_pe = columns(q.matrix(), h * dq + nope, rd);
       Tensor scores = matmul_transposed(q_nope, k_nope);  // [T, t]
       const Tensor rope_scores = matmul_transposed(q_pe, cache.rope_keys());
-      for (std::int64_t i = 0; i < scores.numel(); ++i) scores.data()[i] = (scores.data()[i] + rope_scores.data()[i]) * fs;
+      for (std::int64_t i = 0; i < scores.numel(); ++i)
+        scores.data()[i] = (scores.data()[i] + rope_scores.data()[i]) * fs;
       softmax_rows(scores.matrix(), &causal);
       const Tensor out = matmul(scores.matrix(), v);  // [T, v]
-      for (std::int64_t t = 0; t < T; ++t) std::ranges::copy(out.matrix().row(t), context.matrix().row(t).begin() + h * dv);
+      for (std::int64_t t = 0; t < T; ++t)
+        std::ranges::copy(out.matrix().row(t), context.matrix().row(t).begin() + h * dv);
     }
   } else {
     for (std::int64_t h = 0; h < H; ++h) {
-      const ConstMatrix w_uk = w.kv_b_proj.matrix().rows_slice(h * (nope + dv), nope);     // [nope, r]
+      const ConstMatrix w_uk = w.kv_b_proj.matrix().rows_slice(h * (nope + dv), nope);       // [nope, r]
       const ConstMatrix w_uv = w.kv_b_proj.matrix().rows_slice(h * (nope + dv) + nope, dv);  // [v, r]
       const ConstMatrix q_nope = columns(q.matrix(), h * dq, nope), q_pe = columns(q.matrix(), h * dq + nope, rd);
-      const Tensor q_latent = matmul(q_nope, w_uk);  // [T, r]: W_UK absorbed into the query
+      const Tensor q_latent = matmul(q_nope, w_uk);                          // [T, r]: W_UK absorbed into the query
       Tensor scores = matmul_transposed(q_latent.matrix(), cache.latent());  // [T, t]: over the latent directly
       const Tensor rope_scores = matmul_transposed(q_pe, cache.rope_keys());
-      for (std::int64_t i = 0; i < scores.numel(); ++i) scores.data()[i] = (scores.data()[i] + rope_scores.data()[i]) * fs;
+      for (std::int64_t i = 0; i < scores.numel(); ++i)
+        scores.data()[i] = (scores.data()[i] + rope_scores.data()[i]) * fs;
       softmax_rows(scores.matrix(), &causal);
       const Tensor latent_context = matmul(scores.matrix(), cache.latent());  // [T, r]
-      const Tensor out = matmul_transposed(latent_context.matrix(), w_uv);   // [T, v]: W_UV applied once
-      for (std::int64_t t = 0; t < T; ++t) std::ranges::copy(out.matrix().row(t), context.matrix().row(t).begin() + h * dv);
+      const Tensor out = matmul_transposed(latent_context.matrix(), w_uv);    // [T, v]: W_UV applied once
+      for (std::int64_t t = 0; t < T; ++t)
+        std::ranges::copy(out.matrix().row(t), context.matrix().row(t).begin() + h * dv);
     }
   }
   return linear(context.matrix(), w.o_proj.matrix());

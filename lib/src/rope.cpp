@@ -3,6 +3,7 @@
 #include "af/error.hpp"
 #include "af/linalg.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <numbers>
 
@@ -16,11 +17,11 @@ Rope::Rope(std::int64_t head_dim, double base, RopeLayout layout, std::optional<
     inverse_frequencies_.push_back(std::pow(base, -2.0 * static_cast<double>(i) / static_cast<double>(head_dim)));
   if (!scaling) return;
   const Llama3Scaling& s = *scaling;
-  require(s.factor >= 1.0 && s.low_freq_factor > 0.0 && s.high_freq_factor > s.low_freq_factor &&
-              s.original_context > 0.0,
-          "Rope: llama3 scaling factor {}, low_freq_factor {}, high_freq_factor {}, original context {} (expected "
-          "factor >= 1 and 0 < low < high)",
-          s.factor, s.low_freq_factor, s.high_freq_factor, s.original_context);
+  require(
+      s.factor >= 1.0 && s.low_freq_factor > 0.0 && s.high_freq_factor > s.low_freq_factor && s.original_context > 0.0,
+      "Rope: llama3 scaling factor {}, low_freq_factor {}, high_freq_factor {}, original context {} (expected "
+      "factor >= 1 and 0 < low < high)",
+      s.factor, s.low_freq_factor, s.high_freq_factor, s.original_context);
   const double long_wavelength = s.original_context / s.low_freq_factor;
   const double short_wavelength = s.original_context / s.high_freq_factor;
   for (double& f : inverse_frequencies_) {
@@ -29,19 +30,62 @@ Rope::Rope(std::int64_t head_dim, double base, RopeLayout layout, std::optional<
       f /= s.factor;  // slow rotations: stretched, as if the context were `factor` times longer
     } else if (wavelength >= short_wavelength) {
       // between the bands: a blend, from fully stretched at the long end to untouched at the short end
-      const double smooth = (s.original_context / wavelength - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+      const double smooth =
+          (s.original_context / wavelength - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
       f = (1.0 - smooth) * f / s.factor + smooth * f;
     }
   }
 }
 
+double YarnScaling::attention_scale() const {
+  if (attention_factor) return *attention_factor;
+  const auto mscale_of = [this](double weight) { return factor <= 1.0 ? 1.0 : 0.1 * weight * std::log(factor) + 1.0; };
+  if (mscale != 0.0 && mscale_all_dim != 0.0) return mscale_of(mscale) / mscale_of(mscale_all_dim);
+  return mscale_of(1.0);
+}
+
+std::pair<double, double> YarnScaling::correction_range(std::int64_t head_dim, double base) const {
+  const double d = static_cast<double>(head_dim);
+  // the pair index whose wavelength fits `rotations` times into the original context
+  const auto pair_index = [&](double rotations) {
+    return d * std::log(original_context / (rotations * 2.0 * std::numbers::pi)) / (2.0 * std::log(base));
+  };
+  double low = pair_index(beta_fast), high = pair_index(beta_slow);
+  if (truncate) {
+    low = std::floor(low);
+    high = std::ceil(high);
+  }
+  return {std::max(low, 0.0), std::min(high, d - 1.0)};
+}
+
+Rope::Rope(std::int64_t head_dim, double base, RopeLayout layout, const YarnScaling& yarn)
+    : Rope(head_dim, base, layout) {
+  require(yarn.factor >= 1.0 && yarn.original_context > 0.0,
+          "Rope: yarn factor {}, original context {} (expected factor >= 1 and original context > 0)", yarn.factor,
+          yarn.original_context);
+  require(yarn.beta_fast > 0.0 && yarn.beta_slow > 0.0 && yarn.beta_fast >= yarn.beta_slow,
+          "Rope: yarn beta_fast {}, beta_slow {} (expected beta_fast >= beta_slow > 0)", yarn.beta_fast,
+          yarn.beta_slow);
+  attention_scale_ = yarn.attention_scale();
+  require(std::isfinite(attention_scale_) && attention_scale_ > 0.0, "Rope: yarn attention factor {} (expected > 0)",
+          attention_scale_);
+  auto [low, high] = yarn.correction_range(head_dim, base);
+  if (low == high) high += 0.001;  // a ramp of zero width would divide by zero
+  for (std::size_t i = 0; i < inverse_frequencies_.size(); ++i) {
+    // ramp 0: the pair rotates often over the original context, keep it; ramp 1: it rotates rarely, stretch it
+    const double ramp = std::clamp((static_cast<double>(i) - low) / (high - low), 0.0, 1.0);
+    const double kept = inverse_frequencies_[i];
+    inverse_frequencies_[i] = (1.0 - ramp) * kept + ramp * kept / yarn.factor;
+  }
+}
+
 void Rope::rotate(std::span<float> x, double position) const {
-  require(static_cast<std::int64_t>(x.size()) == head_dim_, "Rope::rotate: {} values (expected head_dim {})",
-          x.size(), head_dim_);
+  require(static_cast<std::int64_t>(x.size()) == head_dim_, "Rope::rotate: {} values (expected head_dim {})", x.size(),
+          head_dim_);
   const std::size_t half = static_cast<std::size_t>(head_dim_ / 2);
   for (std::size_t i = 0; i < half; ++i) {
     const double angle = position * inverse_frequencies_[i];
-    const double c = std::cos(angle), s = std::sin(angle);
+    const double c = std::cos(angle) * attention_scale_, s = std::sin(angle) * attention_scale_;
     const std::size_t a = layout_ == RopeLayout::adjacent ? 2 * i : i;
     const std::size_t b = layout_ == RopeLayout::adjacent ? 2 * i + 1 : i + half;
     const double x_a = x[a], x_b = x[b];

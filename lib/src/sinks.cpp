@@ -3,6 +3,8 @@
 #include "af/error.hpp"
 #include "af/linalg.hpp"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -205,6 +207,23 @@ Tensor sink_attention_slot_positions(ConstMatrix x, const GroupedShape& shape, c
     std::ranges::copy(out.matrix().row(0), context.matrix().row(t).begin());
   }
   return linear(context.matrix(), weights.o_proj.matrix(), weights.o_bias.values());
+}
+
+CacheCard with_kept_sinks(CacheCard card, std::int64_t sinks, std::int64_t window) {
+  require(sinks >= 0 && window >= 1, "with_kept_sinks: sinks {}, window {} (expected sinks >= 0, window >= 1)", sinks,
+          window);
+  const std::int64_t held = sinks + window;
+  const auto stored = card.stored_tokens;
+  const auto reads = card.decode_reads;
+  card.stored_tokens = [stored, held](std::int64_t t) { return stored(std::min(t, held)); };
+  card.decode_reads = [reads, held](std::int64_t t) { return reads(std::min(t, held)); };
+  card.mechanism += fmt::format(", {} kept sinks + window of {}", sinks, window);
+  card.trade_offs = fmt::format(
+      "memory and bandwidth stop growing at {} tokens per layer (the first {} and the last {}); quality: every token "
+      "between the sinks and the window is gone for good, and the sinks only anchor the softmax; complexity: a ring "
+      "beside fixed rows, and a choice of RoPE positions (original or by slot)",
+      held, sinks, window);
+  return card;
 }
 
 }  // namespace af

@@ -328,6 +328,7 @@ register_reference(
 HF_HOOKED_LAYER = 1            # layers.1.self_attn: its input has passed through a whole decoder layer
 HF_NORM_WEIGHT_STD = 0.2
 HF_BIAS_STD = 0.5
+HF_SINK_STD = 1.0            # sink logits on the scale of the scores, so a dropped sink fails
 
 LLAMA_DEFAULTS = {
     "vocab_size": 64,
@@ -383,6 +384,8 @@ def _hf_init_params(module, g) -> dict[str, Any]:
                 value = 1.0 + randn(g, *p.shape, std=HF_NORM_WEIGHT_STD)
             elif name.endswith(".bias"):
                 value = randn(g, *p.shape, std=HF_BIAS_STD)
+            elif name == "sinks":      # gpt-oss: one learned logit per query head
+                value = randn(g, *p.shape, std=HF_SINK_STD)
             elif p.ndim == 2:
                 value = randn(g, *p.shape, std=1 / math.sqrt(p.shape[1]))
             else:
@@ -392,7 +395,9 @@ def _hf_init_params(module, g) -> dict[str, Any]:
     return params
 
 
-def _hf_record(spec: CaseSpec, config_cls, model_cls, config_kwargs: dict[str, Any]) -> Recording:
+def _hf_record(spec: CaseSpec, config_cls, model_cls, config_kwargs: dict[str, Any], attach=None) -> Recording:
+    """`attach(attn)`, when given, registers further hooks on the attention module (or its submodules) and returns
+    their handles; they are removed with the others."""
     T, N = spec.prefill_len, spec.decode_steps
     L = T + N
     config = config_cls(**config_kwargs)
@@ -421,6 +426,8 @@ def _hf_record(spec: CaseSpec, config_cls, model_cls, config_kwargs: dict[str, A
     from transformers import DynamicCache
     handles = [attn.register_forward_pre_hook(pre_hook, with_kwargs=True),
                attn.register_forward_hook(post_hook, with_kwargs=True)]
+    if attach is not None:
+        handles += attach(attn)
     try:
         with torch.no_grad():
             cache = DynamicCache(config=config)
@@ -705,6 +712,182 @@ register_reference(
     summary="transformers DeepseekV3Attention (MLA, eager) in a tiny dense DeepseekV3Model, latent cache")
 
 
+# ---- Reference "deepseek_v32": transformers' DeepseekV32Attention (DeepSeek sparse attention) ---------------
+#
+# Parameters: those of "deepseek_v3" with q_lora_rank set (the indexer reads MLA's normalised query latent), plus
+# the indexer's (Hi = index_n_heads, Di = index_head_dim, rq = q_lora_rank, dr = qk_rope_head_dim):
+#   indexer.wq_b.weight [Hi*Di, rq], indexer.wk.weight [Di, hidden], indexer.k_norm.weight [Di] and
+#   indexer.k_norm.bias [Di] (nn.LayerNorm, eps 1e-6), indexer.weights_proj.weight [Hi, hidden].
+# MLA rotates the LAST dr dims of q and k_pe in adjacent pairs (the module always does); the indexer rotates the
+# FIRST dr dims of its queries and key in half-split pairs (rotate_half). Index score of key j for query i:
+#   I[i, j] = sum_h (weights_proj x_i)_h * Hi^-0.5 * ReLU(q_ih . k_j * Di^-0.5), over the keys i may see;
+# the module keeps torch.topk(min(index_topk, keys)) and masks every other key out of MLA's softmax.
+# Selections: a forward hook on the indexer records its output [1, rows, min(k, keys)] for the prefill and for each
+# decode step. They are stored as expected.selected.prefill [1, T, k] and expected.selected.decode [1, N, k] (int64):
+# a prefill row that sees fewer than k keys gets from topk some causally masked keys too (their scores are the
+# mask's minimum); those are dropped and the row is padded with -1 to k columns. A sum of ReLUs is exactly 0 for a
+# key no head likes, so ties are possible: the generator refuses a case whose float64 index scores have a gap
+# between the k-th and (k+1)-th visible key below DEEPSEEK_V32_TIE_MARGIN (relative to the row's largest |score|),
+# because the reference's choice there is implementation-defined (torch.topk does not specify tie order).
+DEEPSEEK_V32_TIE_MARGIN = 1e-4
+
+
+def deepseek_v32_config_kwargs(partial: dict[str, Any]) -> dict[str, Any]:
+    cfg = json.loads(json.dumps(DEEPSEEK_V3_DEFAULTS))
+    cfg.update(partial)
+    cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
+    return cfg
+
+
+def _selected_stored(indices, first_row: int, k: int):
+    """The indexer's output [1, rows, m] for rows at cache positions first_row.. as [1, rows, k] int64 sets:
+    causally masked entries dropped, -1 padding."""
+    out = torch.full((1, indices.shape[1], k), -1, dtype=torch.int64)
+    for r in range(indices.shape[1]):
+        visible = first_row + r + 1
+        valid = [int(j) for j in indices[0, r].tolist() if int(j) < visible]
+        if len(set(valid)) != len(valid) or len(valid) != min(k, visible):
+            raise AssertionError(f"row {first_row + r}: the indexer chose {indices[0, r].tolist()}; "
+                                 f"{len(valid)} visible, want {min(k, visible)} distinct")
+        out[0, r, :len(valid)] = torch.tensor(valid, dtype=torch.int64)
+    return out
+
+
+def record_deepseek_v32(spec: CaseSpec) -> Recording:
+    from transformers import DeepseekV32Config, DeepseekV32Model
+    T, N = spec.prefill_len, spec.decode_steps
+    cfg = deepseek_v32_config_kwargs(spec.config)
+    k = cfg["index_topk"]
+    if T + N <= k:
+        raise AssertionError(f"{spec.name}: need T + N > index_topk, got {T} + {N} <= {k}")
+    seen: list = []
+
+    def attach(attn):
+        def post(module, args, kwargs, output):
+            seen.append(output.detach().clone().to(torch.int64))
+        return [attn.indexer.register_forward_hook(post, with_kwargs=True)]
+
+    rec = _hf_record(spec, DeepseekV32Config, DeepseekV32Model, cfg, attach=attach)
+    if len(seen) != N + 1 or seen[0].shape[1] != T:
+        raise AssertionError(f"{spec.name}: indexer outputs {[tuple(s.shape) for s in seen]}")
+    rec.extra["expected.selected.prefill"] = _selected_stored(seen[0], 0, k)
+    if N:
+        rec.extra["expected.selected.decode"] = torch.cat([_selected_stored(seen[1 + i], T + i, k) for i in range(N)],
+                                                          dim=1)
+    rec.meta["selected_form"] = ("expected.selected.* [1, rows, index_topk] int64: the indexer's top-k per row as a "
+                                 "set; causally masked entries that torch.topk returns for rows seeing fewer than k "
+                                 "keys are dropped, rows padded with -1")
+    return rec
+
+
+def _deepseek_v32_64(rec: Recording, spec: CaseSpec, *, index_interleaved: bool = False, dense: bool = False):
+    """float64 recomputation: (outputs, chosen [L, L] bool, smallest relative boundary gap, its row)."""
+    c = rec.config
+    H, dn, dr, dv = c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+    r, Hi, Di, k = c["kv_lora_rank"], c["index_n_heads"], c["index_head_dim"], c["index_topk"]
+    rp = c["rope_parameters"]
+    if rp.get("rope_type", "default") != "default":
+        raise NotImplementedError("deepseek_v32 check: rope scaling (YaRN mscale) is not handled")
+    L = spec.prefill_len + spec.decode_steps
+    p = {name: t.to(torch.float64) for name, t in rec.params.items()}
+    x = rec.hidden_states.to(torch.float64)[0]
+    positions = torch.arange(spec.position_offset, spec.position_offset + L)
+    inv = rope_inv_freq64(dr, rp)
+
+    q_lat = rms_norm64(_linear64(x, p, "q_a_proj"), p["q_a_layernorm.weight"], DEEPSEEK_V3_NORM_EPS)
+    q = (q_lat @ p["q_b_proj.weight"].T).reshape(L, H, dn + dr)
+    q_full = torch.cat([q[..., :dn], rope64(q[..., dn:], positions, inv, interleaved=True)], dim=-1)
+    kv_a = _linear64(x, p, "kv_a_proj_with_mqa")
+    c_kv = rms_norm64(kv_a[:, :r], p["kv_a_layernorm.weight"], DEEPSEEK_V3_NORM_EPS)
+    k_pe = rope64(kv_a[:, None, r:], positions, inv, interleaved=True)
+    kv = (c_kv @ p["kv_b_proj.weight"].T).reshape(L, H, dn + dv)
+    k_full = torch.cat([kv[..., :dn], k_pe.expand(L, H, dr)], dim=-1)
+    v = kv[..., dn:]
+
+    qi = (q_lat @ p["indexer.wq_b.weight"].T).reshape(L, Hi, Di)
+    qi = torch.cat([rope64(qi[..., :dr], positions, inv, interleaved=index_interleaved), qi[..., dr:]], dim=-1)
+    ki = x @ p["indexer.wk.weight"].T
+    mean = ki.mean(dim=-1, keepdim=True)
+    var = ((ki - mean) ** 2).mean(dim=-1, keepdim=True)
+    ki = (ki - mean) / torch.sqrt(var + 1e-6) * p["indexer.k_norm.weight"] + p["indexer.k_norm.bias"]
+    ki = torch.cat([rope64(ki[:, None, :dr], positions, inv, interleaved=index_interleaved)[:, 0], ki[:, dr:]], dim=-1)
+    head_w = (x @ p["indexer.weights_proj.weight"].T) * Hi ** -0.5                      # [L, Hi]
+    scores = torch.einsum("ih,ihj->ij", head_w, torch.relu(torch.einsum("ihd,jd->ihj", qi, ki) * Di ** -0.5))
+
+    chosen = torch.zeros(L, L, dtype=torch.bool)
+    smallest, where = math.inf, -1
+    for i in range(L):
+        row = scores[i, :i + 1].tolist()
+        order = sorted(range(i + 1), key=lambda j: (-row[j], j))
+        chosen[i, order[:k]] = True
+        if i + 1 > k:
+            gap = (row[order[k - 1]] - row[order[k]]) / max(max(abs(s) for s in row), 1e-30)
+            if gap < smallest:
+                smallest, where = gap, i
+    causal = torch.arange(L)[None, :] <= torch.arange(L)[:, None]
+    allowed = causal if dense else chosen & causal
+    heads = []
+    for h in range(H):
+        s = (q_full[:, h, :] @ k_full[:, h, :].T) * (dn + dr) ** -0.5
+        s = s.masked_fill(~allowed, float("-inf"))
+        w = torch.exp(s - s.max(dim=1, keepdim=True).values)
+        heads.append((w / w.sum(dim=1, keepdim=True)) @ v[:, h, :])
+    out = _linear64(torch.cat(heads, dim=1), p, "o_proj")
+    return _split_expected(out, spec.prefill_len), chosen, smallest, where
+
+
+def _recorded_sets(rec: Recording) -> list[set[int]]:
+    rows = [rec.extra["expected.selected.prefill"][0]]
+    if "expected.selected.decode" in rec.extra:
+        rows.append(rec.extra["expected.selected.decode"][0])
+    return [set(j for j in row.tolist() if j >= 0) for row in torch.cat(rows, dim=0)]
+
+
+def check_deepseek_v32(rec: Recording, spec: CaseSpec) -> dict[str, Any]:
+    out, chosen, gap, row = _deepseek_v32_64(rec, spec)
+    if not gap >= DEEPSEEK_V32_TIE_MARGIN:
+        raise AssertionError(f"{spec.name}: near tie at the top-k boundary in row {row}: relative gap {gap:.2e} < "
+                             f"{DEEPSEEK_V32_TIE_MARGIN:g}; the reference's choice is implementation-defined there, "
+                             f"so the case is not written (change the seed, index_n_heads or index_topk)")
+    recorded = _recorded_sets(rec)
+    for i, got in enumerate(recorded):
+        want = set(torch.nonzero(chosen[i]).flatten().tolist())
+        if got != want:
+            raise AssertionError(f"{spec.name}: row {i}: the indexer chose {sorted(got)}, float64 {sorted(want)}")
+    return out
+
+
+def contrasts_deepseek_v32(rec: Recording, spec: CaseSpec) -> dict[str, float]:
+    # Attending to every causal key instead of the selection must be caught: the case tests the selection.
+    return {"dense_mla": _contrast_error(rec, _deepseek_v32_64(rec, spec, dense=True)[0])}
+
+
+def notes_deepseek_v32(rec: Recording, spec: CaseSpec) -> list[str]:
+    _, chosen, gap, row = _deepseek_v32_64(rec, spec)
+    _, other, _, _ = _deepseek_v32_64(rec, spec, index_interleaved=True)
+    k = rec.config["index_topk"]
+    L = spec.prefill_len + spec.decode_steps
+    differ = sum(1 for i in range(L) if not torch.equal(chosen[i], other[i]))
+    return [f"  smallest relative gap between the k-th and (k+1)-th index score: {gap:.3e} (row {row}); "
+            f"rows seeing fewer than k = {k} keys (padded with -1): {min(k - 1, L)}",
+            f"  rows whose selection changes if the indexer's RoPE were interleaved (the V3.2-Exp bug): {differ} of {L}"]
+
+
+def describe_deepseek_v32(rec: Recording, spec: CaseSpec) -> str:
+    c = rec.config
+    return (f"hidden={c['hidden_size']:<4} H={c['num_attention_heads']} q_lora={c['q_lora_rank']} "
+            f"kv_lora={c['kv_lora_rank']} nope={c['qk_nope_head_dim']} rope={c['qk_rope_head_dim']} "
+            f"v={c['v_head_dim']} index_heads={c['index_n_heads']} index_dim={c['index_head_dim']} "
+            f"topk={c['index_topk']} offset={spec.position_offset}")
+
+
+register_reference(
+    "deepseek_v32", layer_type="deepseek_sparse_attention", record=record_deepseek_v32, check=check_deepseek_v32,
+    describe=describe_deepseek_v32, contrasts=contrasts_deepseek_v32, notes=notes_deepseek_v32,
+    summary="transformers DeepseekV32Attention (MLA + lightning indexer top-k, eager) in a tiny dense "
+            "DeepseekV32Model; selected indices hooked from the indexer")
+
+
 # ---- Reference "mistral": transformers' MistralAttention with a sliding window ------------------------
 #
 # Parameters as for "llama" without biases: q_proj.weight [H*d, hidden], k_proj.weight [G*d, hidden],
@@ -797,6 +980,356 @@ register_reference(
     "mistral", layer_type="sliding_attention", record=record_mistral, check=check_mistral,
     describe=describe_mistral, contrasts=contrasts_mistral,
     summary="transformers MistralAttention (eager) in a tiny MistralModel: GQA, RoPE, sliding window 0<=q-k<W")
+
+
+# ---- Reference "gpt_oss": transformers' GptOssAttention ------------------------------------------
+#
+# Parameters: q_proj/k_proj/v_proj/o_proj weights AND biases (attention_bias true, as gpt-oss ships), and
+# `sinks` [H], one learned logit per query head. RoPE half-split (the two halves of head_dim, rotate_half style)
+# with YaRN: inverse frequencies blended between kept and divided by `factor` over a ramp in the pair index, and
+# cos/sin multiplied by the attention factor. Scale head_dim^-0.5. Eager attention appends each head's sink
+# logit as one more column of scores, subtracts the row maximum, takes the softmax and drops that column.
+# layer_types decides the mask: sliding_attention sees 0 <= q - k < sliding_window (sequence indices),
+# full_attention every earlier key; the hooked layer takes the case's layer_type.
+
+GPT_OSS_DEFAULTS = {
+    "vocab_size": 64,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "rms_norm_eps": 1e-5,
+    "attention_bias": True,
+    "tie_word_embeddings": False,
+}
+
+
+def gpt_oss_config_kwargs(partial: dict[str, Any], layer_type: str) -> dict[str, Any]:
+    cfg = json.loads(json.dumps(GPT_OSS_DEFAULTS))
+    cfg.update(partial)
+    types = ["sliding_attention"] * cfg["num_hidden_layers"]
+    types[HF_HOOKED_LAYER] = layer_type
+    cfg["layer_types"] = types
+    return cfg
+
+
+def record_gpt_oss(spec: CaseSpec) -> Recording:
+    from transformers import GptOssConfig, GptOssModel
+    layer_type = spec.layer_type or "sliding_attention"
+    cfg = gpt_oss_config_kwargs(spec.config, layer_type)
+    window = cfg.get("sliding_window")
+    if not isinstance(window, int) or spec.prefill_len + spec.decode_steps <= window + 1:
+        raise AssertionError(f"{spec.name}: need an integer sliding_window and T + N > W + 1, got W={window}")
+    rec = _hf_record(spec, GptOssConfig, GptOssModel, cfg)
+    if rec.config["layer_types"][HF_HOOKED_LAYER] != layer_type:
+        raise AssertionError(f"{spec.name}: hooked layer is {rec.config['layer_types'][HF_HOOKED_LAYER]}")
+    if rec.config["rope_parameters"].get("rope_type") != "yarn":
+        raise AssertionError(f"{spec.name}: rope_parameters {rec.config['rope_parameters']}")
+    if "sinks" not in rec.params:
+        raise AssertionError(f"{spec.name}: the attention module has no sinks parameter")
+    return rec
+
+
+def yarn_inv_freq64(dim: int, rp: dict[str, Any], max_position_embeddings: int):
+    """YaRN (Peng et al. 2023) from its formulas, in float64: (inverse frequencies, attention factor).
+    The ramp runs over the pair index between the indices whose wavelength fits beta_fast and beta_slow
+    times into the original context; factor on cos/sin 0.1 ln(factor) + 1 unless given (or an mscale ratio)."""
+    theta = float(rp["rope_theta"])
+    L0 = float(rp["original_max_position_embeddings"])
+    factor = rp.get("factor")
+    factor = float(max_position_embeddings) / L0 if factor is None else float(factor)
+    beta_fast = float(rp.get("beta_fast") or 32)
+    beta_slow = float(rp.get("beta_slow") or 1)
+
+    def pair_at(rotations):                       # 2 pi theta^(2i/dim) * rotations = L0, solved for i
+        return dim / 2 * math.log(L0 / (2 * math.pi * rotations)) / math.log(theta)
+
+    low, high = pair_at(beta_fast), pair_at(beta_slow)
+    if rp.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    base = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    inv = base * (1 - ramp) + base / factor * ramp
+
+    def m(weight):
+        return 1.0 if factor <= 1 else 0.1 * weight * math.log(factor) + 1.0
+    if rp.get("attention_factor") is not None:
+        att = float(rp["attention_factor"])
+    elif rp.get("mscale") and rp.get("mscale_all_dim"):
+        att = m(float(rp["mscale"])) / m(float(rp["mscale_all_dim"]))
+    else:
+        att = m(1.0)
+    return inv, att
+
+
+def _gpt_oss64(rec: Recording, spec: CaseSpec, *, sinks: bool = True, window_shift: int = 0,
+               window_for_full: bool = False, yarn_frequencies: bool = True, attention_factor: bool = True):
+    c = rec.config
+    H, G, d = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    L = spec.prefill_len + spec.decode_steps
+    p = {k: v.to(torch.float64) for k, v in rec.params.items()}
+    x = rec.hidden_states.to(torch.float64)[0]
+    positions = torch.arange(spec.position_offset, spec.position_offset + L)
+    rp = c["rope_parameters"]
+    inv, att = yarn_inv_freq64(d, rp, c["max_position_embeddings"])
+    if not yarn_frequencies:
+        inv = float(rp["rope_theta"]) ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    if not attention_factor:
+        att = 1.0
+    q = rope64(_linear64(x, p, "q_proj").reshape(L, H, d), positions, inv, interleaved=False) * att
+    k = rope64(_linear64(x, p, "k_proj").reshape(L, G, d), positions, inv, interleaved=False) * att
+    v = _linear64(x, p, "v_proj").reshape(L, G, d)
+    sliding = c["layer_types"][HF_HOOKED_LAYER] == "sliding_attention"
+    distance = torch.arange(L)[:, None] - torch.arange(L)[None, :]
+    allowed = distance >= 0
+    if sliding or window_for_full:
+        allowed &= distance < c["sliding_window"] + window_shift
+    heads = []
+    for h in range(H):
+        kv = h // (H // G)
+        s = ((q[:, h, :] @ k[:, kv, :].T) * d ** -0.5).masked_fill(~allowed, float("-inf"))
+        if sinks:
+            s = torch.cat([s, p["sinks"][h].expand(L, 1)], dim=1)
+        w = torch.exp(s - s.max(dim=1, keepdim=True).values)
+        w = w / w.sum(dim=1, keepdim=True)
+        heads.append(w[:, :L] @ v[:, kv, :])                                  # the sink column dropped
+    out = _linear64(torch.cat(heads, dim=1), p, "o_proj")
+    return _split_expected(out, spec.prefill_len)
+
+
+def check_gpt_oss(rec: Recording, spec: CaseSpec) -> dict[str, Any]:
+    return _gpt_oss64(rec, spec)
+
+
+def contrasts_gpt_oss(rec: Recording, spec: CaseSpec) -> dict[str, float]:
+    out = {"no_sinks": _contrast_error(rec, _gpt_oss64(rec, spec, sinks=False)),
+           "no_yarn_attention_factor": _contrast_error(rec, _gpt_oss64(rec, spec, attention_factor=False))}
+    if rec.config["layer_types"][HF_HOOKED_LAYER] == "sliding_attention":
+        out["window_edge_q-k<=W"] = _contrast_error(rec, _gpt_oss64(rec, spec, window_shift=1))
+    else:
+        out["windowed_like_sliding"] = _contrast_error(rec, _gpt_oss64(rec, spec, window_for_full=True))
+    return out
+
+
+def notes_gpt_oss(rec: Recording, spec: CaseSpec) -> list[str]:
+    # RoPE is relative: over a few tokens only the frequencies of the faster pairs move q . k, so how much YaRN's
+    # frequency change matters depends on the settings; reported, not required (the oracle's own tolerance is
+    # 100x tighter than the contrast limit).
+    err = _contrast_error(rec, _gpt_oss64(rec, spec, yarn_frequencies=False))
+    return [f"    yarn frequencies replaced by theta^(-2i/d) (attention factor kept) would differ by {err:.2e}"]
+
+
+def describe_gpt_oss(rec: Recording, spec: CaseSpec) -> str:
+    c = rec.config
+    rp = c["rope_parameters"]
+    return (f"{c['layer_types'][HF_HOOKED_LAYER]:<17} hidden={c['hidden_size']} d={c['head_dim']} "
+            f"H={c['num_attention_heads']} G={c['num_key_value_heads']} W={c['sliding_window']} "
+            f"yarn factor={rp.get('factor')} offset={spec.position_offset}")
+
+
+register_reference(
+    "gpt_oss", layer_type="sliding_attention", record=record_gpt_oss, check=check_gpt_oss,
+    describe=describe_gpt_oss, contrasts=contrasts_gpt_oss, notes=notes_gpt_oss,
+    summary="transformers GptOssAttention (eager) in a tiny GptOssModel: GQA with biases, YaRN RoPE, "
+            "learned sink logits, sliding (0<=q-k<W) or full layers")
+
+
+# ---- Reference "flex_block_mask": torch flex_attention with a BlockMask ---------------------------
+#
+# The chapter-10 block pattern as a mask_mod (absolute positions: token p in block p // block; key block kb
+# visited by query block qb when kb <= qb and (qb - kb < local_blocks or kb < global_blocks or (stride > 0 and
+# (qb - kb) % stride == 0)); inside it the causal edge key <= query), create_block_mask's tables, and
+# flex_attention run eagerly (unfused, on the CPU). Prefill: one call over T tokens with blocks of `block`
+# on both sides. Decode: flex has no cache of its own, so the module keeps one (every token: a later query
+# block may visit any block) and each step calls flex_attention with one query over the whole cache; the
+# step's BlockMask is built for that call (one query row, key blocks of `block` over the cache) and its
+# mask_mod adds the query's absolute position, t - 1, to flex's q_idx (which counts from 0 in every call).
+
+FLEX_DEFAULTS = {"num_attention_heads": 1, "num_key_value_heads": 1, "global_blocks": 0, "stride": 0}
+
+
+def _pattern_allows(q, k, cfg):
+    """The block pattern's element rule; q, k ints or integer tensors."""
+    b = cfg["block"]
+    qb, kb = q // b, k // b
+    back = qb - kb
+    seen = (back < cfg["local_blocks"]) | (kb < cfg["global_blocks"])
+    if cfg["stride"] > 0:
+        seen = seen | (back % cfg["stride"] == 0)
+    return (k <= q) & seen
+
+
+def _flex_rows(bm, width: int):
+    """A BlockMask's (partial, full) key-block lists per query-block row, padded with -1 to `width`."""
+    rows = []
+    for num, idx in [(bm.kv_num_blocks, bm.kv_indices), (bm.full_kv_num_blocks, bm.full_kv_indices)]:
+        num, idx = num[0, 0], idx[0, 0]
+        table = torch.full((num.shape[0], width), -1, dtype=torch.int64)
+        for r in range(num.shape[0]):
+            n = int(num[r])
+            table[r, :n] = idx[r, :n].to(torch.int64)
+        rows.append(table)
+    return rows
+
+
+def record_flex_block_mask(spec: CaseSpec) -> Recording:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    cfg = dict(FLEX_DEFAULTS)
+    cfg.update(spec.config)
+    T, N = spec.prefill_len, spec.decode_steps
+    hidden, d, H, G, B = (cfg["hidden_size"], cfg["head_dim"], cfg["num_attention_heads"],
+                          cfg["num_key_value_heads"], cfg["block"])
+    width = -(-(T + N) // B)
+    g = seeded_generator(spec.seed)
+    params = {
+        "q_proj.weight": randn(g, H * d, hidden, std=1 / math.sqrt(hidden)),
+        "k_proj.weight": randn(g, G * d, hidden, std=1 / math.sqrt(hidden)),
+        "v_proj.weight": randn(g, G * d, hidden, std=1 / math.sqrt(hidden)),
+        "o_proj.weight": randn(g, hidden, H * d, std=1 / math.sqrt(H * d)),
+    }
+    x = randn(g, 1, T + N, hidden)
+
+    def mask_at(offset):
+        def mask_mod(b, h, q_idx, kv_idx):
+            return _pattern_allows(q_idx + offset, kv_idx, cfg)
+        return mask_mod
+
+    def project(chunk):
+        L = chunk.shape[1]
+        q = (chunk @ params["q_proj.weight"].T).view(1, L, H, d).transpose(1, 2)
+        k = (chunk @ params["k_proj.weight"].T).view(1, L, G, d).transpose(1, 2)
+        v = (chunk @ params["v_proj.weight"].T).view(1, L, G, d).transpose(1, 2)
+        return q, k, v
+
+    def attend(q, k, v, bm):
+        out = flex_attention(q, k, v, block_mask=bm, enable_gqa=(H != G))
+        return out.transpose(1, 2).reshape(1, q.shape[2], H * d) @ params["o_proj.weight"].T
+
+    partial, full = [], []
+    with torch.no_grad():
+        q, k, v = project(x[:, :T])
+        bm = create_block_mask(mask_at(0), 1, 1, T, T, device=DEVICE, BLOCK_SIZE=B)
+        prefill = attend(q, k, v, bm)
+        p_rows, f_rows = _flex_rows(bm, width)
+        partial.append(p_rows)
+        full.append(f_rows)
+        cache_k, cache_v = k, v
+        q_block = cfg.get("decode_q_block")
+        steps = []
+        for i in range(N):
+            t = T + i + 1
+            q, k, v = project(x[:, t - 1:t])
+            cache_k, cache_v = torch.cat([cache_k, k], dim=2), torch.cat([cache_v, v], dim=2)
+            if q_block is None:      # one query row per decode block mask where flex accepts it
+                try:
+                    bm = create_block_mask(mask_at(t - 1), 1, 1, 1, t, device=DEVICE, BLOCK_SIZE=(1, B))
+                    steps.append(attend(q, cache_k, cache_v, bm))
+                    q_block = 1
+                except Exception as e:  # noqa: BLE001 - recorded in the summary; falls back to square blocks
+                    print(f"{spec.name}: flex refused a decode BlockMask with one-row query blocks ({e}); using {B}")
+                    q_block = B
+                    bm = create_block_mask(mask_at(t - 1), 1, 1, 1, t, device=DEVICE, BLOCK_SIZE=(B, B))
+                    steps.append(attend(q, cache_k, cache_v, bm))
+            else:
+                bm = create_block_mask(mask_at(t - 1), 1, 1, 1, t, device=DEVICE, BLOCK_SIZE=(q_block, B))
+                steps.append(attend(q, cache_k, cache_v, bm))
+            p_rows, f_rows = _flex_rows(bm, width)
+            partial.append(p_rows)
+            full.append(f_rows)
+    cfg["decode_q_block"] = q_block if q_block is not None else 1
+    decode = torch.cat(steps, dim=1) if steps else torch.zeros(1, 0, hidden, dtype=torch.float32)
+    return Recording(config=cfg, params=params, hidden_states=x, position_ids=position_ids(T + N),
+                     prefill=prefill.contiguous(), decode=decode.contiguous(),
+                     extra={"expected.selected.kv_blocks": torch.cat(partial).contiguous(),
+                            "expected.selected.full_kv_blocks": torch.cat(full).contiguous()},
+                     meta={"flex_attention": "eager (unfused), CPU", "selected_rows":
+                           f"{-(-T // B)} prefill query blocks, then one row per decode step"})
+
+
+def _flex_tables64(cfg, T: int, N: int):
+    """The tables written out block by block from the element rule, flex's way: the mask padded to whole
+    blocks with 'masked', a block visited when any element is allowed, full when all of its padded area is."""
+    B, qb_dec = cfg["block"], cfg["decode_q_block"]
+    width = -(-(T + N) // B)
+
+    def row(queries, q_rows, keys):
+        part, full = [], []
+        for kb in range(-(-keys // B)):
+            ks = range(kb * B, min((kb + 1) * B, keys))
+            allowed = [bool(_pattern_allows(qq, kk, cfg)) for qq in queries for kk in ks]
+            if not any(allowed):
+                continue
+            whole = all(allowed) and len(ks) == B and len(queries) == q_rows
+            (full if whole else part).append(kb)
+        return part + [-1] * (width - len(part)), full + [-1] * (width - len(full))
+
+    rows = [row(list(range(r * B, min((r + 1) * B, T))), B, T) for r in range(-(-T // B))]
+    rows += [row([T + i], qb_dec, T + i + 1) for i in range(N)]
+    return (torch.tensor([r[0] for r in rows], dtype=torch.int64),
+            torch.tensor([r[1] for r in rows], dtype=torch.int64))
+
+
+def _flex64(rec: Recording, spec: CaseSpec, *, dense: bool = False, decode_offset: bool = True):
+    cfg = rec.config
+    T, N = spec.prefill_len, spec.decode_steps
+    H, G, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    L = T + N
+    p = {k: v.to(torch.float64) for k, v in rec.params.items()}
+    x = rec.hidden_states.to(torch.float64)[0]
+    q = (x @ p["q_proj.weight"].T).reshape(L, H, d)
+    k = (x @ p["k_proj.weight"].T).reshape(L, G, d)
+    v = (x @ p["v_proj.weight"].T).reshape(L, G, d)
+    allowed = torch.zeros(L, L, dtype=torch.bool)
+    for i in range(L):
+        qpos = i if (decode_offset or i < T) else 0          # the mistake: flex's q_idx taken as the position
+        for j in range(i + 1):
+            allowed[i, j] = True if dense else bool(_pattern_allows(qpos, j, cfg))
+    heads = []
+    for h in range(H):
+        kv = h // (H // G)
+        s = ((q[:, h, :] @ k[:, kv, :].T) * d ** -0.5).masked_fill(~allowed, float("-inf"))
+        w = torch.exp(s - s.max(dim=1, keepdim=True).values)
+        heads.append((w / w.sum(dim=1, keepdim=True)) @ v[:, kv, :])
+    out = torch.cat(heads, dim=1) @ p["o_proj.weight"].T
+    return _split_expected(out, T)
+
+
+def check_flex_block_mask(rec: Recording, spec: CaseSpec) -> dict[str, Any]:
+    partial, full = _flex_tables64(rec.config, spec.prefill_len, spec.decode_steps)
+    for name, want in [("kv_blocks", partial), ("full_kv_blocks", full)]:
+        got = rec.extra[f"expected.selected.{name}"]
+        if got.shape != want.shape or not torch.equal(got, want):
+            raise AssertionError(f"{spec.name}: flex's {name} table differs from the one written out from the "
+                                 f"element rule:\n{got.tolist()}\nwant\n{want.tolist()}")
+    return _flex64(rec, spec)
+
+
+def contrasts_flex_block_mask(rec: Recording, spec: CaseSpec) -> dict[str, float]:
+    return {"dense_causal": _contrast_error(rec, _flex64(rec, spec, dense=True)),
+            "decode_without_offset": _contrast_error(rec, _flex64(rec, spec, decode_offset=False))}
+
+
+def describe_flex_block_mask(rec: Recording, spec: CaseSpec) -> str:
+    c = rec.config
+    return (f"H={c['num_attention_heads']} G={c['num_key_value_heads']} block={c['block']} "
+            f"local={c['local_blocks']} global={c['global_blocks']} stride={c['stride']} "
+            f"decode_q_block={c['decode_q_block']}")
+
+
+def notes_flex_block_mask(rec: Recording, spec: CaseSpec) -> list[str]:
+    p, f = rec.extra["expected.selected.kv_blocks"], rec.extra["expected.selected.full_kv_blocks"]
+    return [f"    row {r:>2}: partial {[i for i in p[r].tolist() if i >= 0]} full {[i for i in f[r].tolist() if i >= 0]}"
+            for r in range(p.shape[0])]
+
+
+register_reference(
+    "flex_block_mask", layer_type="block_sparse", record=record_flex_block_mask, check=check_flex_block_mask,
+    describe=describe_flex_block_mask, contrasts=contrasts_flex_block_mask, notes=notes_flex_block_mask,
+    summary="torch flex_attention (eager) with create_block_mask over local/global/strided blocks; "
+            "outputs and the BlockMask's partial/full tables")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1001,6 +1534,21 @@ _hf_case("deepseek_v3", "deepseek_v3_half_split", 4003, 10, 3,
          "dimensions (rotate_half) instead of adjacent pairs; q_lora_rank 24, kv_lora_rank 32, 4 heads.",
          hidden_size=64, num_attention_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
          qk_rope_head_dim=8, v_head_dim=16, rope_interleave=False)
+_hf_case("deepseek_v32", "deepseek_v32_k4", 6001, 8, 6,
+         "transformers DeepseekV32Attention (DeepSeek sparse attention): MLA (4 heads, q_lora_rank 24, kv_lora_rank 32, "
+         "qk_nope 16 + qk_rope 8, v 16) with a lightning indexer of 8 heads of dimension 16 choosing index_topk = 4 keys "
+         "per query; prefill 8 then 6 decode steps (T + N = 14 > k). Prefill rows 0-2 see fewer than 4 keys: their "
+         "stored selections drop the causally masked entries torch.topk returns and are padded with -1.",
+         hidden_size=64, num_attention_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
+         qk_rope_head_dim=8, v_head_dim=16, index_n_heads=8, index_head_dim=16, index_topk=4)
+_hf_case("deepseek_v32", "deepseek_v32_k8_offset", 6002, 12, 7,
+         "transformers DeepseekV32Attention: MLA (4 heads, q_lora_rank 32, kv_lora_rank 32, qk_nope 16 + qk_rope 8, "
+         "v 16) with an indexer of 16 heads of dimension 32 choosing index_topk = 8; positions start at 20; prefill 12 "
+         "then 7 decode steps (T + N = 19 > k). Prefill rows 0-6 see fewer than 8 keys: masked entries dropped, -1 "
+         "padding.",
+         offset=20,
+         hidden_size=64, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+         qk_rope_head_dim=8, v_head_dim=16, index_n_heads=16, index_head_dim=32, index_topk=8)
 _hf_case("mistral", "mistral_window5_gqa", 5001, 9, 8,
          "transformers MistralAttention with sliding_window 5: GQA H = 4, G = 2, head_dim 16, RoPE theta 10000; "
          "prefill of 9 (queries past position 4 lose their oldest keys), then 8 decode steps through the model's "
@@ -1013,6 +1561,592 @@ _hf_case("mistral", "mistral_window3_mqa_offset", 5002, 4, 11,
          offset=40,
          hidden_size=32, num_attention_heads=4, num_key_value_heads=1, head_dim=8, sliding_window=3,
          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+
+
+# Chapter 09: learned sink logits, the real gpt-oss attention layer (GptOssAttention, eager) with YaRN RoPE.
+_GPT_OSS_YARN = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                 "truncate": False, "original_max_position_embeddings": 4096}
+add_case(CaseSpec(
+    name="gpt_oss_sliding_w4_yarn_offset", reference="gpt_oss", seed=9101, prefill_len=7, decode_steps=6,
+    layer_type="sliding_attention", position_offset=3000,
+    config={"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "sliding_window": 4, "max_position_embeddings": 131072, "rope_parameters": dict(_GPT_OSS_YARN)},
+    description="transformers GptOssAttention, banded layer (sliding_attention, sliding_window 4): GQA H = 4, "
+                "G = 2, head_dim 16, q/k/v/o biases, one learned sink logit per head; YaRN RoPE with gpt-oss's "
+                "settings (theta 150000, factor 32, beta 32/1, no truncation, original context 4096: pairs 0-2 "
+                "kept, 3-4 blended, 5-7 stretched; cos/sin times 0.1 ln 32 + 1); positions start at 3000; prefill "
+                "of 7 then 6 decode steps through the model's DynamicCache (T + N = 13 > W)."))
+add_case(CaseSpec(
+    name="gpt_oss_full_yarn_mscale", reference="gpt_oss", seed=9102, prefill_len=9, decode_steps=5,
+    layer_type="full_attention", position_offset=400,
+    config={"hidden_size": 64, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 16,
+            "sliding_window": 4, "max_position_embeddings": 512,
+            "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "beta_fast": 4.0,
+                                "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.5,
+                                "original_max_position_embeddings": 64}},
+    description="transformers GptOssAttention, dense layer (full_attention; the config's sliding_window 4 belongs "
+                "to the other layers): GQA H = 8, G = 2, head_dim 16, biases, sink logits; YaRN with factor 8, "
+                "beta 4/1, truncation (the default), original context 64 (small, so that the blended pairs 1-2 "
+                "rotate fast enough to matter over 14 tokens), and the attention factor from the mscale ratio "
+                "(mscale 1, mscale_all_dim 0.5); positions start at 400; prefill 9, decode 5."))
+
+# Chapter 10: block-sparse attention against torch's flex_attention and its BlockMask (see the reference above).
+_FLEX_DECODE = ("Decode: flex keeps no cache, so the module appends each token's k, v to its own and calls "
+                "flex_attention with one query over the whole cache, with a BlockMask built for that step (one "
+                "query row, key blocks of the case's size; the mask function adds the query's absolute position "
+                "to flex's q_idx, which restarts at 0 in every call). expected.selected.* hold the BlockMask "
+                "tables, partial and full key blocks per query-block row: the prefill rows, then one per step.")
+add_case(CaseSpec(
+    name="flex_block_mask_local_global_b3", reference="flex_block_mask", seed=9201, prefill_len=10,
+    decode_steps=6,
+    config={"hidden_size": 32, "head_dim": 16, "num_attention_heads": 2, "num_key_value_heads": 1, "block": 3,
+            "local_blocks": 1, "global_blocks": 1, "stride": 0},
+    description="Block pattern: the diagonal block plus one global block, blocks of 3 (T = 10 and T + N = 16 are "
+                "not multiples of 3), MQA H = 2, head_dim 16. Prefill: one flex call over 10 tokens. "
+                + _FLEX_DECODE))
+add_case(CaseSpec(
+    name="flex_block_mask_strided_b4", reference="flex_block_mask", seed=9202, prefill_len=22, decode_steps=5,
+    config={"hidden_size": 64, "head_dim": 16, "num_attention_heads": 4, "num_key_value_heads": 2, "block": 4,
+            "local_blocks": 2, "global_blocks": 0, "stride": 3},
+    description="Block pattern: two local blocks and every third block back, blocks of 4 (T = 22), GQA H = 4, "
+                "G = 2. " + _FLEX_DECODE))
+add_case(CaseSpec(
+    name="flex_block_mask_all_b5", reference="flex_block_mask", seed=9203, prefill_len=13, decode_steps=9,
+    config={"hidden_size": 32, "head_dim": 16, "num_attention_heads": 2, "num_key_value_heads": 2, "block": 5,
+            "local_blocks": 1, "global_blocks": 1, "stride": 2},
+    description="Block pattern: local, global and strided blocks together (diagonal, block 0, every second block "
+                "back), blocks of 5 (T = 13, T + N = 22), MHA H = G = 2. " + _FLEX_DECODE))
+
+
+# ---- Reference "deepseek_v4": transformers' DeepseekV4Attention (CSA, HCA, sliding) -------------------
+#
+# The module (model.layers[1].self_attn of a tiny DeepseekV4Model, eager, float32) as the decoder layer calls
+# it: its input is input_layernorm(collapsed), where `collapsed` is the hyper-connection's pre-weighted sum
+# of the hc_mult residual streams (the mHC mixing before and after the module is not attention and is not
+# recorded). Parameters (relative to self_attn): q_a_proj [d_c, hidden], q_a_norm [d_c], q_b_proj [H*c, d_c],
+# kv_proj [c, hidden], kv_norm [c], o_a_proj [g*d_g, H*c/g], o_b_proj [hidden, g*d_g], sinks [H]; CSA/HCA add
+# compressor.{kv_proj, gate_proj} [s*c, hidden] (s = 2 for CSA's overlapping windows, 1 for HCA),
+# compressor.position_bias [m, s*c], compressor.kv_norm [c]; CSA adds compressor.indexer.{kv_proj,
+# gate_proj} [2*c_I, hidden], .position_bias [m, 2*c_I], .kv_norm [c_I], .q_b_proj [H_I*c_I, d_c],
+# .scorer.weights_proj [H_I, hidden]. The rotary buffers (inv_freq) are not saved: they follow from the config.
+# Initialisation: as the other Hugging Face references, plus sinks N(0,1) and position_bias N(0,1) (the model
+# initialises both to zero, which would hide them).
+#
+# Selections: a forward hook on compressor.indexer records what it returns for every call ([1, S, k_call]
+# with k_call = min(index_topk, entries so far), picks past the query's causal limit already -1); rows are
+# padded with -1 to index_topk and concatenated over the prefill and decode calls into
+# expected.selected.indexer [1, T+N, index_topk]. A hook on the scorer records the raw index scores; a case
+# whose top-k boundary is a near tie (the k-th and (k+1)-th valid scores within DEEPSEEK_V4_TIE_GAP of each
+# other, relative to the row's largest |score|) is refused: torch.topk's order among equal scores is not
+# specified, and float32 rounding could flip such a pick.
+
+DEEPSEEK_V4_DEFAULTS = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 16,
+    "partial_rotary_factor": 0.5,     # RoPE on the last 8 of 16 dimensions (published: 64 of 512)
+    "q_lora_rank": 24,
+    "moe_intermediate_size": 16,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "hc_mult": 2,
+    "sliding_window": 6,
+    "o_groups": 2,
+    "o_lora_rank": 12,
+    "index_n_heads": 4,
+    "index_head_dim": 16,
+    "index_topk": 2,
+    # Tiny ratios, same code paths as the published 4 (CSA, overlapping) and 128 (HCA).
+    "compress_rates": {"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+    "max_position_embeddings": 256,
+    "rope_theta": 10000.0,
+    "compress_rope_theta": 160000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+DEEPSEEK_V4_TIE_GAP = 1e-3
+DEEPSEEK_V4_POSITION_BIAS_STD = 1.0
+
+
+def deepseek_v4_config_kwargs(partial: dict[str, Any], layer_type: str) -> dict[str, Any]:
+    cfg = json.loads(json.dumps(DEEPSEEK_V4_DEFAULTS))
+    cfg.update(partial)
+    cfg["layer_types"] = ["sliding_attention", layer_type]
+    return cfg
+
+
+def _v4_init_params(module, g) -> dict[str, Any]:
+    params = {}
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            if name.endswith("norm.weight"):
+                value = 1.0 + randn(g, *p.shape, std=HF_NORM_WEIGHT_STD)
+            elif name == "sinks":
+                value = randn(g, *p.shape, std=HF_SINK_STD)
+            elif name.endswith("position_bias"):
+                value = randn(g, *p.shape, std=DEEPSEEK_V4_POSITION_BIAS_STD)
+            elif p.ndim == 2:
+                value = randn(g, *p.shape, std=1 / math.sqrt(p.shape[1]))
+            else:
+                raise AssertionError(f"no initialisation rule for parameter {name} {tuple(p.shape)}")
+            p.copy_(value)
+            params[name] = value.clone()
+    return params
+
+
+def record_deepseek_v4(spec: CaseSpec) -> Recording:
+    from transformers import DeepseekV4Config, DeepseekV4Model, DynamicCache
+    T, N = spec.prefill_len, spec.decode_steps
+    L = T + N
+    config = DeepseekV4Config(**deepseek_v4_config_kwargs(spec.config, spec.layer_type))
+    torch.manual_seed(spec.seed)
+    model = DeepseekV4Model._from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
+    attn = model.layers[HF_HOOKED_LAYER].self_attn
+    if attn.layer_type != spec.layer_type:
+        raise AssertionError(f"{spec.name}: hooked layer is {attn.layer_type}, want {spec.layer_type}")
+    g = seeded_generator(spec.seed)
+    params = _v4_init_params(attn, g)
+    ids = torch.randint(0, config.vocab_size, (1, L), generator=g, dtype=torch.int64)
+    pos = torch.arange(spec.position_offset, spec.position_offset + L, dtype=torch.int64).unsqueeze(0)
+    seen: dict[str, list] = {"hidden_states": [], "position_ids": [], "output": [], "picks": [], "scores": []}
+
+    def pre_hook(module, args, kwargs):
+        seen["hidden_states"].append((kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).clone())
+        seen["position_ids"].append(kwargs["position_ids"].clone())
+
+    def post_hook(module, args, kwargs, output):
+        seen["output"].append((output[0] if isinstance(output, tuple) else output).clone())
+
+    handles = [attn.register_forward_pre_hook(pre_hook, with_kwargs=True),
+               attn.register_forward_hook(post_hook, with_kwargs=True)]
+    if spec.layer_type == "compressed_sparse_attention":
+        indexer = attn.compressor.indexer
+        handles.append(indexer.register_forward_hook(lambda m, a, o: seen["picks"].append(o.clone())))
+        handles.append(indexer.scorer.register_forward_hook(lambda m, a, o: seen["scores"].append(o.clone())))
+    try:
+        with torch.no_grad():
+            cache = DynamicCache(config=config)
+            model(input_ids=ids[:, :T], position_ids=pos[:, :T], past_key_values=cache, use_cache=True)
+            for i in range(N):
+                model(input_ids=ids[:, T + i:T + i + 1], position_ids=pos[:, T + i:T + i + 1],
+                      past_key_values=cache, use_cache=True)
+    finally:
+        for h in handles:
+            h.remove()
+    if len(seen["output"]) != N + 1 or [t.shape[1] for t in seen["hidden_states"]] != [T] + [1] * N:
+        raise AssertionError(f"{spec.name}: module calls {[t.shape for t in seen['hidden_states']]}")
+    position_ids = torch.cat(seen["position_ids"], dim=1).to(torch.int64).contiguous()
+    if not torch.equal(position_ids, pos):
+        raise AssertionError(f"{spec.name}: the module saw position ids {position_ids.tolist()}")
+    extra, meta = {}, {"module": f"layers.{HF_HOOKED_LAYER}.self_attn", "position_offset": spec.position_offset}
+    if spec.layer_type == "compressed_sparse_attention":
+        k = config.index_topk
+        m = config.compress_rates["compressed_sparse_attention"]
+        rows, ties = [], 0
+        for picks, scores, p in zip(seen["picks"], seen["scores"], seen["position_ids"]):
+            for r in range(picks.shape[1]):
+                row = picks[0, r].tolist()
+                s = scores[0, r].to(torch.float64)
+                limit = (int(p[0, r]) + 1) // m
+                valid = s[:limit]
+                if valid.numel() > k:
+                    top = torch.sort(valid, descending=True).values
+                    gap = float(top[k - 1] - top[k])
+                    if not gap > DEEPSEEK_V4_TIE_GAP * max(1e-6, float(valid.abs().max())):
+                        ties += 1
+                want = sorted(torch.topk(valid, min(k, valid.numel())).indices.tolist()) if limit else []
+                if sorted(i for i in row if i >= 0) != want:
+                    raise AssertionError(f"{spec.name}: indexer picks {row} are not the top-{k} of {s.tolist()}")
+                rows.append(row + [-1] * (k - len(row)))
+        if ties:
+            raise AssertionError(f"{spec.name}: {ties} rows have a near tie at the top-{k} boundary; "
+                                 f"choose another seed")
+        extra["expected.selected.indexer"] = torch.tensor([rows], dtype=torch.int64)
+        meta["selected"] = {"indexer": "compressor.indexer's output per call, -1 for picks past the query's "
+                                       "causal limit (as the reference returns them) and as padding to index_topk"}
+    return Recording(config=json_safe(config.to_dict()), params=params,
+                     hidden_states=torch.cat(seen["hidden_states"], dim=1).contiguous(), position_ids=position_ids,
+                     prefill=seen["output"][0].contiguous(),
+                     decode=(torch.cat(seen["output"][1:], dim=1) if N else
+                             torch.zeros(1, 0, config.hidden_size)).contiguous(),
+                     extra=extra, meta=meta)
+
+
+def _v4_compress64(x, p, prefix, c, m, overlap, positions_inv, eps, *, overlap_off=False, rope_at_end=False,
+                   att=1.0):
+    """Entries of the compressor `prefix` over the whole sequence, float64, from the formula."""
+    kv, gate = _linear64(x, p, f"{prefix}kv_proj"), _linear64(x, p, f"{prefix}gate_proj")
+    bias = p[f"{prefix}position_bias"]
+    n = x.shape[0] // m
+    out = []
+    for e in range(n):
+        own = slice(c, 2 * c) if overlap else slice(0, c)
+        kvs = [kv[e * m:(e + 1) * m, own]]
+        gs = [gate[e * m:(e + 1) * m, own] + bias[:, own]]
+        if overlap and e > 0 and not overlap_off:
+            kvs.insert(0, kv[(e - 1) * m:e * m, :c])
+            gs.insert(0, gate[(e - 1) * m:e * m, :c] + bias[:, :c])
+        w = torch.softmax(torch.cat(gs), dim=0)
+        out.append((w * torch.cat(kvs)).sum(dim=0))
+    if not out:
+        return torch.zeros(0, c, dtype=torch.float64)
+    ent = rms_norm64(torch.stack(out), p[f"{prefix}kv_norm.weight"], eps)
+    at = torch.arange(n, dtype=torch.float64) * m + (m - 1 if rope_at_end else 0)
+    return _v4_rope_tail(ent[:, None, :], at, positions_inv, att)[:, 0, :]
+
+
+def _v4_rope_tail(x, positions, inv, att=1.0):
+    """Interleaved RoPE on the last 2 * len(inv) values; the rotated values times `att` (YaRN's factor on cos and
+    sin, which V4's config forces to 1 for its compressed layers)."""
+    r = 2 * inv.shape[0]
+    return torch.cat([x[..., :-r], att * rope64(x[..., -r:], positions, inv, interleaved=True)], dim=-1)
+
+
+def _deepseek_v4_64(rec: Recording, spec: CaseSpec, *, unrotate=True, sink=True, entries=True,
+                    overlap_off=False, rope_at_end=False, yarn=True):
+    c = rec.config
+    kind = spec.layer_type
+    H, D = c["num_attention_heads"], c["head_dim"]
+    r = int(D * c["partial_rotary_factor"])
+    eps, W = c["rms_norm_eps"], c["sliding_window"]
+    rp = c["rope_parameters"]["main" if kind == "sliding_attention" else "compress"]
+    inv, att = float(rp["rope_theta"]) ** (-torch.arange(0, r, 2, dtype=torch.float64) / r), 1.0
+    if rp.get("rope_type", "default") == "yarn" and yarn:
+        inv, att = yarn_inv_freq64(r, rp, c["max_position_embeddings"])
+    elif rp.get("rope_type", "default") not in ("default", "yarn"):
+        raise NotImplementedError(f"deepseek_v4 check: rope type {rp.get('rope_type')}")
+    L = spec.prefill_len + spec.decode_steps
+    p = {k: v.to(torch.float64) for k, v in rec.params.items()}
+    x = rec.hidden_states.to(torch.float64)[0]
+    pos = torch.arange(spec.position_offset, spec.position_offset + L, dtype=torch.float64)
+
+    q_res = rms_norm64(_linear64(x, p, "q_a_proj"), p["q_a_norm.weight"], eps)
+    q = _linear64(q_res, p, "q_b_proj").reshape(L, H, D)
+    q = _v4_rope_tail(q / torch.sqrt((q * q).mean(-1, keepdim=True) + eps), pos, inv, att)
+    kv = _v4_rope_tail(rms_norm64(_linear64(x, p, "kv_proj"), p["kv_norm.weight"], eps)[:, None, :], pos, inv,
+                       att)[:, 0]
+    m = c["compress_rates"].get(kind, 0) if kind != "sliding_attention" else 0
+    csa = kind == "compressed_sparse_attention"
+    ent = (_v4_compress64(x, p, "compressor.", D, m, csa, inv, eps, overlap_off=overlap_off, rope_at_end=rope_at_end,
+                          att=att) if m else None)
+    selected = []
+    if csa:
+        Hi, Di, k = c["index_n_heads"], c["index_head_dim"], c["index_topk"]
+        keys = _v4_compress64(x, p, "compressor.indexer.", Di, m, True, inv, eps, att=att)
+        qi = _v4_rope_tail(_linear64(q_res, p, "compressor.indexer.q_b_proj").reshape(L, Hi, Di), pos, inv, att)
+        wts = _linear64(x, p, "compressor.indexer.scorer.weights_proj") * Hi ** -0.5
+        scores = (torch.relu(torch.einsum("thd,ed->the", qi, keys)) * Di ** -0.5 * wts[:, :, None]).sum(1)
+    out = torch.zeros(L, H, D, dtype=torch.float64)
+    for t in range(L):
+        rows = [kv[j] for j in range(max(0, t - W + 1), t + 1)]
+        limit = (int(pos[t]) + 1) // m if m else 0
+        if m and entries:
+            if csa:
+                chosen = sorted(torch.topk(scores[t, :limit], min(k, limit)).indices.tolist()) if limit else []
+                selected.append(chosen)
+                rows += [ent[e] for e in chosen]
+            else:
+                rows += [ent[e] for e in range(limit)]
+        keys_t = torch.stack(rows)                                              # [n, D]
+        logits = (q[t] @ keys_t.T) * D ** -0.5                                  # [H, n]
+        if sink:
+            logits = torch.cat([logits, p["sinks"][:, None]], dim=1)
+        w = torch.softmax(logits, dim=1)[:, :keys_t.shape[0]]
+        out[t] = w @ keys_t
+    if unrotate:
+        out = _v4_rope_tail(out, -pos, inv, att)
+    G, dg = c["o_groups"], c["o_lora_rank"]
+    grouped = out.reshape(L, G, H * D // G)
+    wa = p["o_a_proj.weight"].reshape(G, dg, H * D // G)
+    mid = torch.einsum("tgi,goi->tgo", grouped, wa).reshape(L, G * dg)
+    result = _split_expected(_linear64(mid, p, "o_b_proj"), spec.prefill_len)
+    return result, selected
+
+
+def check_deepseek_v4(rec: Recording, spec: CaseSpec) -> dict[str, Any]:
+    result, selected = _deepseek_v4_64(rec, spec)
+    if "expected.selected.indexer" in rec.extra:
+        got = [sorted(i for i in row if i >= 0) for row in rec.extra["expected.selected.indexer"][0].tolist()]
+        if got != selected:
+            raise AssertionError(f"{spec.name}: recorded selections differ from the float64 top-k")
+    return result
+
+
+def contrasts_deepseek_v4(rec: Recording, spec: CaseSpec) -> dict[str, float]:
+    out = {"no_output_unrotation": _contrast_error(rec, _deepseek_v4_64(rec, spec, unrotate=False)[0]),
+           "no_sink": _contrast_error(rec, _deepseek_v4_64(rec, spec, sink=False)[0])}
+    if spec.layer_type != "sliding_attention":
+        out["window_only"] = _contrast_error(rec, _deepseek_v4_64(rec, spec, entries=False)[0])
+        if rec.config["rope_parameters"]["compress"].get("rope_type") == "yarn":
+            out["default_rope"] = _contrast_error(rec, _deepseek_v4_64(rec, spec, yarn=False)[0])
+    return out
+
+
+def notes_deepseek_v4(rec: Recording, spec: CaseSpec) -> list[str]:
+    if spec.layer_type == "sliding_attention":
+        return []
+    notes = [f"  entry RoPE at the block's last token instead of its first: "
+             f"{_contrast_error(rec, _deepseek_v4_64(rec, spec, rope_at_end=True)[0]):.2e}"]
+    if spec.layer_type == "compressed_sparse_attention":
+        notes.append(f"  CSA without the overlapping half (Ca of the previous block): "
+                     f"{_contrast_error(rec, _deepseek_v4_64(rec, spec, overlap_off=True)[0]):.2e}")
+    return notes
+
+
+def describe_deepseek_v4(rec: Recording, spec: CaseSpec) -> str:
+    c = rec.config
+    m = c["compress_rates"].get(spec.layer_type, 0)
+    return (f"{spec.layer_type:<28} H={c['num_attention_heads']} c={c['head_dim']} W={c['sliding_window']} m={m} "
+            f"topk={c['index_topk'] if spec.layer_type == 'compressed_sparse_attention' else '-'}")
+
+
+register_reference(
+    "deepseek_v4", layer_type="compressed_sparse_attention", record=record_deepseek_v4, check=check_deepseek_v4,
+    describe=describe_deepseek_v4, contrasts=contrasts_deepseek_v4, notes=notes_deepseek_v4,
+    summary="transformers DeepseekV4Attention (eager) in a tiny DeepseekV4Model: sliding, CSA (+ indexer), HCA")
+
+
+def _v4_case(name, seed, layer_type, T, N, description, **config):
+    add_case(CaseSpec(name=name, reference="deepseek_v4", seed=seed, prefill_len=T, decode_steps=N, config=config,
+                      description=description, layer_type=layer_type))
+
+
+_v4_case("deepseek_v4_sliding", 12001, "sliding_attention", 9, 8,
+         "transformers DeepseekV4Attention, sliding-only layer: 4 heads sharing one K = V head of 16 (RoPE on the "
+         "last 8, interleaved, theta 10000), per-head sinks, window 6, grouped output projection (2 groups of 12); "
+         "a prefill of 9, then 8 decode steps.")
+_v4_case("deepseek_v4_csa", 12002, "compressed_sparse_attention", 10, 11,
+         "transformers DeepseekV4Attention, CSA layer: compress ratio 4 (overlapping windows, the published value), "
+         "indexer with 4 heads of 16 and top-2, window 6, compress theta 160000; the prefill of 10 ends inside a "
+         "block (2 tokens pending), the 11 decode steps complete the blocks at 12, 16 and 20.")
+_v4_case("deepseek_v4_csa_topk_all", 12003, "compressed_sparse_attention", 7, 13,
+         "transformers DeepseekV4Attention, CSA layer with index_topk 8 >= every entry count reached (5): the "
+         "selection is every complete entry; prefill of 7 (3 pending), 13 decode steps.",
+         index_topk=8)
+_v4_case("deepseek_v4_csa_yarn", 12005, "compressed_sparse_attention", 10, 14,
+         "transformers DeepseekV4Attention, CSA layer with the published kind of compressed-layer RoPE: YaRN (factor "
+         "16, beta 32/1) on theta 160000, its attention factor forced to 1 by the config, but an original context of "
+         "16 tokens (published: 65536) so that YaRN changes the rotations within this short case; the sliding layer "
+         "keeps plain RoPE. Prefill of 10 (2 pending), 14 decode steps.",
+         rope_parameters={"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 16,
+                          "beta_fast": 32.0, "beta_slow": 1.0})
+_v4_case("deepseek_v4_hca", 12004, "heavily_compressed_attention", 13, 12,
+         "transformers DeepseekV4Attention, HCA layer: compress ratio 8 (tiny for the published 128, the same "
+         "non-overlapping code path), window 6; the prefill of 13 ends inside a block (5 pending), the 12 decode "
+         "steps complete the blocks at 16 and 24.")
+
+
+# ---- Reference "minimax": transformers' MiniMaxLightningAttention and MiniMaxAttention ----------------
+#
+# A tiny MiniMaxModel whose layer_types mix "full_attention" and "linear_attention"; the hooked layer's index
+# is the case's `layer_idx` (the lightning layer's decay depends on it). Recorded through the model's own
+# MiniMaxCache: a prefill of T tokens, then N single-token steps.
+# Lightning ("linear_attention") parameters: qkv_proj.weight [3*H*d, hidden] (head h's rows: q, k, v of d
+# each, in that order), output_gate.weight [H*d, hidden], norm.weight [H*d], out_proj.weight [hidden, H*d].
+# q, k, v = SiLU(x W_qkv^T) per head; no scale, no softmax; slope of head h (0-based) of layer l of L:
+# 2^(-8(h+1)/H) * (1 - l/(L-1+1e-5) + 1e-5); o_t = sum_{j<=t} exp(-s (t-j)) (q_t.k_j) v_j; the prefill in
+# blocks of block_size, decode token by token through the [H, d, d] state; RMSNorm over all H*d outputs with
+# the class default eps 1e-6; times sigmoid(x W_gate^T); out_proj. The module's buffers (slopes and decay
+# tables) are derived from the config and layer index and are not saved.
+# Full ("full_attention") parameters: q_proj, k_proj, v_proj, o_proj as Llama without biases; RoPE over the
+# whole head_dim (this port ignores any partial rotary setting), half-split, scale d^-0.5, causal GQA.
+
+MINIMAX_DEFAULTS = {
+    "vocab_size": 64,
+    "intermediate_size": 32,
+    "num_hidden_layers": 4,
+    "num_local_experts": 2,
+    "num_experts_per_tok": 1,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "layer_types": ["full_attention", "linear_attention", "linear_attention", "full_attention"],
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+}
+MINIMAX_NORM_EPS = 1e-6      # MiniMaxRMSNorm's default, used by the lightning layer's own norm
+
+
+def minimax_config_kwargs(partial: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    cfg = json.loads(json.dumps(MINIMAX_DEFAULTS))
+    cfg.update(partial)
+    layer = cfg.pop("hooked_layer")
+    return cfg, layer
+
+
+def record_minimax(spec: CaseSpec) -> Recording:
+    from transformers import MiniMaxConfig, MiniMaxModel
+    from transformers.models.minimax.modeling_minimax import MiniMaxCache
+    kwargs, layer = minimax_config_kwargs(spec.config)
+    T, N = spec.prefill_len, spec.decode_steps
+    L = T + N
+    config = MiniMaxConfig(**kwargs)
+    if config.layer_types[layer] != spec.layer_type:
+        raise AssertionError(f"{spec.name}: layer {layer} is {config.layer_types[layer]}, want {spec.layer_type}")
+    torch.manual_seed(spec.seed)
+    model = MiniMaxModel._from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
+    attn = model.layers[layer].self_attn
+    g = seeded_generator(spec.seed)
+    params = {}
+    with torch.no_grad():
+        for name, p in sorted(attn.named_parameters()):
+            if name.endswith("norm.weight"):
+                value = 1.0 + randn(g, *p.shape, std=HF_NORM_WEIGHT_STD)
+            elif p.ndim == 2:
+                value = randn(g, *p.shape, std=1 / math.sqrt(p.shape[1]))
+            else:
+                raise AssertionError(f"no initialisation rule for parameter {name} {tuple(p.shape)}")
+            p.copy_(value)
+            params[name] = value.clone()
+    ids = torch.randint(0, config.vocab_size, (1, L), generator=g, dtype=torch.int64)
+    pos = torch.arange(L, dtype=torch.int64).unsqueeze(0)
+    seen: dict[str, list] = {"hidden_states": [], "output": []}
+
+    def pre_hook(module, args, kwargs_):
+        hs = kwargs_["hidden_states"] if "hidden_states" in kwargs_ else args[0]
+        seen["hidden_states"].append(hs.detach().clone())
+
+    def post_hook(module, args, kwargs_, output):
+        out = output[0] if isinstance(output, tuple) else output
+        seen["output"].append(out.detach().clone())
+
+    handles = [attn.register_forward_pre_hook(pre_hook, with_kwargs=True),
+               attn.register_forward_hook(post_hook, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            cache = MiniMaxCache()
+            model(input_ids=ids[:, :T], position_ids=pos[:, :T], past_key_values=cache, use_cache=True)
+            for i in range(N):
+                model(input_ids=ids[:, T + i:T + i + 1], position_ids=pos[:, T + i:T + i + 1],
+                      past_key_values=cache, use_cache=True)
+    finally:
+        for h in handles:
+            h.remove()
+    if [t.shape[1] for t in seen["hidden_states"]] != [T] + [1] * N:
+        raise AssertionError(f"{spec.name}: unexpected call lengths {[t.shape for t in seen['hidden_states']]}")
+    meta = {"module": f"layers.{layer}.self_attn", "layer_idx": layer}
+    if spec.layer_type == "linear_attention":
+        state = cache.linear_cache[layer]
+        meta["state_shape"] = list(state.shape)
+    hidden_states = torch.cat(seen["hidden_states"], dim=1).to(torch.float32).contiguous()
+    prefill = seen["output"][0].contiguous()
+    decode = (torch.cat(seen["output"][1:], dim=1) if N else
+              torch.zeros(1, 0, config.hidden_size, dtype=torch.float32)).contiguous()
+    return Recording(config=json_safe(config.to_dict()), params=params, hidden_states=hidden_states,
+                     position_ids=pos, prefill=prefill, decode=decode, meta=meta)
+
+
+def minimax_slopes64(H: int, layer: int, layers: int, *, depth_factor: bool = True):
+    s = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=torch.float64)
+    return s * (1 - layer / (layers - 1 + 1e-5) + 1e-5) if depth_factor else s
+
+
+def _minimax_linear64(rec: Recording, spec: CaseSpec, *, depth_factor: bool = True, per_head_norm: bool = False,
+                      no_decay: bool = False):
+    c = rec.config
+    H = c["num_attention_heads"]
+    d = c.get("head_dim") or c["hidden_size"] // H
+    L = spec.prefill_len + spec.decode_steps
+    p = {k: v.to(torch.float64) for k, v in rec.params.items()}
+    x = rec.hidden_states.to(torch.float64)[0]
+    qkv = F.silu(x @ p["qkv_proj.weight"].T).reshape(L, H, 3 * d)
+    q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+    s = minimax_slopes64(H, rec.meta["layer_idx"], c["num_hidden_layers"], depth_factor=depth_factor)
+    if no_decay:
+        s = torch.zeros_like(s)
+    distance = (torch.arange(L)[:, None] - torch.arange(L)[None, :]).to(torch.float64)    # t - j
+    heads = []
+    for h in range(H):
+        w = (q[:, h, :] @ k[:, h, :].T) * torch.exp(-s[h] * distance.clamp(min=0))
+        w = w.masked_fill(distance < 0, 0.0)
+        heads.append(w @ v[:, h, :])
+    y = torch.cat(heads, dim=1)                                                              # [L, H*d]
+    if per_head_norm:
+        y = torch.cat([rms_norm64(y[:, h * d:(h + 1) * d], p["norm.weight"][h * d:(h + 1) * d], MINIMAX_NORM_EPS)
+                       for h in range(H)], dim=1)
+    else:
+        y = rms_norm64(y, p["norm.weight"], MINIMAX_NORM_EPS)
+    y = torch.sigmoid(x @ p["output_gate.weight"].T) * y
+    return _split_expected(y @ p["out_proj.weight"].T, spec.prefill_len)
+
+
+def _minimax_full64(rec: Recording, spec: CaseSpec, *, rotary_dim_half: bool = False):
+    c = rec.config
+    H, G = c["num_attention_heads"], c["num_key_value_heads"]
+    d = c.get("head_dim") or c["hidden_size"] // H
+    L = spec.prefill_len + spec.decode_steps
+    p = {k: v.to(torch.float64) for k, v in rec.params.items()}
+    x = rec.hidden_states.to(torch.float64)[0]
+    positions = torch.arange(L)
+    r = d // 2 if rotary_dim_half else d
+    inv = rope_inv_freq64(r, c["rope_parameters"])
+
+    def rotate(t):
+        return torch.cat([rope64(t[..., :r], positions, inv, interleaved=False), t[..., r:]], dim=-1)
+
+    q = rotate((x @ p["q_proj.weight"].T).reshape(L, H, d))
+    k = rotate((x @ p["k_proj.weight"].T).reshape(L, G, d))
+    v = (x @ p["v_proj.weight"].T).reshape(L, G, d)
+    return _split_expected(causal_attention64(q, k, v, d ** -0.5) @ p["o_proj.weight"].T, spec.prefill_len)
+
+
+def check_minimax(rec: Recording, spec: CaseSpec) -> dict[str, Any]:
+    if spec.layer_type == "linear_attention":
+        return _minimax_linear64(rec, spec)
+    return _minimax_full64(rec, spec)
+
+
+def contrasts_minimax(rec: Recording, spec: CaseSpec) -> dict[str, float]:
+    if spec.layer_type == "linear_attention":
+        out = {"norm_per_head": _contrast_error(rec, _minimax_linear64(rec, spec, per_head_norm=True)),
+               "no_decay": _contrast_error(rec, _minimax_linear64(rec, spec, no_decay=True))}
+        if rec.meta["layer_idx"] > 0:
+            out["no_depth_factor"] = _contrast_error(rec, _minimax_linear64(rec, spec, depth_factor=False))
+        return out
+    return {"rotary_dim_half": _contrast_error(rec, _minimax_full64(rec, spec, rotary_dim_half=True))}
+
+
+def describe_minimax(rec: Recording, spec: CaseSpec) -> str:
+    c = rec.config
+    H = c["num_attention_heads"]
+    d = c.get("head_dim") or c["hidden_size"] // H
+    text = (f"{spec.layer_type:<16} layer={rec.meta['layer_idx']}/{c['num_hidden_layers']} hidden={c['hidden_size']} "
+            f"H={H} d={d}")
+    if spec.layer_type == "linear_attention":
+        return text + f" block={c['block_size']} state={rec.meta['state_shape']}"
+    return text + f" G={c['num_key_value_heads']} theta={c['rope_parameters']['rope_theta']:g}"
+
+
+register_reference(
+    "minimax", layer_type="linear_attention", record=record_minimax, check=check_minimax,
+    describe=describe_minimax, contrasts=contrasts_minimax,
+    summary="transformers MiniMaxLightningAttention / MiniMaxAttention (eager) in a tiny MiniMaxModel, MiniMaxCache")
+
+add_case(CaseSpec(name="minimax_lightning_layer2_block4", reference="minimax", seed=13001, prefill_len=10,
+                  decode_steps=7, layer_type="linear_attention",
+                  config={"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+                          "block_size": 4, "hooked_layer": 2},
+                  description="MiniMax lightning attention, layer 2 of 4 (depth factor 1/3), H = 4 heads of d = 8, "
+                              "block 4: a prefill of 10 (two full blocks and a partial one), then 7 decode steps "
+                              "through MiniMaxCache's [1, 4, 8, 8] state (T + N = 17 crosses two block edges)."))
+add_case(CaseSpec(name="minimax_lightning_layer1_block8", reference="minimax", seed=13002, prefill_len=21,
+                  decode_steps=5, layer_type="linear_attention",
+                  config={"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+                          "block_size": 8, "hooked_layer": 1},
+                  description="MiniMax lightning attention, layer 1 of 4, H = 2 heads of d = 16, block 8: a prefill "
+                              "of 21 (two blocks and 5 tokens), then 5 decode steps through the state."))
+add_case(CaseSpec(name="minimax_full_gqa_layer3", reference="minimax", seed=13003, prefill_len=9,
+                  decode_steps=5, layer_type="full_attention",
+                  config={"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+                          "block_size": 4, "hooked_layer": 3,
+                          "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0}},
+                  description="MiniMax full-attention layer 3 of 4 (after two lightning layers): GQA H = 4, G = 2, "
+                              "d = 8, RoPE theta 1e7 over the whole head dim (half-split), prefill 9, 5 decode "
+                              "steps through MiniMaxCache's KV layers."))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include <fstream>
+#include <set>
 
 namespace oracle {
 
@@ -121,6 +122,45 @@ af::GroupedShape read_hf_grouped_shape(const Case& c) {
   return shape;
 }
 
+namespace {
+// YaRN's settings as transformers reads them (modeling_rope_utils, `_compute_yarn_parameters`): `factor` (null:
+// max_position_embeddings / original), `original_max_position_embeddings`, optional `beta_fast` (32), `beta_slow`
+// (1), `truncate` (true), `attention_factor`, `mscale`, `mscale_all_dim`; a null or zero beta or mscale means the
+// default, as there. Any other field is rejected by name rather than ignored.
+af::YarnScaling read_hf_yarn(const Case& c, const nlohmann::json& params) {
+  static const std::set<std::string> known = {
+      "rope_type", "type",      "rope_theta", "partial_rotary_factor", "factor", "original_max_position_embeddings",
+      "beta_fast", "beta_slow", "truncate",   "attention_factor",      "mscale", "mscale_all_dim"};
+  for (const auto& [key, value] : params.items())
+    if (!known.contains(key))
+      throw CaseError(fmt::format("{}: yarn rope_parameters has field \"{}\" ({}), which this build does not know",
+                                  c.name, key, value.dump()));
+  const auto given = [&](const char* key) { return params.contains(key) && !params.at(key).is_null(); };
+  const auto number = [&](const char* key) {
+    if (!given(key)) throw CaseError(fmt::format("{}: yarn rope_parameters has no \"{}\"", c.name, key));
+    if (!params.at(key).is_number())
+      throw CaseError(
+          fmt::format("{}: yarn rope_parameters \"{}\" is {} (expected a number)", c.name, key, params.at(key).dump()));
+    return params.at(key).get<double>();
+  };
+  af::YarnScaling yarn;
+  yarn.original_context = number("original_max_position_embeddings");
+  yarn.factor = given("factor") ? number("factor") : c.config_double("max_position_embeddings") / yarn.original_context;
+  if (given("beta_fast") && number("beta_fast") != 0.0) yarn.beta_fast = number("beta_fast");
+  if (given("beta_slow") && number("beta_slow") != 0.0) yarn.beta_slow = number("beta_slow");
+  if (given("truncate")) {
+    if (!params.at("truncate").is_boolean())
+      throw CaseError(fmt::format("{}: yarn rope_parameters \"truncate\" is {} (expected true or false)", c.name,
+                                  params.at("truncate").dump()));
+    yarn.truncate = params.at("truncate").get<bool>();
+  }
+  if (given("attention_factor")) yarn.attention_factor = number("attention_factor");
+  if (given("mscale")) yarn.mscale = number("mscale");
+  if (given("mscale_all_dim")) yarn.mscale_all_dim = number("mscale_all_dim");
+  return yarn;
+}
+}  // namespace
+
 // transformers 5 keeps the rotary settings in `rope_parameters`; earlier versions used `rope_theta` and
 // `rope_scaling`. Either is read.
 af::Rope read_hf_rope(const Case& c, std::int64_t head_dim, af::RopeLayout layout) {
@@ -150,9 +190,11 @@ af::Rope read_hf_rope(const Case& c, std::int64_t head_dim, af::RopeLayout layou
       };
       scaling = af::Llama3Scaling{number("factor"), number("low_freq_factor"), number("high_freq_factor"),
                                   number("original_max_position_embeddings")};
+    } else if (type == "yarn") {
+      return af::Rope(head_dim, theta, layout, read_hf_yarn(c, *params));
     } else if (type != "default") {
-      throw CaseError(
-          fmt::format("{}: rope type \"{}\" is not supported (this build knows default and llama3)", c.name, type));
+      throw CaseError(fmt::format("{}: rope type \"{}\" is not supported (this build knows default, llama3 and yarn)",
+                                  c.name, type));
     }
   }
   return af::Rope(head_dim, theta, layout, scaling);
@@ -179,8 +221,13 @@ const std::map<std::string, Runner>& runners() {
       {"sdpa", run_sdpa},
       {"llama", run_llama},
       {"deepseek_v3", run_deepseek_v3},
+      {"deepseek_v32", run_deepseek_v32},
+      {"deepseek_v4", run_deepseek_v4},
       {"mistral", run_mistral},
       {"sdpa_sinks", run_sdpa_sinks},
+      {"gpt_oss", run_gpt_oss},
+      {"flex_block_mask", run_flex_block_mask},
+      {"minimax", run_minimax},
   };
   return table;
 }

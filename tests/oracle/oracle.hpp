@@ -74,7 +74,8 @@ struct Outputs {
 af::GroupedShape read_hf_grouped_shape(const Case& c);
 
 /// The rotary embedding of a Hugging Face config: theta and type from `rope_parameters` (transformers 5) or
-/// `rope_theta` / `rope_scaling` (earlier); types "default" and "llama3"; partial rotation is rejected.
+/// `rope_theta` / `rope_scaling` (earlier); types "default", "llama3" and "yarn" (every yarn field read, an
+/// unknown one rejected by name); partial rotation is rejected.
 af::Rope read_hf_rope(const Case& c, std::int64_t head_dim, af::RopeLayout layout);
 
 /// The q/k/v/o projections of a grouped layer under their Hugging Face names, checked against `shape`; the
@@ -91,7 +92,12 @@ const std::map<std::string, Runner>& runners();
 std::vector<Outputs> run_sdpa(const Case& c);
 std::vector<Outputs> run_llama(const Case& c);
 std::vector<Outputs> run_deepseek_v3(const Case& c);
+std::vector<Outputs> run_deepseek_v32(const Case& c);
+std::vector<Outputs> run_deepseek_v4(const Case& c);
 std::vector<Outputs> run_mistral(const Case& c);
 std::vector<Outputs> run_sdpa_sinks(const Case& c);
+std::vector<Outputs> run_gpt_oss(const Case& c);
+std::vector<Outputs> run_flex_block_mask(const Case& c);
+std::vector<Outputs> run_minimax(const Case& c);
 
 }  // namespace oracle

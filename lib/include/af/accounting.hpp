@@ -80,7 +80,8 @@ CacheCard dense_kv_card(std::string mechanism, std::int64_t heads, std::int64_t 
 /// whole latent. Throws af::Error on sizes <= 0.
 CacheCard mla_kv_card(std::int64_t heads, std::int64_t kv_lora_rank, std::int64_t rope_dim, DType dtype);
 
-/// `card` with a sliding window of `window` tokens: at most `window` tokens are kept (a ring buffer) and read.
+/// `card` with a sliding window of `window` tokens: at most `window` tokens are kept (a ring buffer) and read;
+/// its trade-offs become the window's own.
 /// Throws af::Error for window <= 0.
 CacheCard with_sliding_window(CacheCard card, std::int64_t window);
 

@@ -6,6 +6,7 @@
 /// folds the up-projections into the query and the output and attends over the latent directly (chapter 07).
 
 #include "af/rope.hpp"
+#include "af/softmax.hpp"
 #include "af/tensor.hpp"
 
 #include <cstdint>
@@ -70,8 +71,11 @@ void rms_norm_rows(Matrix x, std::span<const float> gain, double eps);
 
 /// One MLA layer over the next tokens `x [T, hidden]` at `positions`: projects queries and the latent,
 /// appends the latent and the rotated RoPE key to `cache`, attends causally with `scale` along `path`, and
-/// projects back to `[T, hidden]`. `rope` has dimension qk_rope_head_dim.
+/// projects back to `[T, hidden]`. `rope` has dimension qk_rope_head_dim. With `selected` (a `[T, t]` mask over
+/// the t cached tokens after the append, e.g. DeepSeek sparse attention's top-k choice, chapter 11), a query attends
+/// only to the keys that both the causal mask and `selected` allow.
 Tensor mla_attention(ConstMatrix x, std::span<const std::int64_t> positions, const MlaShape& shape,
-                     const MlaWeights& weights, const Rope& rope, double scale, MlaPath path, MlaCache& cache);
+                     const MlaWeights& weights, const Rope& rope, double scale, MlaPath path, MlaCache& cache,
+                     const Mask* selected = nullptr);
 
 }  // namespace af

@@ -2,8 +2,8 @@
 /// @file rope.hpp
 /// Rotary position embedding (RoPE): each pair of a query's or key's dimensions is rotated by an angle
 /// proportional to the token's position, so that q . k depends on the two positions only through their
-/// difference. Both pairing conventions in use, Llama 3.1's frequency scaling, and GQA with RoPE as the
-/// Llama family runs it (chapter 06).
+/// difference. Both pairing conventions in use, Llama 3.1's frequency scaling, YaRN (gpt-oss, chapter 09), and
+/// GQA with RoPE as the Llama family runs it (chapter 06).
 
 #include "af/grouped_attention.hpp"
 #include "af/tensor.hpp"
@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <optional>
 #include <span>
+#include <utility>
 #include <vector>
 
 namespace af {
@@ -31,18 +32,51 @@ struct Llama3Scaling {
   double original_context = 8192.0;
 };
 
+/// YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension of Large Language Models";
+/// `rope_type: "yarn"`, as gpt-oss ships it). Pair i rotates `original_context / wavelength_i` times over the
+/// pretraining context. Pairs that rotate at least `beta_fast` times keep their frequency (extrapolation),
+/// pairs that rotate at most `beta_slow` times are divided by `factor` (interpolation), and a linear ramp in i
+/// blends the pairs between. The boundaries are the (fractional) pair indices
+///   i(r) = d ln(original_context / (2 pi r)) / (2 ln base),   low = i(beta_fast), high = i(beta_slow),
+/// floored and ceiled when `truncate`, clamped to [0, d - 1] (as Hugging Face transformers does); the ramp is
+/// clamp((i - low) / (high - low), 0, 1) (high nudged by 0.001 when equal to low). Besides the frequencies,
+/// YaRN multiplies the rotated q and k by an attention factor (so q . k by its square): `attention_factor`
+/// when given, else 0.1 ln(factor) + 1 (1 for factor <= 1), or, when both `mscale` and `mscale_all_dim` are
+/// non-zero, the ratio of that formula with ln(factor) weighted by each.
+struct YarnScaling {
+  double factor = 32.0;                    ///< context extension (new / original)
+  double original_context = 4096.0;        ///< `original_max_position_embeddings`
+  double beta_fast = 32.0;                 ///< rotations above which a pair is kept
+  double beta_slow = 1.0;                  ///< rotations below which a pair is interpolated
+  bool truncate = true;                    ///< round the ramp's ends to whole pair indices
+  std::optional<double> attention_factor;  ///< explicit factor on cos and sin; computed when empty
+  double mscale = 0.0;                     ///< 0: not given
+  double mscale_all_dim = 0.0;             ///< 0: not given
+
+  /// The factor on the rotated q and k (see above).
+  double attention_scale() const;
+  /// The ramp's ends (low, high) for a head dimension and base, after truncation and clamping.
+  std::pair<double, double> correction_range(std::int64_t head_dim, double base) const;
+};
+
 /// The rotary embedding of one head dimension.
 class Rope {
  public:
   /// `head_dim` must be even and positive, `base` (theta) > 1. Throws af::Error otherwise.
   Rope(std::int64_t head_dim, double base, RopeLayout layout, std::optional<Llama3Scaling> scaling = std::nullopt);
+  /// RoPE with YaRN's frequencies and attention factor. Throws af::Error for factor < 1, original_context <= 0,
+  /// beta_fast < beta_slow, a non-positive attention factor, or the conditions above.
+  Rope(std::int64_t head_dim, double base, RopeLayout layout, const YarnScaling& yarn);
 
   std::int64_t head_dim() const { return head_dim_; }
   RopeLayout layout() const { return layout_; }
   /// The angle per position of pair i, i = 0 .. d/2 - 1: base^(-2i/d), rescaled when a scaling is set.
   std::span<const double> inverse_frequencies() const { return inverse_frequencies_; }
+  /// The factor every rotated value is multiplied by: 1, or YaRN's attention factor.
+  double attention_scale() const { return attention_scale_; }
 
-  /// Rotates one vector of `head_dim` values in place as for a token at `position`.
+  /// Rotates one vector of `head_dim` values in place as for a token at `position` (and multiplies it by
+  /// attention_scale()).
   void rotate(std::span<float> x, double position) const;
   /// Rotates every head of every row in place: `x` is `[T, heads * head_dim]`, row t at `positions[t]`.
   void rotate_rows(Matrix x, std::span<const std::int64_t> positions) const;
@@ -51,6 +85,7 @@ class Rope {
   std::int64_t head_dim_;
   RopeLayout layout_;
   std::vector<double> inverse_frequencies_;
+  double attention_scale_ = 1.0;
 };
 
 /// The permutation that turns the adjacent layout into the half-split one: position j of the half-split

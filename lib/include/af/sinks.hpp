@@ -16,6 +16,7 @@
 /// extra column and is dropped after the softmax, so it takes probability mass without contributing a value.
 /// It is a parameter of the layer, not a cached token: it costs no cache bytes.
 
+#include "af/accounting.hpp"
 #include "af/grouped_attention.hpp"
 #include "af/rope.hpp"
 #include "af/softmax.hpp"
@@ -96,6 +97,11 @@ class SinkKvCache {
   std::int64_t head_dim_;
   std::int64_t seen_ = 0;
 };
+
+/// `card` with `sinks` kept tokens beside a window of `window` (StreamingLLM): at most sinks + window tokens are
+/// kept and a decode query reads all of them, as af::SinkKvCache holds them. Throws af::Error for sinks < 0 or
+/// window < 1.
+CacheCard with_kept_sinks(CacheCard card, std::int64_t sinks, std::int64_t window);
 
 /// One attention layer with RoPE at the tokens' original positions (keys cached rotated), kept sinks and
 /// window from the cache, learned sink logits from `sink_logits` (one per query head, or empty): project,

@@ -1,0 +1,109 @@
+// The `deepseek_v32` reference: Hugging Face's DeepseekV32Attention (DeepSeek sparse attention: MLA with a lightning
+// indexer and top-k selection), recorded from a tiny random-weight model. The library computes it along both MLA
+// paths from its own latent and index-key caches, and reports the indices it chose for every prefill row and decode
+// step, which oracle_check compares with the case's `expected.selected.prefill` and `expected.selected.decode`.
+#include "af/mla.hpp"
+#include "af/sparse_attention.hpp"
+#include "oracle.hpp"
+
+#include <fmt/format.h>
+
+#include <cmath>
+
+namespace oracle {
+
+std::vector<Outputs> run_deepseek_v32(const Case& c) {
+  af::MlaShape s;
+  s.hidden = c.config_int("hidden_size");
+  s.heads = c.config_int("num_attention_heads");
+  if (!c.config.contains("q_lora_rank") || c.config.at("q_lora_rank").is_null())
+    throw CaseError(
+        fmt::format("{}: config q_lora_rank is null (the indexer reads the query latent: expected > 0)", c.name));
+  s.q_lora_rank = c.config_int("q_lora_rank");
+  s.kv_lora_rank = c.config_int("kv_lora_rank");
+  s.qk_nope_head_dim = c.config_int("qk_nope_head_dim");
+  s.qk_rope_head_dim = c.config_int("qk_rope_head_dim");
+  s.v_head_dim = c.config_int("v_head_dim");
+  s.rms_norm_eps = 1e-6;  // the module's RMSNorms use the class default, not config.rms_norm_eps
+  af::IndexerShape ix;
+  ix.hidden = s.hidden;
+  ix.q_lora_rank = s.q_lora_rank;
+  ix.heads = c.config_int("index_n_heads");
+  ix.head_dim = c.config_int("index_head_dim");
+  ix.rope_dim = s.qk_rope_head_dim;  // the indexer rotates as many dimensions as MLA's RoPE key has
+  ix.top_k = c.config_int("index_topk");
+  ix.norm_eps = 1e-6;  // k_norm is nn.LayerNorm(index_head_dim, eps=1e-6)
+  if (c.config.contains("num_key_value_heads") && c.config_int("num_key_value_heads") != s.heads)
+    throw CaseError(fmt::format("{}: config num_key_value_heads {} (expected num_attention_heads {})", c.name,
+                                c.config_int("num_key_value_heads"), s.heads));
+  try {
+    s.validate();
+    ix.validate();
+  } catch (const af::Error& e) {
+    throw CaseError(fmt::format("{}: {}", c.name, e.what()));
+  }
+
+  if (!c.config.contains("rope_parameters") || !c.config.at("rope_parameters").is_object())
+    throw CaseError(fmt::format("{}: config has no rope_parameters object", c.name));
+  const auto& rp = c.config.at("rope_parameters");
+  if (!rp.contains("rope_theta")) throw CaseError(fmt::format("{}: config rope_parameters has no rope_theta", c.name));
+  const std::string type = rp.value("rope_type", std::string("default"));
+  if (type != "default")
+    throw CaseError(
+        fmt::format("{}: rope type \"{}\" is not supported for deepseek_v32 (this build: default)", c.name, type));
+  const double theta = rp.at("rope_theta").get<double>();
+  // MLA rotates adjacent pairs (Hugging Face permutes them to half-split first: the same scores); the indexer
+  // rotates half-split pairs of its first qk_rope_head_dim dimensions.
+  const af::Rope mla_rope(s.qk_rope_head_dim, theta, af::RopeLayout::adjacent);
+  const af::Rope index_rope(ix.rope_dim, theta, af::RopeLayout::half_split);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(s.qk_head_dim()));
+
+  af::MlaWeights w;
+  w.q_a_proj = c.tensor("q_a_proj.weight", af::Shape{s.q_lora_rank, s.hidden});
+  w.q_a_layernorm = c.tensor("q_a_layernorm.weight", af::Shape{s.q_lora_rank});
+  w.q_b_proj = c.tensor("q_b_proj.weight", af::Shape{s.heads * s.qk_head_dim(), s.q_lora_rank});
+  w.kv_a_proj_with_mqa =
+      c.tensor("kv_a_proj_with_mqa.weight", af::Shape{s.kv_lora_rank + s.qk_rope_head_dim, s.hidden});
+  w.kv_a_layernorm = c.tensor("kv_a_layernorm.weight", af::Shape{s.kv_lora_rank});
+  w.kv_b_proj = c.tensor("kv_b_proj.weight", af::Shape{s.heads * (s.qk_nope_head_dim + s.v_head_dim), s.kv_lora_rank});
+  w.o_proj = c.tensor("o_proj.weight", af::Shape{s.hidden, s.heads * s.v_head_dim});
+  af::IndexerWeights iw;
+  iw.wq_b = c.tensor("indexer.wq_b.weight", af::Shape{ix.heads * ix.head_dim, ix.q_lora_rank});
+  iw.wk = c.tensor("indexer.wk.weight", af::Shape{ix.head_dim, ix.hidden});
+  iw.k_norm_weight = c.tensor("indexer.k_norm.weight", af::Shape{ix.head_dim});
+  iw.k_norm_bias = c.tensor("indexer.k_norm.bias", af::Shape{ix.head_dim});
+  iw.weights_proj = c.tensor("indexer.weights_proj.weight", af::Shape{ix.heads, ix.hidden});
+  for (const char* bias : {"q_a_proj.bias", "kv_a_proj_with_mqa.bias", "o_proj.bias"})
+    if (c.tensors.contains(bias))
+      throw CaseError(
+          fmt::format("{}: tensor \"{}\" present: attention biases are not supported for deepseek_v32", c.name, bias));
+
+  const std::int64_t T = c.prefill_len, N = c.decode_steps, k = ix.top_k;
+  const af::Tensor x =
+      c.tensor("input.hidden_states", af::Shape{1, T + N, s.hidden}).reshaped(af::Shape{T + N, s.hidden});
+  const std::vector<std::int64_t> positions = c.positions(T + N);
+
+  std::vector<Outputs> results;
+  for (const auto& [path, name] :
+       {std::pair{af::MlaPath::naive, "naive"}, std::pair{af::MlaPath::absorbed, "absorbed"}}) {
+    af::MlaCache cache(T + N, s.kv_lora_rank, s.qk_rope_head_dim);
+    af::IndexerCache index_cache(T + N, ix.head_dim);
+    af::DsaOutput prefill = af::dsa_attention(x.matrix().rows_slice(0, T), std::span(positions).first(T), s, w, ix, iw,
+                                              mla_rope, index_rope, scale, path, cache, index_cache);
+    Outputs out{std::move(prefill.output), af::Tensor(af::Shape{N, s.hidden}), name};
+    out.selected.push_back({"prefill", T, k, std::move(prefill.selected)});
+    Selection decode{"decode", N, k, {}};
+    for (std::int64_t i = 0; i < N; ++i) {
+      const af::DsaOutput step =
+          af::dsa_attention(x.matrix().rows_slice(T + i, 1), std::span(positions).subspan(T + i, 1), s, w, ix, iw,
+                            mla_rope, index_rope, scale, path, cache, index_cache);
+      std::ranges::copy(step.output.values(), out.decode.matrix().row(i).begin());
+      decode.indices.insert(decode.indices.end(), step.selected.begin(), step.selected.end());
+    }
+    if (N > 0) out.selected.push_back(std::move(decode));
+    results.push_back(std::move(out));
+  }
+  return results;
+}
+
+}  // namespace oracle
