@@ -217,6 +217,25 @@ std::pair<double, std::vector<double>> attend_one(const Constructed& c, std::int
   return {w[0], out};
 }
 
+// [needle]
+// Where it fails: the last of n tokens queries q; the key at `needle` is planted as 3 q, the others are random.
+// Returns the weight the query gives the needle when it sees key j iff visible(j), in float64.
+template <class Visible>
+double needle_weight(af::Rng& rng, std::int64_t n, std::int64_t needle, std::int64_t d, Visible visible) {
+  const Tensor q = af::random_normal(Shape{1, d}, rng), keys = af::random_normal(Shape{n, d}, rng);
+  std::vector<double> w(static_cast<std::size_t>(n), -std::numeric_limits<double>::infinity());
+  for (std::int64_t j = 0; j < n; ++j) {
+    if (!visible(j)) continue;
+    double dot = 0.0;
+    for (std::int64_t c = 0; c < d; ++c)
+      dot += double{q.data()[c]} * (j == needle ? 3.0 * double{q.data()[c]} : double{keys.matrix()(j, c)});
+    w[static_cast<std::size_t>(j)] = dot / std::sqrt(static_cast<double>(d));
+  }
+  softmax_with_sink(w, -std::numeric_limits<double>::infinity());  // no sink logit: a plain softmax
+  return w[static_cast<std::size_t>(needle)];
+}
+// [/needle]
+
 double distance(const std::vector<double>& a, const std::vector<double>& b) {
   double worst = 0.0;
   for (std::size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::abs(a[i] - b[i]));
@@ -433,6 +452,46 @@ int main(int argc, char** argv) {
     fmt::print("  {:<34} {:>14.4f} {:>18.4f}\n", "random (nothing constructed)", err[0], err[1]);
     fmt::print("  {:<34} {:>14.4f} {:>18.4f}\n", "constructed: key 0 aligned", err[2], err[3]);
     checks.expect_true("the constructed direction moves attention onto token 0", mass_aligned > mass_plain);
+
+    // [retrieval]
+    // A retrieval whose answer sits at position P of n tokens: visible to the window only when P is among the
+    // last W, to the kept sinks also when P < S; everything between is gone from the cache.
+    const std::int64_t n_needle = std::max<std::int64_t>(seq_len, sinks + 3 * window), last = n_needle - 1;
+    std::vector<std::int64_t> needle_positions{0, sinks - 1, sinks, last - window, last - window + 1, last - 1};
+    std::erase_if(needle_positions, [&](std::int64_t p) { return p < 0 || p > last; });
+    std::sort(needle_positions.begin(), needle_positions.end());
+    needle_positions.erase(std::unique(needle_positions.begin(), needle_positions.end()), needle_positions.end());
+    fmt::print(
+        "\nNeedle recall: weight the last query (position {}) gives a planted matching key at position P, "
+        "mean of 200 inputs (S = {}, W = {})\n",
+        last, sinks, window);
+    fmt::print("  {:>5} {:<10} {:>12} {:>15} {:>10}\n", "P", "P lies in", "window only", "sinks + window", "dense");
+    bool outside_zero = true, sinks_see_sinks = true;
+    for (const std::int64_t p : needle_positions) {
+      double only_window = 0.0, with_sinks = 0.0, dense = 0.0;
+      for (int trial = 0; trial < 200; ++trial) {
+        const std::uint64_t trial_seed = seed * 7919 + static_cast<std::uint64_t>(trial);
+        af::Rng a(trial_seed), b(trial_seed), c(trial_seed);  // the same input for the three caches
+        only_window += needle_weight(a, n_needle, p, head_dim,
+                                     [&](std::int64_t j) { return af::in_sink_window(last, j, 0, window); }) /
+                       200;
+        with_sinks += needle_weight(b, n_needle, p, head_dim,
+                                    [&](std::int64_t j) { return af::in_sink_window(last, j, sinks, window); }) /
+                      200;
+        dense += needle_weight(c, n_needle, p, head_dim, [](std::int64_t) { return true; }) / 200;
+      }
+      const bool in_window = last - p < window, in_sinks = p < sinks;
+      if (!in_window && !in_sinks) outside_zero = outside_zero && only_window == 0.0 && with_sinks == 0.0;
+      if (in_sinks) sinks_see_sinks = sinks_see_sinks && with_sinks > 0.0;
+      fmt::print("  {:>5} {:<10} {:>12.4f} {:>15.4f} {:>10.4f}\n", p,
+                 in_window  ? "window"
+                 : in_sinks ? "sinks"
+                            : "evicted",
+                 only_window, with_sinks, dense);
+    }
+    // [/retrieval]
+    checks.expect_true("a needle between the sinks and the window gets weight exactly 0; in the sinks, more than 0",
+                       outside_zero && sinks_see_sinks);
 
     if (!out_dir.empty()) {
       std::filesystem::create_directories(out_dir);
