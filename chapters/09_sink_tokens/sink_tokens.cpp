@@ -370,7 +370,7 @@ int main(int argc, char** argv) {
                         tolerance);
     checks.expect_close("kept sinks: lib/ prefill of all tokens vs decode one by one",
                         af::max_abs_diff(lib_prefill.values(), lib_kept.values()), tolerance);
-    checks.expect_true("the cache holds only tokens the query sees, at most S + W rows", held_wrong == 0);
+    checks.expect_true("the cache holds exactly the tokens the query sees (its S + W rows)", held_wrong == 0);
     checks.expect_close("learned sinks + window: from scratch vs lib/",
                         af::max_abs_diff(learned.values(), lib_learned.values()), tolerance);
     checks.expect_close("learned sinks + window: lib/ vs float64 with an extra column",
@@ -388,7 +388,7 @@ int main(int argc, char** argv) {
                  af::max_abs_diff(lib_kept.values(), lib_slot.values()));
 
     // [cache-cards]
-    // Kept sinks on Llama-2-7B's layer (the model StreamingLLM streamed, with 4 sinks): the card of chapter 04,
+    // Kept sinks on Llama-2-7B's layer (one of the models StreamingLLM streamed, with 4 sinks): the card of chapter 04,
     // bounded at S + W rows. gpt-oss: the learned sinks are parameters (64 per layer), not cache: the card is chapter
     // 08's.
     const std::int64_t card_sinks = 4, card_window = 2044;

@@ -573,9 +573,13 @@ int main(int argc, char** argv) {
         v32.card.decode_reads(131072)[0].entries,
         af::human_bytes(static_cast<double>(v32.card.decode_reads(131072)[1].bytes)),
         v32.card.decode_reads(131072)[1].entries);
-    const double crossover = 2048.0 * 1152.0 / (1152.0 - 132.0);
-    fmt::print("  DSA reads fewer bytes than dense MLA once t > 2048 x 1152 / (1152 - 132) = {:.0f} tokens\n",
-               crossover);
+    // Per layer, dense MLA reads t latents; DSA reads t index keys and k latents: fewer bytes once
+    // t (latent - index key) > k latent.
+    const std::int64_t latent = v3.card.bytes_per_token(), index_key = v32.card.bytes_per_token() - latent;
+    const std::int64_t v32_k = v32.card.decode_reads(131072)[1].entries;
+    const std::int64_t first_fewer = v32_k * latent / (latent - index_key) + 1;
+    fmt::print("  DSA reads fewer bytes than dense MLA from t = {} tokens (t ({} - {}) > {} x {} B per layer)\n",
+               first_fewer, latent, index_key, v32_k, latent);
 
     // [quantized-indexer]
     // The reference stores index keys in FP8 E4M3 with one float32 scale per 128 values, after a Hadamard rotation;

@@ -367,8 +367,9 @@ int main(int argc, char** argv) {
     double slope_diff = 0.0;
     for (std::int64_t h = 0; h < heads; ++h) slope_diff = std::max(slope_diff, std::abs(slopes[h] - lib_slopes[h]));
     checks.expect_close("slopes: from scratch vs lib/", slope_diff, 1e-15);
-    checks.expect_true(
-        fmt::format("the state stays {} bytes (fp32) through {} decode steps", state_bytes, decode_steps), constant);
+    // Not a check (the state is a fixed-shape tensor): what a decode step keeps, whatever the context.
+    fmt::print("  the state holds {} bytes (fp32) after the prefill and after each of {} decode steps{}\n",
+               state_bytes, decode_steps, constant ? "" : " (it changed size!)");
 
     // [hybrid-stack]
     // MiniMax-M1 (Text-01's architecture): a softmax layer after every seven lightning layers.
@@ -409,9 +410,11 @@ int main(int argc, char** argv) {
     fmt::print("  KV bytes per token: {} {}, {} {}, {} {}, {} {}\n", m1.model, m1.softmax.bytes_per_token(),
                llama70.model, llama70.bytes_per_token(), deepseek.model, deepseek.bytes_per_token(), m2.model,
                m2.bytes_per_token());
-    const std::int64_t even = (m1.state_bytes() + llama70.bytes_per_token() - m1.softmax.bytes_per_token() - 1) /
-                              (llama70.bytes_per_token() - m1.softmax.bytes_per_token());
-    fmt::print("  {} stores less than {} from t = {} tokens on\n", m1.model, llama70.model, even);
+    // M1 holds states + t * (its KV per token); Llama t * (its KV per token): M1 holds less once
+    // t * (difference) exceeds the states, i.e. from the first t past states / difference.
+    const std::int64_t difference = llama70.bytes_per_token() - m1.softmax.bytes_per_token();
+    const std::int64_t first_less = m1.state_bytes() / difference + 1;
+    fmt::print("  {} stores less than {} from t = {} tokens on\n", m1.model, llama70.model, first_less);
 
     // [recall-sweep]
     const double recall_slope = af::lightning_slopes(64, 40, 80).back();
