@@ -368,21 +368,28 @@ int main(int argc, char** argv) {
     for (std::int64_t h = 0; h < heads; ++h) slope_diff = std::max(slope_diff, std::abs(slopes[h] - lib_slopes[h]));
     checks.expect_close("slopes: from scratch vs lib/", slope_diff, 1e-15);
     // Not a check (the state is a fixed-shape tensor): what a decode step keeps, whatever the context.
-    fmt::print("  the state holds {} bytes (fp32) after the prefill and after each of {} decode steps{}\n",
-               state_bytes, decode_steps, constant ? "" : " (it changed size!)");
+    fmt::print("  the state holds {} bytes (fp32) after the prefill and after each of {} decode steps{}\n", state_bytes,
+               decode_steps, constant ? "" : " (it changed size!)");
 
     // [hybrid-stack]
     // MiniMax-M1 (Text-01's architecture): a softmax layer after every seven lightning layers.
     const af::HybridModel m1 = af::minimax_m1();
     fmt::print("\nThe hybrid stack of {} ({} lightning + {} softmax layers):\n  ", m1.model, m1.linear_layers,
                m1.softmax.layers);
-    for (std::int64_t l = 0; l < 80; ++l) fmt::print("{}{}", (l + 1) % 8 == 0 ? 'S' : 'L', l % 40 == 39 ? "\n  " : "");
-    fmt::print("decay half-life ln 2 / s in tokens (layer index l of 80 sets the factor 1 - l/79):\n");
-    fmt::print("  {:>8} {:>12} {:>12} {:>12}\n", "layer", "head 1", "head 32", "head 64");
-    for (const std::int64_t l : {0, 8, 40, 78}) {
-      const std::vector<double> s = af::lightning_slopes(64, l, 80);
-      fmt::print("  {:>8} {:>12.3g} {:>12.3g} {:>12.3g}\n", l, std::log(2.0) / s[0], std::log(2.0) / s[31],
-                 std::log(2.0) / s[63]);
+    const std::int64_t m1_layers = m1.linear_layers + m1.softmax.layers, m1_heads = m1.linear_heads;
+    const std::int64_t period = m1_layers / m1.softmax.layers;  // a softmax layer closes every period
+    for (std::int64_t l = 0; l < m1_layers; ++l)
+      fmt::print("{}{}", (l + 1) % period == 0 ? 'S' : 'L', l % 40 == 39 ? "\n  " : "");
+    if (m1_layers % 40 != 0) fmt::print("\n  ");
+    fmt::print("decay half-life ln 2 / s in tokens (layer index l of {} sets the factor 1 - l/{}):\n", m1_layers,
+               m1_layers - 1);
+    fmt::print("  {:>8} {:>12} {:>12} {:>12}\n", "layer", "head 1", fmt::format("head {}", m1_heads / 2),
+               fmt::format("head {}", m1_heads));
+    for (const std::int64_t l : {std::int64_t{0}, period, m1_layers / 2, m1_layers - 2}) {
+      const std::vector<double> s = af::lightning_slopes(m1_heads, l, m1_layers);
+      fmt::print("  {:>8} {:>12.3g} {:>12.3g} {:>12.3g}\n", l, std::log(2.0) / s[0],
+                 std::log(2.0) / s[static_cast<std::size_t>(m1_heads / 2 - 1)],
+                 std::log(2.0) / s[static_cast<std::size_t>(m1_heads - 1)]);
     }
     // [/hybrid-stack]
 
