@@ -415,7 +415,7 @@ TEST_CASE("The V4 cards give the published models' derived bytes", "[compressed]
   const af::V4LayerCard hca = af::v4_layer_card(af::deepseek_v4_flash_shape(af::V4LayerKind::hca));
   CHECK(csa.growth_per_token() == 320.0);
   CHECK(hca.growth_per_token() == 8.0);
-  const af::MixedModel flash = af::deepseek_v4_flash(), pro = af::deepseek_v4_pro();
+  const af::InterleavedModel flash = af::deepseek_v4_flash(), pro = af::deepseek_v4_pro();
   const std::int64_t t = 1 << 20;  // a multiple of 128: no block pending; overlap held in CSA layers
   const std::int64_t overlap_bytes = 4 * (2 * 512 + 2 * 128) * 2;
   // 6,880 B/token x 2^20 = 7,214,202,880 B, plus the windows 43 x 131,072 B (5.375 MiB)

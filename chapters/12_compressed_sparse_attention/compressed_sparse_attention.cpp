@@ -553,13 +553,13 @@ int main(int argc, char** argv) {
     const af::ModelCache llama = af::dense_model("Llama-3.1-70B").cache(af::DType::bf16);
     const af::ModelCache gqa8{"GQA8-d128 x 43 (V4 report baseline)", "V4 report §2.3.4", 43,
                               af::dense_kv_card("GQA", 64, 8, 128, af::DType::bf16)};
-    const af::MixedModel flash = af::deepseek_v4_flash(), pro = af::deepseek_v4_pro();
+    const af::InterleavedModel flash = af::deepseek_v4_flash(), pro = af::deepseek_v4_pro();
     std::vector<Row> rows;
     for (const af::ModelCache* m : {&v3, &v32, &llama, &gqa8})
       rows.push_back({m->model, static_cast<double>(m->bytes_per_token()),
                       [m](std::int64_t t) { return m->bytes_stored(t); },
                       [m](std::int64_t t) { return m->bytes_read(t); }});
-    for (const af::MixedModel* m : {&flash, &pro}) {
+    for (const af::InterleavedModel* m : {&flash, &pro}) {
       // Growth per token: between 2^19 and 2^20 tokens (both multiples of every m, no block pending) only the
       // compressed entries and indexer keys grow.
       const double per_token = double(m->bytes_stored(1 << 20) - m->bytes_stored(1 << 19)) / double(1 << 19);

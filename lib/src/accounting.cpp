@@ -214,4 +214,28 @@ std::string format_cache_card(const CacheCard& card, std::span<const ModelCache>
   return out;
 }
 
+std::int64_t InterleavedModel::bytes_stored(std::int64_t t) const {
+  std::int64_t total = 0;
+  for (const ModelCache& part : parts) total += part.bytes_stored(t);
+  return total;
+}
+
+std::int64_t InterleavedModel::bytes_read(std::int64_t t) const {
+  std::int64_t total = 0;
+  for (const ModelCache& part : parts) total += part.bytes_read(t);
+  return total;
+}
+
+std::int64_t InterleavedModel::entries_read(std::int64_t t) const {
+  std::int64_t total = 0;
+  for (const ModelCache& part : parts)
+    for (const DecodeRead& read : part.card.decode_reads(t)) total += part.layers * read.entries;
+  return total;
+}
+
+std::int64_t InterleavedModel::bytes_per_token_after_windows() const {
+  constexpr std::int64_t far = std::int64_t{1} << 40;  // beyond every window
+  return bytes_stored(far + 1) - bytes_stored(far);
+}
+
 }  // namespace af

@@ -521,25 +521,6 @@ std::string format_v4_layer_card(const V4LayerCard& card, std::span<const std::i
   return out;
 }
 
-std::int64_t MixedModel::bytes_stored(std::int64_t t) const {
-  std::int64_t total = 0;
-  for (const ModelCache& p : parts) total += p.bytes_stored(t);
-  return total;
-}
-
-std::int64_t MixedModel::bytes_read(std::int64_t t) const {
-  std::int64_t total = 0;
-  for (const ModelCache& p : parts) total += p.bytes_read(t);
-  return total;
-}
-
-std::int64_t MixedModel::entries_read(std::int64_t t) const {
-  std::int64_t total = 0;
-  for (const ModelCache& p : parts)
-    for (const DecodeRead& r : p.card.decode_reads(t)) total += p.layers * r.entries;
-  return total;
-}
-
 namespace {
 // V4-Flash and V4-Pro: config.json of deepseek-ai/DeepSeek-V4-Flash (GitHub mirror yafengge/DeepSeek-V4-Flash,
 // up to commit 553034d) and the V4 report §4.2.1 for Pro; counts of compress_ratios entries 0 / 4 / 128 over the
@@ -563,9 +544,9 @@ V4Shape v4_shape(V4LayerKind kind, std::int64_t hidden, std::int64_t heads, std:
   return s;
 }
 
-MixedModel mixed(std::string name, std::string source, const std::array<std::int64_t, 3>& counts,
-                 V4Shape (*shape)(V4LayerKind), DType dtype) {
-  MixedModel model{std::move(name), std::move(source), {}};
+InterleavedModel mixed(std::string name, std::string source, const std::array<std::int64_t, 3>& counts,
+                       V4Shape (*shape)(V4LayerKind), DType dtype) {
+  InterleavedModel model{std::move(name), std::move(source), {}};
   const V4LayerKind kinds[] = {V4LayerKind::sliding, V4LayerKind::csa, V4LayerKind::hca};
   for (std::size_t i = 0; i < 3; ++i) {
     if (counts[i] == 0) continue;
@@ -579,13 +560,13 @@ MixedModel mixed(std::string name, std::string source, const std::array<std::int
 V4Shape deepseek_v4_flash_shape(V4LayerKind kind) { return v4_shape(kind, 4096, 64, 1024, 512, 8); }
 V4Shape deepseek_v4_pro_shape(V4LayerKind kind) { return v4_shape(kind, 7168, 128, 1536, 1024, 16); }
 
-MixedModel deepseek_v4_flash(DType dtype) {
+InterleavedModel deepseek_v4_flash(DType dtype) {
   return mixed("DeepSeek-V4-Flash",
                "deepseek-ai/DeepSeek-V4-Flash config.json (compress_ratios: 2 sliding, 21 CSA, 20 HCA of 43 layers)",
                {2, 21, 20}, deepseek_v4_flash_shape, dtype);
 }
 
-MixedModel deepseek_v4_pro(DType dtype) {
+InterleavedModel deepseek_v4_pro(DType dtype) {
   return mixed("DeepSeek-V4-Pro",
                "DeepSeek-V4 report §4.2.1 and V4-Pro config.json (compress_ratios: 0 sliding, 30 CSA, 31 HCA of 61)",
                {0, 30, 31}, deepseek_v4_pro_shape, dtype);

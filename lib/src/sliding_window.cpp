@@ -133,23 +133,6 @@ Tensor sliding_window_attention(ConstMatrix x, std::span<const std::int64_t> pos
   return linear(context.matrix(), weights.o_proj.matrix(), weights.o_bias.values());
 }
 
-std::int64_t InterleavedModel::bytes_stored(std::int64_t t) const {
-  std::int64_t total = 0;
-  for (const ModelCache& part : parts) total += part.bytes_stored(t);
-  return total;
-}
-
-std::int64_t InterleavedModel::bytes_read(std::int64_t t) const {
-  std::int64_t total = 0;
-  for (const ModelCache& part : parts) total += part.bytes_read(t);
-  return total;
-}
-
-std::int64_t InterleavedModel::bytes_per_token_after_windows() const {
-  constexpr std::int64_t far = std::int64_t{1} << 40;  // beyond every window
-  return bytes_stored(far + 1) - bytes_stored(far);
-}
-
 InterleavedModel gemma3_27b(DType dtype) {
   const std::string source =
       "google-deepmind/gemma @ 7691fd4, gemma/gm/nn/_gemma.py (Gemma3_27B: 62 layers, num_heads 32, num_kv_heads 16, "

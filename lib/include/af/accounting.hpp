@@ -107,6 +107,23 @@ struct ModelCache {
   }
 };
 
+/// A model whose layers are of several kinds (windowed and dense, compressed and sliding, ...): one ModelCache
+/// per kind of layer, each with its layer count.
+struct InterleavedModel {
+  std::string model;
+  std::string source;
+  std::vector<ModelCache> parts;  ///< e.g. {52 local layers with a window, 10 global layers}
+
+  /// Bytes one sequence holds after `t` tokens, all layers.
+  std::int64_t bytes_stored(std::int64_t t) const;
+  /// Bytes one decode step reads at context `t`, all layers.
+  std::int64_t bytes_read(std::int64_t t) const;
+  /// Cached entries one decode step reads at context `t`, all layers.
+  std::int64_t entries_read(std::int64_t t) const;
+  /// Bytes one more token adds at a context beyond every window (the unbounded layers' growth).
+  std::int64_t bytes_per_token_after_windows() const;
+};
+
 /// The six answers as aligned text: what is projected, what is cached, the stored shape in prefill and
 /// decode, bytes per token (per layer, and per model for each of `models`), entries and bytes read per
 /// decode query at each of `contexts`, and what the mechanism trades off.

@@ -228,24 +228,11 @@ V4LayerCard v4_layer_card(const V4Shape& shape, DType dtype = DType::bf16);
 /// The six answers of the card of one layer kind, at each of `contexts`.
 std::string format_v4_layer_card(const V4LayerCard& card, std::span<const std::int64_t> contexts);
 
-/// A whole model whose layers mix kinds: one ModelCache per (layer kind, part), each with its layer count.
-struct MixedModel {
-  std::string model;
-  std::string source;
-  std::vector<ModelCache> parts;
-  /// Bytes one sequence holds after t tokens, all layers.
-  std::int64_t bytes_stored(std::int64_t t) const;
-  /// Bytes one decode step reads at context t, all layers.
-  std::int64_t bytes_read(std::int64_t t) const;
-  /// Entries one decode step reads at context t, all layers.
-  std::int64_t entries_read(std::int64_t t) const;
-};
-
 /// DeepSeek-V4-Flash (43 layers: 2 sliding, 21 CSA, 20 HCA; H 64, c 512, rope 64, W 128, m 4 / 128,
 /// top-k 512, H_I 64, c_I 128) and V4-Pro (61 layers: 0 / 30 / 31; H 128, top-k 1024), from their config.json
 /// and the V4 report (see shared MODELS.md §3).
-MixedModel deepseek_v4_flash(DType dtype = DType::bf16);
-MixedModel deepseek_v4_pro(DType dtype = DType::bf16);
+InterleavedModel deepseek_v4_flash(DType dtype = DType::bf16);
+InterleavedModel deepseek_v4_pro(DType dtype = DType::bf16);
 /// The V4-Flash shape of one layer kind (published sizes).
 V4Shape deepseek_v4_flash_shape(V4LayerKind kind);
 V4Shape deepseek_v4_pro_shape(V4LayerKind kind);

@@ -99,18 +99,6 @@ Tensor sliding_window_attention(ConstMatrix x, std::span<const std::int64_t> pos
                                 const GroupedWeights& weights, const Rope& rope, const AttentionOptions& options,
                                 RollingKvCache& cache);
 
-/// A model whose layers mix windowed (local) and dense (global) attention: one ModelCache per kind of layer.
-struct InterleavedModel {
-  std::string model;
-  std::string source;
-  std::vector<ModelCache> parts;  ///< e.g. {52 local layers with a window, 10 global layers}
-
-  std::int64_t bytes_stored(std::int64_t t) const;
-  std::int64_t bytes_read(std::int64_t t) const;
-  /// Bytes one more token adds once every window is full (the dense layers' growth).
-  std::int64_t bytes_per_token_after_windows() const;
-};
-
 /// Gemma 3 27B: 62 layers, 32 heads, 16 KV heads of 128; 52 local layers with a window of 1024 and 10 global
 /// ones (google-deepmind/gemma, gm/nn/_gemma.py).
 InterleavedModel gemma3_27b(DType dtype = DType::bf16);
