@@ -237,21 +237,6 @@ std::vector<float> index_scores(std::span<const float> q, ConstMatrix keys, std:
   return out;
 }
 
-std::vector<std::int64_t> top_k(std::span<const float> scores, std::int64_t k) {
-  require(k >= 0, "top_k: k = {} (expected >= 0)", k);
-  std::vector<std::int64_t> order;
-  for (std::size_t i = 0; i < scores.size(); ++i)
-    if (scores[i] > minus_inf) order.push_back(static_cast<std::int64_t>(i));
-  const auto better = [&](std::int64_t a, std::int64_t b) {
-    const float sa = scores[static_cast<std::size_t>(a)], sb = scores[static_cast<std::size_t>(b)];
-    return sa != sb ? sa > sb : a < b;
-  };
-  const auto keep = std::min<std::int64_t>(k, static_cast<std::int64_t>(order.size()));
-  std::partial_sort(order.begin(), order.begin() + keep, order.end(), better);
-  order.resize(static_cast<std::size_t>(keep));
-  return order;
-}
-
 double v4_scale(const V4Shape& shape) { return 1.0 / std::sqrt(static_cast<double>(shape.head_dim)); }
 
 Tensor v4_attention(ConstMatrix x, std::span<const std::int64_t> positions, const V4Shape& s, const V4Weights& w,

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <utility>
 
 namespace af {
@@ -133,29 +134,36 @@ Tensor index_scores(ConstMatrix queries, ConstMatrix head_weights, ConstMatrix k
   return scores;
 }
 
+std::vector<std::int64_t> top_k(std::span<const float> scores, std::int64_t k) {
+  require(k >= 0, "top_k: k = {} (expected >= 0)", k);
+  std::vector<std::int64_t> order;
+  for (std::size_t i = 0; i < scores.size(); ++i) {
+    require(!std::isnan(scores[i]), "top_k: score {} is NaN", i);
+    if (scores[i] > -std::numeric_limits<float>::infinity()) order.push_back(static_cast<std::int64_t>(i));
+  }
+  // Higher score first; of equal scores, the smaller index first (the documented tie rule).
+  const auto better = [&](std::int64_t a, std::int64_t b) {
+    const float sa = scores[static_cast<std::size_t>(a)], sb = scores[static_cast<std::size_t>(b)];
+    return sa != sb ? sa > sb : a < b;
+  };
+  const auto keep = std::min<std::int64_t>(k, static_cast<std::int64_t>(order.size()));
+  std::partial_sort(order.begin(), order.begin() + keep, order.end(), better);
+  order.resize(static_cast<std::size_t>(keep));
+  return order;
+}
+
 std::vector<std::int64_t> select_top_k(ConstMatrix scores, const Mask& allowed, std::int64_t k) {
   require(k >= 1, "select_top_k: k is {} (expected >= 1)", k);
   require(allowed.queries() == scores.rows && allowed.keys() == scores.cols,
           "select_top_k: mask is [{}, {}] (expected [{}, {}] like the scores)", allowed.queries(), allowed.keys(),
           scores.rows, scores.cols);
   std::vector<std::int64_t> selected(static_cast<std::size_t>(scores.rows * k), -1);
-  std::vector<std::pair<float, std::int64_t>> candidates;
+  std::vector<float> row(static_cast<std::size_t>(scores.cols));
   for (std::int64_t i = 0; i < scores.rows; ++i) {
-    candidates.clear();
-    for (std::int64_t j = 0; j < scores.cols; ++j) {
-      if (!allowed.allows(i, j)) continue;
-      const float score = scores(i, j);
-      require(!std::isnan(score), "select_top_k: score of row {}, key {} is NaN", i, j);
-      candidates.emplace_back(score, j);
-    }
-    const auto keep = std::min<std::int64_t>(k, static_cast<std::int64_t>(candidates.size()));
-    // Higher score first; of equal scores, the smaller key index first (the documented tie rule).
-    const auto better = [](const auto& a, const auto& b) {
-      return a.first > b.first || (a.first == b.first && a.second < b.second);
-    };
-    std::partial_sort(candidates.begin(), candidates.begin() + keep, candidates.end(), better);
-    for (std::int64_t r = 0; r < keep; ++r)
-      selected[static_cast<std::size_t>(i * k + r)] = candidates[static_cast<std::size_t>(r)].second;
+    for (std::int64_t j = 0; j < scores.cols; ++j)  // a key the mask hides is never a candidate
+      row[static_cast<std::size_t>(j)] = allowed.allows(i, j) ? scores(i, j) : -std::numeric_limits<float>::infinity();
+    const std::vector<std::int64_t> best = top_k(row, k);
+    std::copy(best.begin(), best.end(), selected.begin() + i * k);
   }
   return selected;
 }

@@ -20,6 +20,7 @@
 
 #include "af/accounting.hpp"
 #include "af/rope.hpp"
+#include "af/sparse_attention.hpp"
 #include "af/tensor.hpp"
 
 #include <cstdint>
@@ -170,10 +171,6 @@ class V4Cache {
 /// weights[h] times relu(q_h . k_s) / sqrt(cI), for a query `q` of HI heads of cI values, `keys` [n, cI] and
 /// `weights` [HI] (already multiplied by 1 / sqrt(HI) as the reference does). Returns n scores.
 std::vector<float> index_scores(std::span<const float> q, ConstMatrix keys, std::span<const float> weights);
-
-/// The top `k` of `scores` by value, ties broken toward the lower index, entries of -inf never chosen (so
-/// fewer than k come back when fewer are finite), in descending score order.
-std::vector<std::int64_t> top_k(std::span<const float> scores, std::int64_t k);
 
 /// What a call of v4_attention saw, per query row (optional).
 struct V4Trace {

@@ -80,6 +80,11 @@ Tensor index_head_weights(ConstMatrix x, const IndexerShape& shape, const Indexe
 /// `head_weights [T, heads]` against `keys [t, head_dim]`, in float32 with float64 sums. Returns [T, t], unmasked.
 Tensor index_scores(ConstMatrix queries, ConstMatrix head_weights, ConstMatrix keys, const IndexerShape& shape);
 
+/// The top `k` of `scores` by value, best first; of two equal scores the smaller index ranks first (the tie rule
+/// of chapters 11 and 12); entries of -inf are never chosen, so fewer than k come back when fewer are finite.
+/// Throws af::Error for k < 0 or a NaN score.
+std::vector<std::int64_t> top_k(std::span<const float> scores, std::int64_t k);
+
 /// For each row of `scores [T, t]`, the at most `k` keys with the highest scores among those `allowed` lets the row
 /// see, best first. Ties are broken deterministically: of two equal scores the key with the smaller index ranks
 /// first. A row with fewer than k allowed keys keeps all of them and is padded with -1. Returns T * k indices,
