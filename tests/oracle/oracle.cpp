@@ -232,4 +232,44 @@ const std::map<std::string, Runner>& runners() {
   return table;
 }
 
+af::MlaShape read_hf_mla_shape(const Case& c) {
+  af::MlaShape s;
+  s.hidden = c.config_int("hidden_size");
+  s.heads = c.config_int("num_attention_heads");
+  s.q_lora_rank =
+      c.config.contains("q_lora_rank") && !c.config.at("q_lora_rank").is_null() ? c.config_int("q_lora_rank") : 0;
+  s.kv_lora_rank = c.config_int("kv_lora_rank");
+  s.qk_nope_head_dim = c.config_int("qk_nope_head_dim");
+  s.qk_rope_head_dim = c.config_int("qk_rope_head_dim");
+  s.v_head_dim = c.config_int("v_head_dim");
+  s.rms_norm_eps = 1e-6;
+  try {
+    s.validate();
+  } catch (const af::Error& e) {
+    throw CaseError(fmt::format("{}: {}", c.name, e.what()));
+  }
+  return s;
+}
+
+af::MlaWeights read_mla_weights(const Case& c, const af::MlaShape& s) {
+  af::MlaWeights w;
+  const std::int64_t q_out = s.heads * s.qk_head_dim();
+  if (s.q_lora_rank > 0) {
+    w.q_a_proj = c.tensor("q_a_proj.weight", af::Shape{s.q_lora_rank, s.hidden});
+    w.q_a_layernorm = c.tensor("q_a_layernorm.weight", af::Shape{s.q_lora_rank});
+    w.q_b_proj = c.tensor("q_b_proj.weight", af::Shape{q_out, s.q_lora_rank});
+  } else {
+    w.q_proj = c.tensor("q_proj.weight", af::Shape{q_out, s.hidden});
+  }
+  w.kv_a_proj_with_mqa =
+      c.tensor("kv_a_proj_with_mqa.weight", af::Shape{s.kv_lora_rank + s.qk_rope_head_dim, s.hidden});
+  w.kv_a_layernorm = c.tensor("kv_a_layernorm.weight", af::Shape{s.kv_lora_rank});
+  w.kv_b_proj = c.tensor("kv_b_proj.weight", af::Shape{s.heads * (s.qk_nope_head_dim + s.v_head_dim), s.kv_lora_rank});
+  w.o_proj = c.tensor("o_proj.weight", af::Shape{s.hidden, s.heads * s.v_head_dim});
+  for (const char* bias : {"q_a_proj.bias", "kv_a_proj_with_mqa.bias", "o_proj.bias"})
+    if (c.tensors.contains(bias))
+      throw CaseError(fmt::format("{}: tensor \"{}\" present: MLA attention biases are not supported", c.name, bias));
+  return w;
+}
+
 }  // namespace oracle

@@ -3,6 +3,7 @@
 // mechanism's outputs from the case's weights with the library (see shared ORACLE.md and README.md here).
 #include "af/error.hpp"
 #include "af/grouped_attention.hpp"
+#include "af/mla.hpp"
 #include "af/rope.hpp"
 #include "af/safetensors.hpp"
 #include "af/tensor.hpp"
@@ -81,6 +82,16 @@ af::Rope read_hf_rope(const Case& c, std::int64_t head_dim, af::RopeLayout layou
 /// The q/k/v/o projections of a grouped layer under their Hugging Face names, checked against `shape`; the
 /// q/k/v biases when `qkv_bias`, and o_proj's when `o_bias`.
 af::GroupedWeights read_grouped_weights(const Case& c, const af::GroupedShape& shape, bool qkv_bias, bool o_bias);
+
+/// The MLA sizes of a DeepSeek config (hidden_size, num_attention_heads, q_lora_rank — null or absent means no
+/// query latent —, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim), validated. The RMSNorm eps is
+/// 1e-6: the reference builds q_a_layernorm and kv_a_layernorm with the class default, whatever the config's
+/// rms_norm_eps says. CaseError otherwise.
+af::MlaShape read_hf_mla_shape(const Case& c);
+
+/// The MLA projections under their Hugging Face names (q_a_proj, q_a_layernorm, q_b_proj or q_proj,
+/// kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj), checked against `shape`; a bias tensor is a CaseError.
+af::MlaWeights read_mla_weights(const Case& c, const af::MlaShape& shape);
 
 /// Every way the library computes the case's mechanism; each must pass.
 using Runner = std::function<std::vector<Outputs>(const Case&)>;

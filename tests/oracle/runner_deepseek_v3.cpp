@@ -11,23 +11,7 @@
 namespace oracle {
 
 std::vector<Outputs> run_deepseek_v3(const Case& c) {
-  af::MlaShape s;
-  s.hidden = c.config_int("hidden_size");
-  s.heads = c.config_int("num_attention_heads");
-  s.q_lora_rank =
-      c.config.contains("q_lora_rank") && !c.config.at("q_lora_rank").is_null() ? c.config_int("q_lora_rank") : 0;
-  s.kv_lora_rank = c.config_int("kv_lora_rank");
-  s.qk_nope_head_dim = c.config_int("qk_nope_head_dim");
-  s.qk_rope_head_dim = c.config_int("qk_rope_head_dim");
-  s.v_head_dim = c.config_int("v_head_dim");
-  // The reference builds both of its RMSNorms (q_a_layernorm, kv_a_layernorm) with the class default eps 1e-6,
-  // whatever the config's rms_norm_eps says (that one is for the decoder layer's norms).
-  s.rms_norm_eps = 1e-6;
-  try {
-    s.validate();
-  } catch (const af::Error& e) {
-    throw CaseError(fmt::format("{}: {}", c.name, e.what()));
-  }
+  const af::MlaShape s = read_hf_mla_shape(c);
 
   // RoPE: theta from rope_parameters (transformers 5) or rope_theta; scaled variants (YaRN) are not implemented.
   double theta = 0.0;
@@ -54,24 +38,7 @@ std::vector<Outputs> run_deepseek_v3(const Case& c) {
   const af::Rope rope(s.qk_rope_head_dim, theta, interleave ? af::RopeLayout::adjacent : af::RopeLayout::half_split);
   const double scale = 1.0 / std::sqrt(static_cast<double>(s.qk_head_dim()));
 
-  af::MlaWeights w;
-  const std::int64_t q_out = s.heads * s.qk_head_dim();
-  if (s.q_lora_rank > 0) {
-    w.q_a_proj = c.tensor("q_a_proj.weight", af::Shape{s.q_lora_rank, s.hidden});
-    w.q_a_layernorm = c.tensor("q_a_layernorm.weight", af::Shape{s.q_lora_rank});
-    w.q_b_proj = c.tensor("q_b_proj.weight", af::Shape{q_out, s.q_lora_rank});
-  } else {
-    w.q_proj = c.tensor("q_proj.weight", af::Shape{q_out, s.hidden});
-  }
-  w.kv_a_proj_with_mqa =
-      c.tensor("kv_a_proj_with_mqa.weight", af::Shape{s.kv_lora_rank + s.qk_rope_head_dim, s.hidden});
-  w.kv_a_layernorm = c.tensor("kv_a_layernorm.weight", af::Shape{s.kv_lora_rank});
-  w.kv_b_proj = c.tensor("kv_b_proj.weight", af::Shape{s.heads * (s.qk_nope_head_dim + s.v_head_dim), s.kv_lora_rank});
-  w.o_proj = c.tensor("o_proj.weight", af::Shape{s.hidden, s.heads * s.v_head_dim});
-  for (const char* bias : {"q_a_proj.bias", "kv_a_proj_with_mqa.bias", "o_proj.bias"})
-    if (c.tensors.contains(bias))
-      throw CaseError(
-          fmt::format("{}: tensor \"{}\" present: attention biases are not supported for deepseek_v3", c.name, bias));
+  const af::MlaWeights w = read_mla_weights(c, s);
 
   const std::int64_t T = c.prefill_len, N = c.decode_steps;
   const af::Tensor x =

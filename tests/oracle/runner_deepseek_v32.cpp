@@ -13,18 +13,10 @@
 namespace oracle {
 
 std::vector<Outputs> run_deepseek_v32(const Case& c) {
-  af::MlaShape s;
-  s.hidden = c.config_int("hidden_size");
-  s.heads = c.config_int("num_attention_heads");
-  if (!c.config.contains("q_lora_rank") || c.config.at("q_lora_rank").is_null())
+  const af::MlaShape s = read_hf_mla_shape(c);
+  if (s.q_lora_rank == 0)
     throw CaseError(
         fmt::format("{}: config q_lora_rank is null (the indexer reads the query latent: expected > 0)", c.name));
-  s.q_lora_rank = c.config_int("q_lora_rank");
-  s.kv_lora_rank = c.config_int("kv_lora_rank");
-  s.qk_nope_head_dim = c.config_int("qk_nope_head_dim");
-  s.qk_rope_head_dim = c.config_int("qk_rope_head_dim");
-  s.v_head_dim = c.config_int("v_head_dim");
-  s.rms_norm_eps = 1e-6;  // the module's RMSNorms use the class default, not config.rms_norm_eps
   af::IndexerShape ix;
   ix.hidden = s.hidden;
   ix.q_lora_rank = s.q_lora_rank;
@@ -37,7 +29,6 @@ std::vector<Outputs> run_deepseek_v32(const Case& c) {
     throw CaseError(fmt::format("{}: config num_key_value_heads {} (expected num_attention_heads {})", c.name,
                                 c.config_int("num_key_value_heads"), s.heads));
   try {
-    s.validate();
     ix.validate();
   } catch (const af::Error& e) {
     throw CaseError(fmt::format("{}: {}", c.name, e.what()));
@@ -58,25 +49,13 @@ std::vector<Outputs> run_deepseek_v32(const Case& c) {
   const af::Rope index_rope(ix.rope_dim, theta, af::RopeLayout::half_split);
   const double scale = 1.0 / std::sqrt(static_cast<double>(s.qk_head_dim()));
 
-  af::MlaWeights w;
-  w.q_a_proj = c.tensor("q_a_proj.weight", af::Shape{s.q_lora_rank, s.hidden});
-  w.q_a_layernorm = c.tensor("q_a_layernorm.weight", af::Shape{s.q_lora_rank});
-  w.q_b_proj = c.tensor("q_b_proj.weight", af::Shape{s.heads * s.qk_head_dim(), s.q_lora_rank});
-  w.kv_a_proj_with_mqa =
-      c.tensor("kv_a_proj_with_mqa.weight", af::Shape{s.kv_lora_rank + s.qk_rope_head_dim, s.hidden});
-  w.kv_a_layernorm = c.tensor("kv_a_layernorm.weight", af::Shape{s.kv_lora_rank});
-  w.kv_b_proj = c.tensor("kv_b_proj.weight", af::Shape{s.heads * (s.qk_nope_head_dim + s.v_head_dim), s.kv_lora_rank});
-  w.o_proj = c.tensor("o_proj.weight", af::Shape{s.hidden, s.heads * s.v_head_dim});
+  const af::MlaWeights w = read_mla_weights(c, s);
   af::IndexerWeights iw;
   iw.wq_b = c.tensor("indexer.wq_b.weight", af::Shape{ix.heads * ix.head_dim, ix.q_lora_rank});
   iw.wk = c.tensor("indexer.wk.weight", af::Shape{ix.head_dim, ix.hidden});
   iw.k_norm_weight = c.tensor("indexer.k_norm.weight", af::Shape{ix.head_dim});
   iw.k_norm_bias = c.tensor("indexer.k_norm.bias", af::Shape{ix.head_dim});
   iw.weights_proj = c.tensor("indexer.weights_proj.weight", af::Shape{ix.heads, ix.hidden});
-  for (const char* bias : {"q_a_proj.bias", "kv_a_proj_with_mqa.bias", "o_proj.bias"})
-    if (c.tensors.contains(bias))
-      throw CaseError(
-          fmt::format("{}: tensor \"{}\" present: attention biases are not supported for deepseek_v32", c.name, bias));
 
   const std::int64_t T = c.prefill_len, N = c.decode_steps, k = ix.top_k;
   const af::Tensor x =
