@@ -1,5 +1,6 @@
 #include "af/program.hpp"
 
+#include "af/compare.hpp"
 #include "af/error.hpp"
 
 #include <fmt/format.h>
@@ -26,7 +27,7 @@ int run_program(CLI::App& app, int argc, char** argv, const std::function<bool()
 }
 
 bool Checks::expect_close(std::string_view what, double error, double tolerance) {
-  const bool pass = error <= tolerance;  // false for NaN
+  const bool pass = within_tolerance(error, tolerance);  // NaN or infinity, on either side, fails
   if (!pass) ++failures_;
   fmt::print("check  {:<48} max abs error {:.2e}  tolerance {:.0e}  {}\n", what, error, tolerance,
              pass ? "PASS" : "FAIL");

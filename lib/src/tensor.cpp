@@ -118,34 +118,12 @@ Tensor to_tensor(ConstMatrix view) {
   return out;
 }
 
-double max_abs_diff(std::span<const float> a, std::span<const float> b) {
-  require(a.size() == b.size(), "max_abs_diff: {} values against {}", a.size(), b.size());
-  double worst = 0.0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    const double d = std::abs(static_cast<double>(a[i]) - static_cast<double>(b[i]));
-    if (!(d <= worst)) worst = d;  // NaN propagates: a NaN difference is never small
-  }
-  return worst;
-}
-
 double max_abs_diff(ConstMatrix a, ConstMatrix b) {
   if (!(a.rows == b.rows && a.cols == b.cols))
     fail("max_abs_diff: shapes {} and {} differ", a.shape_str(), b.shape_str());
-  double worst = 0.0;
-  for (std::int64_t r = 0; r < a.rows; ++r) {
-    const double d = max_abs_diff(a.row(r), b.row(r));
-    if (!(d <= worst)) worst = d;
-  }
-  return worst;
-}
-
-double max_abs(std::span<const float> values) {
-  double largest = 0.0;
-  for (float v : values) {
-    const double a = std::abs(static_cast<double>(v));
-    if (!(a <= largest)) largest = a;
-  }
-  return largest;
+  WorstError worst;
+  for (std::int64_t r = 0; r < a.rows; ++r) worst.add(max_abs_diff(a.row(r), b.row(r)));
+  return worst.value();
 }
 
 }  // namespace af

@@ -3,6 +3,8 @@
 /// A small host tensor: float32 values in row-major order, up to four dimensions, and strided matrix
 /// views, so that one head of a `[T, H, d]` tensor can be read as a `[T, d]` matrix without a copy.
 
+#include "af/compare.hpp"
+
 #include <array>
 #include <cstdint>
 #include <initializer_list>
@@ -107,10 +109,8 @@ ConstMatrix head_view(const Tensor& tensor, std::int64_t head);
 /// A contiguous copy of a view.
 Tensor to_tensor(ConstMatrix view);
 
-/// Largest absolute elementwise difference; throws when the shapes differ.
-double max_abs_diff(std::span<const float> a, std::span<const float> b);
+/// Largest absolute elementwise difference of two views (NaN when any difference is NaN; the span forms
+/// are in compare.hpp); throws when the shapes differ.
 double max_abs_diff(ConstMatrix a, ConstMatrix b);
-/// Largest absolute value.
-double max_abs(std::span<const float> values);
 
 }  // namespace af
