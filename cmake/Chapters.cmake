@@ -42,6 +42,12 @@ function(af_add_chapter folder)
                        -DMESSAGE=${message} -P ${PROJECT_SOURCE_DIR}/cmake/expect_exit.cmake)
       set_tests_properties(${target}.flags_${name} PROPERTIES LABELS "cpu;chapter")
     endforeach()
+    # Exit status 1: one check made to fail on purpose (af::Checks reads AF_PERTURB_CHECK) fails the program.
+    add_test(NAME ${target}.failed_check_exits_1
+             COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:${target}> "-DARGS=${arg_ARGS}" -DEXPECTED=1
+                     "-DMESSAGE=FAIL  .perturbed by AF_PERTURB_CHECK" -P ${PROJECT_SOURCE_DIR}/cmake/expect_exit.cmake)
+    set_tests_properties(${target}.failed_check_exits_1 PROPERTIES LABELS "cpu;chapter" ENVIRONMENT
+                                                                   "AF_PERTURB_CHECK=*")
   endif()
 
   if(sources MATCHES "\\.cpp$")

@@ -56,8 +56,7 @@ inline double max_abs_diff(af::ConstMatrix a, const Matrix64& b) {
   double worst = 0.0;
   for (std::int64_t i = 0; i < a.rows; ++i)
     for (std::int64_t j = 0; j < a.cols; ++j) {
-      const double d = std::abs(a(i, j) - b[i][j]);
-      if (!(d <= worst)) worst = d;
+      worst = af::worse(worst, std::abs(a(i, j) - b[i][j]));
     }
   return worst;
 }

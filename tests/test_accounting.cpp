@@ -1,6 +1,7 @@
 #include "af/accounting.hpp"
 #include "af/error.hpp"
 #include "af/models.hpp"
+#include "af/sinks.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -40,4 +41,17 @@ TEST_CASE("Real models' KV bytes per token match the hand-derived numbers", "[ac
   CHECK(af::dense_model("Qwen3-235B-A22B").variant() == "GQA (groups of 16)");
   CHECK_THROWS_WITH(af::dense_model("GPT-5"),
                     Catch::Matchers::Contains("GPT-5") && Catch::Matchers::Contains("Llama-3.1-8B"));
+}
+
+TEST_CASE("A bounded cache's card prints the rows it really holds", "[accounting]") {
+  const af::ModelCache mistral = af::dense_model("Mistral-7B").cache();
+  const std::vector<std::int64_t> contexts{1024};
+  const std::string windowed = af::format_cache_card(mistral.card, std::span(&mistral, 1), contexts);
+  CHECK_THAT(windowed, Catch::Matchers::Contains("[min(T, 4096), 8, 128]") &&
+                           Catch::Matchers::Contains("[min(t + 1, 4096), 8, 128]"));
+  const af::CacheCard dense = af::dense_kv_card("GQA", 32, 8, 128, af::DType::bf16);
+  CHECK_THAT(af::format_cache_card(dense, {}, contexts), Catch::Matchers::Contains("[T, 8, 128]"));
+  const af::CacheCard sinks = af::with_kept_sinks(dense, 4, 2044);
+  CHECK_THAT(af::format_cache_card(sinks, {}, contexts), Catch::Matchers::Contains("[min(T, 2048), 8, 128]"));
+  CHECK(sinks.stored_tokens(100000) == 2048);
 }

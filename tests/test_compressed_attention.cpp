@@ -224,7 +224,7 @@ double max_diff(const af::Tensor& got, const Rows& want, std::int64_t first_row 
   double worst = 0.0;
   for (std::int64_t i = 0; i < got.dim(0); ++i)
     for (std::int64_t j = 0; j < got.dim(1); ++j)
-      worst = std::max(worst, std::abs(got.at({i, j}) - want[first_row + i][j]));
+      worst = af::worse(worst, std::abs(got.at({i, j}) - want[first_row + i][j]));
   return worst;
 }
 

@@ -86,8 +86,8 @@ namespace {
 double max_rel_to_scale(const af::Tensor& got, const af::Tensor& want) {
   double worst = 0.0, top = 0.0;
   for (std::int64_t i = 0; i < got.numel(); ++i) {
-    worst = std::max(worst, std::abs(double{got.data()[i]} - want.data()[i]));
-    top = std::max(top, std::abs(double{want.data()[i]}));
+    worst = af::worse(worst, std::abs(double{got.data()[i]} - want.data()[i]));
+    top = af::worse(top, std::abs(double{want.data()[i]}));
   }
   return worst / top;
 }
@@ -148,8 +148,8 @@ TEST_CASE("Per-channel keys survive an outlier channel that ruins per-token scal
   for (std::int64_t t = 0; t < T; ++t)
     for (std::int64_t c = 0; c < d; ++c)
       if (c != 5) {
-        token_err = std::max(token_err, double{std::abs(tok.at({t, c}) - k.at({t, c}))});
-        channel_err = std::max(channel_err, double{std::abs(ch.at({t, c}) - k.at({t, c}))});
+        token_err = af::worse(token_err, double{std::abs(tok.at({t, c}) - k.at({t, c}))});
+        channel_err = af::worse(channel_err, double{std::abs(ch.at({t, c}) - k.at({t, c}))});
       }
   CHECK(token_err > 5 * channel_err);
 }

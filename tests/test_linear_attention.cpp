@@ -49,7 +49,7 @@ Matrix64 state64(const Matrix64& k, const Matrix64& v, double slope) {
 double scale_of(const Matrix64& m) {
   double top = 1.0;
   for (const auto& row : m)
-    for (const double x : row) top = std::max(top, std::abs(x));
+    for (const double x : row) top = af::worse(top, std::abs(x));
   return top;
 }
 
@@ -147,7 +147,7 @@ TEST_CASE("without decay, the causal masked form is Q (K^T V) prefix by prefix (
         af::matmul(af::transpose(k.matrix().rows_slice(0, i + 1)).matrix(), v.matrix().rows_slice(0, i + 1));
     const af::Tensor o = af::matmul(q.matrix().rows_slice(i, 1), kv.matrix());
     CHECK(af::max_abs_diff(o.matrix(), quad.matrix().rows_slice(i, 1)) <=
-          1e-5 * std::max(1.0, af::max_abs(o.values())));
+          af::scaled_tolerance(1e-5, af::max_abs(o.values())));
   }
 }
 
@@ -165,7 +165,7 @@ TEST_CASE("the blocked form continues from a carried state exactly as the defini
   const af::Tensor rec = af::linear_attention_recurrent(q.matrix(), k.matrix(), v.matrix(), 0.3, s_rec.matrix());
   CHECK(reference::max_abs_diff(blk.matrix(), want) <= 1e-5 * scale_of(want));
   CHECK(reference::max_abs_diff(rec.matrix(), want) <= 1e-5 * scale_of(want));
-  CHECK(af::max_abs_diff(s0.values(), s_rec.values()) <= 1e-5 * std::max(1.0, af::max_abs(s_rec.values())));
+  CHECK(af::max_abs_diff(s0.values(), s_rec.values()) <= af::scaled_tolerance(1e-5, af::max_abs(s_rec.values())));
 }
 
 TEST_CASE("MiniMax's lightning slopes: 2^(-8(h+1)/H) times the layer factor", "[linear]") {
@@ -210,17 +210,17 @@ TEST_CASE("lightning decode through the state equals the prefill of all tokens",
   const af::Tensor prefill =
       af::lightning_attention(x.matrix().rows_slice(0, T), layer.shape, layer.weights, slopes, state);
   CHECK(af::max_abs_diff(prefill.matrix(), all.matrix().rows_slice(0, T)) <=
-        1e-5 * std::max(1.0, af::max_abs(all.values())));
+        af::scaled_tolerance(1e-5, af::max_abs(all.values())));
   const std::int64_t bytes = state.bytes(af::DType::f32);
   for (std::int64_t i = 0; i < N; ++i) {
     const af::Tensor step = af::lightning_attention(x.matrix().rows_slice(T + i, 1), layer.shape, layer.weights, slopes,
                                                     state, af::LinearForm::recurrent);
     CHECK(af::max_abs_diff(step.matrix(), all.matrix().rows_slice(T + i, 1)) <=
-          1e-5 * std::max(1.0, af::max_abs(all.values())));
+          af::scaled_tolerance(1e-5, af::max_abs(all.values())));
     CHECK(state.bytes(af::DType::f32) == bytes);  // the state does not grow
   }
   CHECK(af::max_abs_diff(state.values().values(), whole.values().values()) <=
-        1e-5 * std::max(1.0, af::max_abs(whole.values().values())));
+        af::scaled_tolerance(1e-5, af::max_abs(whole.values().values())));
   CHECK(bytes == 2 * 8 * 8 * 4);
 }
 

@@ -96,11 +96,6 @@ std::vector<double> reference_mla(const af::MlaShape& s, const af::MlaWeights& w
   return flat;
 }
 
-double max_abs_diff(std::span<const float> a, const std::vector<double>& b) {
-  double worst = 0.0;
-  for (std::size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::abs(a[i] - b[i]));
-  return worst;
-}
 
 }  // namespace
 
@@ -127,8 +122,8 @@ TEST_CASE("MLA: naive and absorbed decode agree with each other, with prefill an
           std::ranges::copy(y.values(), decoded.matrix().row(t).begin());
         }
         INFO("q_lora " << low_rank_queries << " adjacent " << adjacent << " path " << static_cast<int>(path));
-        CHECK(max_abs_diff(prefill.values(), expected) < 2e-5);
-        CHECK(max_abs_diff(decoded.values(), expected) < 2e-5);
+        CHECK(af::max_abs_diff(prefill.values(), expected) < 2e-5);
+        CHECK(af::max_abs_diff(decoded.values(), expected) < 2e-5);
       }
     }
 }

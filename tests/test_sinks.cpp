@@ -73,7 +73,7 @@ double max_error(const af::Tensor& got, const Rows& want) {
   double worst = 0.0;
   for (std::int64_t i = 0; i < got.dim(0); ++i)
     for (std::int64_t o = 0; o < got.dim(1); ++o)
-      worst = std::max(worst, std::abs(got.data()[i * got.dim(1) + o] - want[static_cast<std::size_t>(i)][o]));
+      worst = af::worse(worst, std::abs(got.data()[i * got.dim(1) + o] - want[static_cast<std::size_t>(i)][o]));
   return worst;
 }
 
@@ -219,7 +219,7 @@ TEST_CASE("positions by cache slot equal rotating the kept keys at their slot po
       rope.rotate_rows(qq.matrix(), last);
       const Rows want = reference(qq, kk, vv, layer, {}, [](std::int64_t, std::int64_t) { return true; });
       double worst = 0.0;
-      for (std::int64_t o = 0; o < 16; ++o) worst = std::max(worst, std::abs(got.data()[t * 16 + o] - want[0][o]));
+      for (std::int64_t o = 0; o < 16; ++o) worst = af::worse(worst, std::abs(got.data()[t * 16 + o] - want[0][o]));
       INFO("trial " << trial << ", step " << t);
       CHECK(worst < 1e-4);
     }

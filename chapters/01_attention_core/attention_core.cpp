@@ -213,15 +213,6 @@ std::vector<double> reference_layer(const Head& head, const Tensor& x) {
   return out;
 }
 
-double max_abs_diff(std::span<const float> a, std::span<const double> b) {
-  double worst = 0.0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    const double d = std::abs(a[i] - b[i]);
-    if (!(d <= worst)) worst = d;
-  }
-  return worst;
-}
-
 // Where one head fails: a key that matches the query better than every other key by a fixed margin (a
 // "needle") gets a weight of e^margin / (e^margin + T - 1) against T - 1 equally plausible keys, so its weight
 // dilutes as the context grows. Measured here on random keys rather than assumed.
@@ -307,15 +298,16 @@ int main(int argc, char** argv) {
     const std::vector<double> reference = reference_layer(head, x);
 
     af::Checks checks;
-    const double tolerance = 1e-5 * std::max(1.0, af::max_abs(prefill_out.values()));
-    checks.expect_close("prefill vs float64 reference", max_abs_diff(prefill_out.values(), reference), tolerance);
+    const double tolerance = af::scaled_tolerance(1e-5, af::max_abs(prefill_out.values()));
+    checks.expect_close("prefill vs float64 reference", af::max_abs_diff(prefill_out.values(), reference),
+                        tolerance);
     checks.expect_close("decode through the KV cache vs prefill",
                         af::max_abs_diff(decode_out.values(), prefill_out.values()), tolerance);
     checks.expect_close("from scratch vs lib/ single_head_attention",
                         af::max_abs_diff(prefill_out.values(), lib_out.values()), tolerance);
     checks.expect_close("cached keys vs lib/ KvCache keys", af::max_abs_diff(cache.keys(), lib_cache.keys()),
                         tolerance);
-    double worst_row_sum = 0.0;
+    af::WorstError worst_row_sum;  // a NaN row is never close to one
     bool future_is_zero = true;
     for (std::int64_t i = 0; i < seq_len; ++i) {
       double sum = 0.0;
@@ -323,10 +315,9 @@ int main(int argc, char** argv) {
         sum += weights.at({i, j});
         future_is_zero = future_is_zero && (j <= i || weights.at({i, j}) == 0.0f);
       }
-      const double off = std::abs(sum - 1.0);
-      if (!(off <= worst_row_sum)) worst_row_sum = off;  // a NaN row is never close to one
+      worst_row_sum.add_difference(sum, 1.0);
     }
-    checks.expect_close("every row of weights sums to one", worst_row_sum, 1e-6);
+    checks.expect_close("every row of weights sums to one", worst_row_sum.value(), 1e-6);
     checks.expect_true("no weight on a future token", future_is_zero);
 
     const std::int64_t shown = std::min<std::int64_t>(seq_len, 8);

@@ -215,11 +215,6 @@ std::vector<double> reference_decode(std::span<const float> q, ConstMatrix k, Co
   return out;
 }
 
-double max_abs_diff64(std::span<const float> a, std::span<const double> b) {
-  double worst = 0.0;
-  for (std::size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::abs(a[i] - b[i]));
-  return worst;
-}
 
 // The decode output of queries q [Tq, H * d] over keys and values stored in `format` and read back.
 Tensor attend_stored(ConstMatrix q, ConstMatrix k, ConstMatrix v, const af::GroupedShape& shape, af::KvFormat keys,
@@ -340,11 +335,11 @@ int main(int argc, char** argv) {
       contiguous.append(ks[i].matrix(), vs[i].matrix());
       const Tensor lib = af::paged_attend(q.matrix(), shape, lib_cache, lib_seqs[i], {});
       const Tensor want = af::grouped_attend(q.matrix(), shape, contiguous, {});
-      worst_ref = std::max(worst_ref, max_abs_diff64(got, reference_decode(q.values(), ks[i].matrix(), vs[i].matrix(),
+      worst_ref = af::worse(worst_ref, af::max_abs_diff(got, reference_decode(q.values(), ks[i].matrix(), vs[i].matrix(),
                                                                            heads, kv_heads, d)));
-      worst_lib = std::max(worst_lib, af::max_abs_diff(got, lib.values()));
-      worst_contiguous = std::max(worst_contiguous, af::max_abs_diff(lib.values(), want.values()));
-      top = std::max(top, af::max_abs(want.values()));
+      worst_lib = af::worse(worst_lib, af::max_abs_diff(got, lib.values()));
+      worst_contiguous = af::worse(worst_contiguous, af::max_abs_diff(lib.values(), want.values()));
+      top = af::worse(top, af::max_abs(want.values()));
     }
     fmt::print("Paged: {} sequences of {} tokens in {} pages of {}; block tables:", lengths.size(),
                fmt::join(lengths, ", "), pages_needed, page_size);
@@ -412,7 +407,7 @@ int main(int argc, char** argv) {
       alone.append(k.matrix(), v.matrix());
       const Tensor q = af::random_normal(Shape{1, heads * d}, rng);
       worst_fork =
-          std::max(worst_fork, af::max_abs_diff(af::paged_attend(q.matrix(), shape, shared, child, {}).values(),
+          af::worse(worst_fork, af::max_abs_diff(af::paged_attend(q.matrix(), shape, shared, child, {}).values(),
                                                 af::grouped_attend(q.matrix(), shape, alone, {}).values()));
     }
     fmt::print("\nPrefix sharing: {} sequences continue one prompt of {} tokens with {} tokens each\n", branches,
@@ -441,13 +436,13 @@ int main(int argc, char** argv) {
       for (std::int64_t g = 0; g < kv_heads; ++g) {
         const std::vector<float> mine = int8_per_token(
             sample.matrix().row(t).subspan(static_cast<std::size_t>(g * d), static_cast<std::size_t>(d)));
-        worst_token = std::max(worst_token,
-                               af::max_abs_diff(mine, lib_token.matrix().row(t).subspan(static_cast<std::size_t>(g * d),
-                                                                                        static_cast<std::size_t>(d))));
+        worst_token = af::worse(
+            worst_token, af::max_abs_diff(mine, lib_token.matrix().row(t).subspan(static_cast<std::size_t>(g * d),
+                                                                                  static_cast<std::size_t>(d))));
       }
     for (std::int64_t b = 0; b < 2; ++b) {
       const std::vector<float> mine = int8_per_channel(sample.matrix().rows_slice(b * 32, 32));
-      worst_channel = std::max(
+      worst_channel = af::worse(
           worst_channel, af::max_abs_diff(mine, lib_channel.values().subspan(static_cast<std::size_t>(b * 32 * width),
                                                                              static_cast<std::size_t>(32 * width))));
     }
@@ -568,7 +563,7 @@ int main(int argc, char** argv) {
         const std::int64_t n = got.dim(0);
         alone.append(r.k.matrix().rows_slice(fed, n), r.v.matrix().rows_slice(fed, n));
         const Tensor want = af::grouped_attend(r.q.matrix().rows_slice(fed, n), shape, alone, {});
-        worst_batch = std::max(worst_batch, af::max_abs_diff(got.values(), want.values()));
+        worst_batch = af::worse(worst_batch, af::max_abs_diff(got.values(), want.values()));
         fed += n;
       }
     }
@@ -585,9 +580,14 @@ int main(int argc, char** argv) {
         "and output that grows with outlier channels; paging adds a block-table lookup per page read, and sharing "
         "pages needs reference counts and copy on write",
         card.bytes_per_token(), af::dense_kv_card("", heads, kv_heads, d, af::DType::bf16).bytes_per_token());
+    // The same INT8 formats applied to real models' grouped layers (hypothetically: both ship a bf16 cache).
     std::vector<af::ModelCache> models;
-    for (const char* name : {"Llama-3.1-8B", "Mistral-7B", "DeepSeek-V3"})
-      models.push_back(af::model_preset(name).cache(af::DType::bf16));
+    for (const char* name : {"Llama-3.1-8B", "Llama-3.1-70B"}) {
+      const af::DenseModel& m = af::dense_model(name);
+      models.push_back({m.name, m.source, m.layers,
+                        af::quantized_kv_card(m.heads, m.kv_heads, m.head_dim, af::KvFormat::int8_channel,
+                                              af::KvFormat::int8_token, 32)});
+    }
     fmt::print("\n{}", af::format_cache_card(card, models, std::vector<std::int64_t>{4096, 131072}));
     // [/cache-card]
 

@@ -96,8 +96,6 @@ double dot64(std::span<const float> a, std::span<const float> b) {
   return s;
 }
 
-double worst(double a, double b) { return (a >= b || a != a) ? a : b; }
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -139,11 +137,11 @@ int main(int argc, char** argv) {
       rotate_half_split(b, theta, m);
       lib_adjacent.rotate(a_lib, m);
       lib_half.rotate(b_lib, m);
-      vs_lib = worst(vs_lib, std::max(af::max_abs_diff(a, a_lib), af::max_abs_diff(b, b_lib)));
+      vs_lib = af::worse(vs_lib, af::worse(af::max_abs_diff(a, a_lib), af::max_abs_diff(b, b_lib)));
       for (std::size_t i = 0; i < theta.size(); ++i) {  // float64: the rotation of a complex number
         const double c = std::cos(m * theta[i]), s = std::sin(m * theta[i]);
-        vs_f64 = worst(vs_f64, std::abs(a[2 * i] - (q[2 * i] * c - q[2 * i + 1] * s)));
-        vs_f64 = worst(vs_f64, std::abs(a[2 * i + 1] - (q[2 * i] * s + q[2 * i + 1] * c)));
+        vs_f64 = af::worse(vs_f64, std::abs(a[2 * i] - (q[2 * i] * c - q[2 * i + 1] * s)));
+        vs_f64 = af::worse(vs_f64, std::abs(a[2 * i + 1] - (q[2 * i] * s + q[2 * i + 1] * c)));
       }
       // [relative-position]
       // The score of q at position m against k at position n must not change when both move by `shift`.
@@ -152,7 +150,7 @@ int main(int argc, char** argv) {
       rotate_half_split(kn, theta, n);
       rotate_half_split(qs, theta, m + shift);
       rotate_half_split(ks, theta, n + shift);
-      relative = worst(relative, std::abs(dot64(qm, kn) - dot64(qs, ks)) / (1.0 + std::abs(dot64(qm, kn))));
+      relative = af::worse(relative, std::abs(dot64(qm, kn) - dot64(qs, ks)) / (1.0 + std::abs(dot64(qm, kn))));
       // [/relative-position]
       // [layout-permutation]
       // Half-split rotation of the permuted vector = permutation of the adjacent rotation.
@@ -162,7 +160,7 @@ int main(int argc, char** argv) {
         a_permuted[j] = a[static_cast<std::size_t>(perm[j])];
       }
       rotate_half_split(q_permuted, theta, m);
-      permuted = worst(permuted, af::max_abs_diff(q_permuted, a_permuted));
+      permuted = af::worse(permuted, af::max_abs_diff(q_permuted, a_permuted));
       // [/layout-permutation]
     }
     checks.expect_close("rotations vs lib/ af::Rope (both layouts)", vs_lib, 1e-5);
@@ -175,7 +173,7 @@ int main(int argc, char** argv) {
     const af::Rope lib_scaled(128, 500000.0, af::RopeLayout::half_split, llama31);
     double scaling_error = 0.0;
     for (std::size_t i = 0; i < scaled.size(); ++i)
-      scaling_error = worst(scaling_error, std::abs(scaled[i] - lib_scaled.inverse_frequencies()[i]) / scaled[i]);
+      scaling_error = af::worse(scaling_error, std::abs(scaled[i] - lib_scaled.inverse_frequencies()[i]) / scaled[i]);
     checks.expect_close("llama3 frequencies vs lib/, relative", scaling_error, 1e-12);
 
     // [rope-gqa]
@@ -205,7 +203,7 @@ int main(int argc, char** argv) {
     // [/rope-gqa]
     checks.expect_close("GQA + RoPE: decode through the cache vs prefill",
                         af::max_abs_diff(decoded.values(), prefill.values()),
-                        1e-5 * std::max(1.0, af::max_abs(prefill.values())));
+                        af::scaled_tolerance(1e-5, af::max_abs(prefill.values())));
 
     // [evict-and-shift]
     // Evict the first E cached tokens and let the rest move up by E positions (what a rolling cache that
@@ -220,7 +218,7 @@ int main(int argc, char** argv) {
         const Tensor k_row = af::linear(x.matrix().rows_slice(t, 1), w.k_proj.matrix());
         std::vector<float> fresh(k_row.values().begin() + g * head_dim, k_row.values().begin() + (g + 1) * head_dim);
         lib_half.rotate(fresh, static_cast<double>(t - evicted));
-        reposition_error = worst(reposition_error, af::max_abs_diff(moved, fresh));
+        reposition_error = af::worse(reposition_error, af::max_abs_diff(moved, fresh));
       }
     // [/evict-and-shift]
     checks.expect_close("cached key turned back by E vs key at t - E", reposition_error, 1e-5);

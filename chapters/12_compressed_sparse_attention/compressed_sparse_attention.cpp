@@ -524,12 +524,12 @@ int main(int argc, char** argv) {
       double worst = 0.0, biggest = 0.0;
       for (std::int64_t t = 0; t < seq_len; ++t)
         for (std::int64_t j = 0; j < s.hidden; ++j) {
-          worst = std::max(worst, std::abs(got.at({t, j}) - want.out[t][j]));
-          biggest = std::max(biggest, std::abs(want.out[t][j]));
+          worst = af::worse(worst, std::abs(got.at({t, j}) - want.out[t][j]));
+          biggest = af::worse(biggest, std::abs(want.out[t][j]));
         }
       checks.expect_close(
           fmt::format("{}: cached float32 layer vs float64 from scratch (max |y| {:.2f})", af::name_of(kind), biggest),
-          worst, 2e-5 * std::max(1.0, biggest));
+          worst, af::scaled_tolerance(2e-5, biggest));
       if (kind == af::V4LayerKind::csa)
         checks.expect_true("compressed_sparse_attention: the indexer's picks equal the float64 top-k",
                            selected == want.selected);
@@ -602,7 +602,6 @@ int main(int argc, char** argv) {
     for (std::int64_t k : ks) fmt::print(" {:>11}", fmt::format("k={}", k));
     fmt::print("\n");
     std::string mass_data = "# input m k aligned random (mean captured share of the entries' attention mass)\n";
-    double full_cover = 0.0;  // where k >= the number of entries, the captured share must be 1
     Probe needle_probe{};
     std::string needle_lines;
     for (const std::string& input : inputs)
@@ -624,7 +623,6 @@ int main(int argc, char** argv) {
           const double aligned = mean_captured(p, m, k, true), random = mean_captured(p, m, k, false);
           fmt::print(" {:>5.3f}/{:<5.3f}", aligned, random);
           mass_data += fmt::format("{} {} {} {:.6f} {:.6f}\n", input, m, k, aligned, random);
-          if (k >= context / m) full_cover = std::max({full_cover, std::abs(aligned - 1.0), std::abs(random - 1.0)});
         }
         fmt::print("\n");
         if (input == "needle") {
@@ -644,7 +642,6 @@ int main(int argc, char** argv) {
           if (m == 4) needle_probe = p;
         }
       }
-    checks.expect_close("where k covers every entry, top-k captures all the entries' mass", full_cover, 1e-12);
     fmt::print("{}\n", needle_lines);
     const std::size_t last = static_cast<std::size_t>(queries - 1);
     const std::vector<float> aligned_scores = scores_of(needle_probe, last, 4, true);

@@ -127,6 +127,8 @@ CacheCard with_sliding_window(CacheCard card, std::int64_t window) {
   card.stored_tokens = [stored, window](std::int64_t t) { return stored(std::min(t, window)); };
   card.decode_reads = [reads, window](std::int64_t t) { return reads(std::min(t, window)); };
   card.mechanism += fmt::format(", sliding window of {}", window);
+  card.rows_after_prefill = fmt::format("min(T, {})", window);
+  card.rows_after_step = fmt::format("min(t + 1, {})", window);
   card.trade_offs = fmt::format(
       "memory and bandwidth stop growing at {} tokens per layer; quality: a key more than {} positions back is "
       "invisible to this layer (reach grows only through the layers stacked above it); complexity: a ring buffer "
@@ -185,13 +187,15 @@ std::string format_cache_card(const CacheCard& card, std::span<const ModelCache>
       card.per_token, [&](const CachedTensor& t) { return fmt::format("{}", fmt::join(t.shape, ", ")) == shape; });
   line("cached", fmt::format("per token and layer: {}", fmt::join(stored, ", ")));
   if (same_shape) {
-    line("stored shape", fmt::format("after a prefill of T tokens: {} [T, {}]", fmt::join(names, ", "), shape));
-    line("", fmt::format("after the decode step at position t: {} [t + 1, {}]", fmt::join(names, ", "), shape));
+    line("stored shape", fmt::format("after a prefill of T tokens: {} [{}, {}]", fmt::join(names, ", "),
+                                     card.rows_after_prefill, shape));
+    line("", fmt::format("after the decode step at position t: {} [{}, {}]", fmt::join(names, ", "),
+                         card.rows_after_step, shape));
   } else {
     for (const CachedTensor& t : card.per_token)
       line(&t == &card.per_token.front() ? "stored shape" : "",
-           fmt::format("{}: [T, {}] after a prefill, [t + 1, {}] after step t", t.name, fmt::join(t.shape, ", "),
-                       fmt::join(t.shape, ", ")));
+           fmt::format("{}: [{}, {}] after a prefill, [{}, {}] after step t", t.name, card.rows_after_prefill,
+                       fmt::join(t.shape, ", "), card.rows_after_step, fmt::join(t.shape, ", ")));
   }
   line("bytes per token",
        fmt::format("{} per layer, written once when the token is generated", card.bytes_per_token()));

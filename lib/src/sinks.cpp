@@ -218,6 +218,8 @@ CacheCard with_kept_sinks(CacheCard card, std::int64_t sinks, std::int64_t windo
   card.stored_tokens = [stored, held](std::int64_t t) { return stored(std::min(t, held)); };
   card.decode_reads = [reads, held](std::int64_t t) { return reads(std::min(t, held)); };
   card.mechanism += fmt::format(", {} kept sinks + window of {}", sinks, window);
+  card.rows_after_prefill = fmt::format("min(T, {})", held);
+  card.rows_after_step = fmt::format("min(t + 1, {})", held);
   card.trade_offs = fmt::format(
       "memory and bandwidth stop growing at {} tokens per layer (the first {} and the last {}); quality: every token "
       "between the sinks and the window is gone for good, and the sinks only anchor the softmax; complexity: a ring "

@@ -46,6 +46,10 @@ struct CacheCard {
   std::vector<CachedTensor> per_token;  ///< what one cached token stores in one layer
   /// Cached tokens kept after `t` tokens (t for a dense cache; bounded for a window).
   std::function<std::int64_t(std::int64_t t)> stored_tokens;
+  /// The rows the cache holds, as the card prints them, after a prefill of T tokens and after the decode step
+  /// at position t: "T" and "t + 1" for a dense cache, "min(T, 4096)" and "min(t + 1, 4096)" for a window.
+  std::string rows_after_prefill = "T";
+  std::string rows_after_step = "t + 1";
   /// What one decode query reads with `t` tokens in context.
   std::function<std::vector<DecodeRead>(std::int64_t t)> decode_reads;
   std::string trade_offs;
