@@ -1,21 +1,92 @@
 #include "af/safetensors.hpp"
 
 #include "af/error.hpp"
+#include "regular_file.hpp"
 
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
+#include <limits>
+#include <string_view>
 
 namespace af {
 
 namespace {
 
-std::int64_t numel_of(const std::vector<std::int64_t>& shape) {
-  std::int64_t n = 1;
-  for (std::int64_t d : shape) n *= d;
-  return n;
+std::int64_t numel_of(const std::vector<std::int64_t>& shape) { return Shape::numel_of(shape); }
+
+// The bytes a tensor of `shape` and `dtype` holds. numel_of caps the count at 2^60 and a dtype holds at most
+// eight bytes, so the product fits in uint64.
+std::uint64_t byte_count(const std::vector<std::int64_t>& shape, DType dtype) {
+  return static_cast<std::uint64_t>(numel_of(shape)) * static_cast<std::uint64_t>(bytes_of(dtype));
+}
+
+// Whether arrays and objects in the JSON `text` nest deeper than `limit`, counting only brackets outside
+// strings. It runs before the parser, so that no header can make the parser (or a later dump) recurse
+// without bound. On malformed text the parser stops at the first error, never deeper than the scan saw.
+bool json_nests_deeper_than(std::string_view text, int limit) {
+  int depth = 0;
+  bool in_string = false, escaped = false;
+  for (const char c : text) {
+    if (in_string) {
+      if (escaped)
+        escaped = false;
+      else if (c == '\\')
+        escaped = true;
+      else if (c == '"')
+        in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > limit) return true;
+    } else if ((c == ']' || c == '}') && depth > 0) {
+      --depth;
+    }
+  }
+  return false;
+}
+
+// A JSON value's kind, for messages: "a string", "an array", ...
+std::string json_kind(const nlohmann::json& value) {
+  const std::string name = value.type_name();
+  return (name == "array" || name == "object" ? "an " : "a ") + name;
+}
+
+std::vector<std::int64_t> shape_of(const nlohmann::json& entry) {
+  const auto field = entry.find("shape");
+  if (field == entry.end()) fail("the entry has no \"shape\" field");
+  if (!field->is_array()) fail("\"shape\" is {} (expected an array of sizes)", json_kind(*field));
+  std::vector<std::int64_t> shape;
+  for (const nlohmann::json& size : *field) {
+    if (!(size.is_number_unsigned() &&
+          size.get<std::uint64_t>() <= static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())))
+      fail("shape {} has a size that is not an integer in [0, 2^63) ({})", field->dump(), size.dump());
+    shape.push_back(size.get<std::int64_t>());
+  }
+  return shape;
+}
+
+struct ByteRange {
+  std::uint64_t begin = 0, end = 0;
+};
+
+ByteRange offsets_of(const nlohmann::json& entry) {
+  const auto field = entry.find("data_offsets");
+  if (field == entry.end()) fail("the entry has no \"data_offsets\" field");
+  if (!(field->is_array() && field->size() == 2 && (*field)[0].is_number_unsigned() &&
+        (*field)[1].is_number_unsigned()))
+    fail("data_offsets {} are not two byte offsets (expected [begin, end], integers >= 0)", field->dump());
+  return {(*field)[0].get<std::uint64_t>(), (*field)[1].get<std::uint64_t>()};
+}
+
+DType dtype_of(const nlohmann::json& entry) {
+  const auto field = entry.find("dtype");
+  if (field == entry.end()) fail("the entry has no \"dtype\" field");
+  if (!field->is_string()) fail("\"dtype\" is {} (expected a string such as \"F32\")", json_kind(*field));
+  return dtype_from_safetensors_name(field->get<std::string>());
 }
 
 template <class T>
@@ -60,58 +131,105 @@ DType dtype_from_safetensors_name(const std::string& name) {
 }
 
 SafetensorsFile SafetensorsFile::read(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  require(in.good(), "safetensors: cannot open {}", path.string());
-  std::vector<char> raw((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  const auto file_size = static_cast<std::uint64_t>(raw.size());
-  require(file_size >= 8, "safetensors: {} is {} bytes long (expected at least the 8-byte header length)",
-          path.string(), file_size);
-  const auto* bytes = reinterpret_cast<const std::byte*>(raw.data());
-  const auto header_size = load<std::uint64_t>(bytes);
-  require(header_size <= file_size - 8, "safetensors: {} declares a {}-byte header but holds only {} bytes after it",
-          path.string(), header_size, file_size - 8);
+  const std::vector<std::byte> bytes = detail::read_regular_file(path, safetensors_max_file_bytes, "safetensors");
+  return parse(bytes, path);
+}
 
-  nlohmann::json header;
+SafetensorsFile SafetensorsFile::parse(std::span<const std::byte> bytes, const std::filesystem::path& source) {
+  const std::string name_of_source = source.string();
   try {
-    header = nlohmann::json::parse(raw.begin() + 8, raw.begin() + 8 + static_cast<std::ptrdiff_t>(header_size));
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(fmt::format("safetensors: {} has a malformed JSON header: {}", path.string(), e.what()));
-  }
-  require(header.is_object(), "safetensors: {}: the header is not a JSON object", path.string());
+    const std::uint64_t file_size = bytes.size();
+    if (!(file_size >= 8))
+      fail("safetensors: {} is {} bytes long (expected at least the 8-byte header length)", name_of_source, file_size);
+    const auto header_size = load<std::uint64_t>(bytes.data());
+    if (!(header_size <= safetensors_max_header_bytes))
+      fail("safetensors: {} declares a {}-byte header (expected at most {})", name_of_source, header_size,
+           safetensors_max_header_bytes);
+    if (!(header_size <= file_size - 8))
+      fail("safetensors: {} declares a {}-byte header but holds only {} bytes after it", name_of_source, header_size,
+           file_size - 8);
 
-  SafetensorsFile file;
-  file.path_ = path;
-  const std::uint64_t data_start = 8 + header_size, data_size = file_size - data_start;
-  for (const auto& [name, entry] : header.items()) {
-    if (name == "__metadata__") {
-      require(entry.is_object(), "safetensors: {}: __metadata__ is not an object", path.string());
-      for (const auto& [key, value] : entry.items())
-        file.metadata_[key] = value.is_string() ? value.get<std::string>() : value.dump();
-      continue;
-    }
+    const std::string_view header_text(reinterpret_cast<const char*>(bytes.data()) + 8, header_size);
+    if (json_nests_deeper_than(header_text, safetensors_max_json_depth))
+      fail("safetensors: {}: the JSON header nests arrays and objects more than {} deep", name_of_source,
+           safetensors_max_json_depth);
+    nlohmann::json header;
     try {
-      StoredTensor tensor;
-      tensor.dtype = dtype_from_safetensors_name(entry.at("dtype").get<std::string>());
-      tensor.shape = entry.at("shape").get<std::vector<std::int64_t>>();
-      const auto offsets = entry.at("data_offsets").get<std::vector<std::uint64_t>>();
-      for (std::int64_t d : tensor.shape)
-        if (!(d >= 0)) fail("shape [{}] has a negative dimension", fmt::join(tensor.shape, ", "));
-      if (!(offsets.size() == 2 && offsets[0] <= offsets[1] && offsets[1] <= data_size))
-        fail("data_offsets [{}] do not lie within the {} data bytes", fmt::join(offsets, ", "), data_size);
-      const auto expected = static_cast<std::uint64_t>(numel_of(tensor.shape) * bytes_of(tensor.dtype));
-      if (!(offsets[1] - offsets[0] == expected))
-        fail("{} bytes stored for shape [{}] of {} (expected {})", offsets[1] - offsets[0],
-             fmt::join(tensor.shape, ", "), safetensors_dtype_name(tensor.dtype), expected);
-      const std::byte* begin = bytes + data_start + offsets[0];
-      tensor.bytes.assign(begin, begin + expected);
-      file.tensors_.emplace(name, std::move(tensor));
+      header = nlohmann::json::parse(header_text);
     } catch (const nlohmann::json::exception& e) {
-      throw Error(fmt::format("safetensors: {}: entry \"{}\" is malformed: {}", path.string(), name, e.what()));
-    } catch (const Error& e) {
-      throw Error(fmt::format("safetensors: {}: tensor \"{}\": {}", path.string(), name, e.what()));
+      fail("safetensors: {} has a malformed JSON header: {}", name_of_source, e.what());
     }
+    if (!header.is_object())
+      fail("safetensors: {}: the header is {} (expected an object)", name_of_source, json_kind(header));
+
+    SafetensorsFile file;
+    file.path_ = source;
+    const std::uint64_t data_start = 8 + header_size, data_size = file_size - data_start;
+    struct Placed {
+      ByteRange range;
+      std::string name;
+    };
+    std::vector<Placed> placed;
+    for (const auto& [name, entry] : header.items()) {
+      if (name == "__metadata__") {
+        // The format's metadata is a flat map of strings to strings.
+        if (!entry.is_object())
+          fail("safetensors: {}: __metadata__ is {} (expected an object of strings)", name_of_source, json_kind(entry));
+        for (const auto& [key, value] : entry.items()) {
+          if (!value.is_string())
+            fail("safetensors: {}: __metadata__ \"{}\" is {} (expected a string)", name_of_source, key,
+                 json_kind(value));
+          file.metadata_[key] = value.get<std::string>();
+        }
+        continue;
+      }
+      try {
+        if (!entry.is_object())
+          fail("the entry is {} (expected an object of dtype, shape and data_offsets)", json_kind(entry));
+        StoredTensor tensor;
+        tensor.dtype = dtype_of(entry);
+        tensor.shape = shape_of(entry);
+        const ByteRange range = offsets_of(entry);
+        if (!(range.begin <= range.end && range.end <= data_size))
+          fail("data_offsets [{}, {}] do not lie within the {} data bytes", range.begin, range.end, data_size);
+        const std::uint64_t expected = byte_count(tensor.shape, tensor.dtype);
+        if (!(range.end - range.begin == expected))
+          fail("{} bytes stored for shape [{}] of {} (expected {})", range.end - range.begin,
+               fmt::join(tensor.shape, ", "), safetensors_dtype_name(tensor.dtype), expected);
+        const std::byte* begin = bytes.data() + data_start + range.begin;
+        tensor.bytes.assign(begin, begin + expected);
+        file.tensors_.emplace(name, std::move(tensor));
+        placed.push_back({range, name});
+      } catch (const Error& e) {
+        fail("safetensors: {}: tensor \"{}\": {}", name_of_source, name, e.what());
+      }
+    }
+
+    // The tensors tile the data: no two share a byte, and no byte belongs to none.
+    std::ranges::sort(placed, [](const Placed& a, const Placed& b) {
+      return std::pair(a.range.begin, a.range.end) < std::pair(b.range.begin, b.range.end);
+    });
+    std::uint64_t covered = 0;
+    std::string_view previous;
+    for (const Placed& p : placed) {
+      if (p.range.begin < covered)
+        fail("safetensors: {}: tensors \"{}\" and \"{}\" overlap (data_offsets up to {} and from {})", name_of_source,
+             previous, p.name, covered, p.range.begin);
+      if (p.range.begin > covered)
+        fail("safetensors: {}: data bytes [{}, {}) belong to no tensor (expected the tensors to cover the data)",
+             name_of_source, covered, p.range.begin);
+      covered = p.range.end;
+      previous = p.name;
+    }
+    if (covered != data_size)
+      fail("safetensors: {}: data bytes [{}, {}) belong to no tensor (expected the tensors to cover the data)",
+           name_of_source, covered, data_size);
+    return file;
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {  // an allocation that failed, or a library's own exception
+    throw Error(fmt::format("safetensors: {}: {}", name_of_source, e.what()));
   }
-  return file;
 }
 
 std::vector<std::string> SafetensorsFile::names() const {
@@ -195,9 +313,9 @@ void SafetensorsWriter::add_integers(const std::string& name, std::vector<std::i
 
 void SafetensorsWriter::add_stored(const std::string& name, StoredTensor tensor) {
   require(name != "__metadata__" && !name.empty(), "SafetensorsWriter: \"{}\" is not a valid tensor name", name);
-  if (!(static_cast<std::int64_t>(tensor.bytes.size()) == numel_of(tensor.shape) * bytes_of(tensor.dtype)))
+  if (!(tensor.bytes.size() == byte_count(tensor.shape, tensor.dtype)))
     fail("SafetensorsWriter: \"{}\" has {} bytes for shape [{}] (expected {})", name, tensor.bytes.size(),
-         fmt::join(tensor.shape, ", "), numel_of(tensor.shape) * bytes_of(tensor.dtype));
+         fmt::join(tensor.shape, ", "), byte_count(tensor.shape, tensor.dtype));
   tensors_[name] = std::move(tensor);
 }
 

@@ -21,6 +21,21 @@ Shape::Shape(std::span<const std::int64_t> dims) {
     dims_[i] = dims[i];
   }
   rank_ = static_cast<int>(dims.size());
+  numel_of(dims);  // throws when the element count is out of range
+}
+
+std::int64_t Shape::numel_of(std::span<const std::int64_t> dims) {
+  for (std::size_t i = 0; i < dims.size(); ++i)
+    if (!(dims[i] >= 0))
+      fail("shape [{}]: dimension {} is {} (expected a size >= 0)", fmt::join(dims, ", "), i, dims[i]);
+  // A zero dimension makes the count zero however large the others are.
+  if (std::ranges::find(dims, 0) != dims.end()) return 0;
+  std::int64_t count = 1;
+  for (std::int64_t d : dims)
+    if (__builtin_mul_overflow(count, d, &count) || count > max_numel)
+      fail("shape [{}] holds more than {} elements (2^60, the most a shape may hold)", fmt::join(dims, ", "),
+           max_numel);
+  return count;
 }
 
 std::int64_t Shape::operator[](int axis) const {
@@ -29,11 +44,8 @@ std::int64_t Shape::operator[](int axis) const {
   return dims_[resolved];
 }
 
-std::int64_t Shape::numel() const {
-  std::int64_t n = 1;
-  for (int i = 0; i < rank_; ++i) n *= dims_[i];
-  return n;
-}
+// The constructor checked the count, so this cannot throw; a zero size is seen before any product forms.
+std::int64_t Shape::numel() const { return numel_of(dims()); }
 
 std::string Shape::str() const { return fmt::format("[{}]", fmt::join(dims(), ", ")); }
 

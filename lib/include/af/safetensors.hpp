@@ -11,10 +11,19 @@
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <span>
 #include <string>
 #include <vector>
 
 namespace af {
+
+/// The largest safetensors file SafetensorsFile::read opens (64 GiB); it is read whole into memory.
+inline constexpr std::uint64_t safetensors_max_file_bytes = std::uint64_t{1} << 36;
+/// The longest JSON header accepted (100 MB, the limit of the format's reference implementation).
+inline constexpr std::uint64_t safetensors_max_header_bytes = 100'000'000;
+/// The deepest nesting of JSON arrays and objects accepted in the header; a valid header nests three deep
+/// (the header, a tensor's entry, its shape).
+inline constexpr int safetensors_max_json_depth = 16;
 
 /// One tensor as stored: its element type, shape and raw bytes.
 struct StoredTensor {
@@ -26,10 +35,20 @@ struct StoredTensor {
 /// The contents of a safetensors file, read whole into memory.
 class SafetensorsFile {
  public:
-  /// Reads and validates `path`. Throws af::Error naming the file and the problem for a missing,
-  /// truncated or malformed file (bad header length, invalid JSON, unknown dtype, a byte range that does
-  /// not match the shape or lies outside the file).
+  /// Reads and validates `path`. Throws af::Error naming the file and the problem for a path that does not
+  /// exist, is not a regular file (a directory, a FIFO, a device) or is larger than
+  /// safetensors_max_file_bytes, and for every problem parse names. Nothing else leaves it.
   static SafetensorsFile read(const std::filesystem::path& path);
+
+  /// Parses and validates the bytes of a safetensors file held in memory; `source` names them in messages
+  /// and becomes path(). Throws af::Error naming `source` and the problem for a truncated or malformed file:
+  /// a header length beyond safetensors_max_header_bytes or the end of the file, invalid JSON or JSON nested
+  /// deeper than safetensors_max_json_depth, a `__metadata__` that is not a map of strings to strings, an
+  /// entry without a string dtype, a shape of sizes >= 0 or two data_offsets, an unknown dtype, a shape of
+  /// more than Shape::max_numel elements, a byte range that lies outside the data or does not hold
+  /// dtype size * elements bytes, and byte ranges that overlap or leave bytes of the data unused. Nothing
+  /// else leaves it.
+  static SafetensorsFile parse(std::span<const std::byte> bytes, const std::filesystem::path& source = "<memory>");
 
   bool contains(const std::string& name) const { return tensors_.contains(name); }
   std::vector<std::string> names() const;

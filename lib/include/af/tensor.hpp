@@ -18,9 +18,16 @@ namespace af {
 class Shape {
  public:
   static constexpr int max_rank = 4;
+  /// The most elements a shape may describe: 2^60, so that the byte count of any element type of up to
+  /// eight bytes still fits in an int64.
+  static constexpr std::int64_t max_numel = std::int64_t{1} << 60;
+
+  /// The number of elements of `dims` (any rank; 1 for none), computed without overflow. Throws af::Error
+  /// for a negative dimension or a count above max_numel (which includes every count that overflows int64).
+  static std::int64_t numel_of(std::span<const std::int64_t> dims);
 
   Shape() = default;
-  /// Throws af::Error for more than four dimensions or a negative one.
+  /// Throws af::Error for more than four dimensions, a negative one, or more than max_numel elements.
   Shape(std::initializer_list<std::int64_t> dims);
   explicit Shape(std::span<const std::int64_t> dims);
 
