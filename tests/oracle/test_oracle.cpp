@@ -287,6 +287,7 @@ const std::vector<Subject>& subjects() {
       {"minimax_full_gqa_layer3", "q_proj.weight", true},
       {"sdpa_sinks_s2_w4_gqa", "q_proj.weight", false},
       {"flex_block_mask_strided_b4", "q_proj.weight", false},
+      {"flex_block_mask_chunked_transformers_b4", "q_proj.weight", false},  // transformers' chunked mask
   };
   return all;
 }
@@ -545,6 +546,9 @@ TEST_CASE("oracle_check names a config field of the wrong JSON type or range", "
       {"minimax_full_gqa_layer3", "/config/layer_types", "full_attention", "layer_types"},
       {"sdpa_sinks_s2_w4_gqa", "/config/sinks", -1, "sinks"},
       {"flex_block_mask_all_b5", "/config/block", "5", "block"},
+      {"flex_block_mask_chunked_transformers_b4", "/config/mask_mod", "my_mask_mod", "mask_mod"},
+      {"flex_block_mask_chunked_transformers_b4", "/config/mask_mod", 1, "mask_mod"},
+      {"flex_block_mask_chunked_transformers_b4", "/config/global_blocks", 1, "mask_mod"},
       {"sdpa_single_head_bias_scale", "/config", nlohmann::json::array(), "config"},
       {"sdpa_single_head_bias_scale", "/reference", 3, "reference"},
   };
