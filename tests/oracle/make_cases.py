@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write the oracle cases of Attention Forge (the contract: ORACLE.md; the format: tests/oracle/README.md).
+"""Write the oracle cases of Attention Forge (the contract and the format: tests/oracle/README.md).
 
 Each case is one directory, <out>/<name>/, holding
   case.json            reference, layer_type, config, prefill_len, decode_steps, seed, tolerance,
@@ -45,7 +45,7 @@ SCRIPT = "tests/oracle/make_cases.py"
 DEVICE = "cpu"
 DTYPE_NAME = "float32"
 
-# The ORACLE.md default: pass when max|got - expected| <= max_abs * max(1, max|expected|), where
+# The contract's default tolerance: pass when max|got - expected| <= max_abs * max(1, max|expected|), where
 # max|expected| is taken over all expected.* float tensors of the case together.
 DEFAULT_TOLERANCE = {"max_abs": 1e-4, "relative_to": "max(1, max|expected|)"}
 

@@ -195,8 +195,8 @@ Case read_case(const std::filesystem::path& dir) {
   c.decode_steps = fields.integer("decode_steps", 0, max_tokens);
   c.position_offset = fields.integer_or("position_offset", 0, 0, max_position_offset);
 
-  // The tolerance: a plain number A means {"max_abs": A, "relative_to": "max(1, max|expected|)"} (ORACLE.md's
-  // default form); an object names max_abs and relative_to, and nothing else.
+  // The tolerance: a plain number A means {"max_abs": A, "relative_to": "max(1, max|expected|)"} (the
+  // contract's default form); an object names max_abs and relative_to, and nothing else.
   const nlohmann::json& tolerance = fields.at("tolerance");
   const std::string bound = fmt::format("(expected a finite number > 0 and <= {})", max_tolerance);
   if (tolerance.is_number()) {

@@ -1,6 +1,6 @@
 #pragma once
 // The oracle harness: a case as read from tests/oracle/cases/<name>/, and the runners that compute a
-// mechanism's outputs from the case's weights with the library (see shared ORACLE.md and README.md here).
+// mechanism's outputs from the case's weights with the library (the contract and the format: README.md here).
 #include "af/error.hpp"
 #include "af/grouped_attention.hpp"
 #include "af/mla.hpp"
