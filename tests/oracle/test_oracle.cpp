@@ -410,6 +410,14 @@ TEST_CASE("A runner that returns nothing, NaN, the wrong shape or throws does no
         dir, table_of([](const oracle::Case&) -> std::vector<oracle::Outputs> { throw std::out_of_range("map::at"); }));
     CHECK(throws.verdict == oracle::Verdict::malformed);
     CHECK_THAT(throws.report, Catch::Matchers::Contains(subject.case_name) && Catch::Matchers::Contains("map::at"));
+
+    // A runner that reads a field without the strict readers: nlohmann's type error is caught, never an abort.
+    const auto json_error = oracle::check_case(dir, table_of([](const oracle::Case& c) -> std::vector<oracle::Outputs> {
+                                                 (void)c.root.at("prefill_len").get<std::string>();
+                                                 return {};
+                                               }));
+    CHECK(json_error.verdict == oracle::Verdict::malformed);
+    CHECK_THAT(json_error.report, Catch::Matchers::Contains(subject.case_name + ": a case.json field"));
   }
 }
 
