@@ -601,6 +601,15 @@ TEST_CASE("oracle_check refuses deeply nested JSON without running out of stack"
     CHECK(oracle_check_status(dir) == 0);
   }
   require_malformed(
+      "sdpa_mha_h4", "nested_header",
+      [&](const fs::path& dir) {
+        const std::string header = "{\"__metadata__\": {\"x\": " + nested(200000) + "}}";
+        std::ofstream out(dir / "tensors.safetensors", std::ios::binary);
+        for (int i = 0; i < 8; ++i) out.put(static_cast<char>((header.size() >> (8 * i)) & 0xff));
+        out << header;
+      },
+      "tensors.safetensors");
+  require_malformed(
       "sdpa_mha_h4", "not_an_object", [](const fs::path& dir) { std::ofstream(dir / "case.json") << "[1, 2]"; },
       "case.json");
   require_malformed(
