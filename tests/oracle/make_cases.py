@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write the oracle cases of Attention Forge (the contract: ORACLE.md; the format: tests/oracle/README.md).
+"""Write the oracle cases of Attention Forge (the contract and the format: tests/oracle/README.md).
 
 Each case is one directory, <out>/<name>/, holding
   case.json            reference, layer_type, config, prefill_len, decode_steps, seed, tolerance,
@@ -45,7 +45,7 @@ SCRIPT = "tests/oracle/make_cases.py"
 DEVICE = "cpu"
 DTYPE_NAME = "float32"
 
-# The ORACLE.md default: pass when max|got - expected| <= max_abs * max(1, max|expected|), where
+# The contract's default tolerance: pass when max|got - expected| <= max_abs * max(1, max|expected|), where
 # max|expected| is taken over all expected.* float tensors of the case together.
 DEFAULT_TOLERANCE = {"max_abs": 1e-4, "relative_to": "max(1, max|expected|)"}
 
@@ -1162,6 +1162,36 @@ def _pattern_allows(q, k, cfg):
     return (k <= q) & seen
 
 
+@dataclasses.dataclass(frozen=True)
+class ReleasedMaskMod:
+    """A mask function that ships in a released library, and the block pattern it equals (checked by the tables:
+    check_flex_block_mask compares the BlockMask flex built from it with the tables written out from the pattern)."""
+    pattern: dict[str, int]                # local_blocks, global_blocks, stride it must be recorded with
+    make: Callable[[dict[str, Any], int], Any]
+
+    def require(self, cfg: dict[str, Any]) -> None:
+        for key, want in self.pattern.items():
+            if cfg[key] != want:
+                raise ValueError(f"mask_mod needs {key} = {want} (the block pattern it equals), not {cfg[key]}")
+
+    def build(self, cfg: dict[str, Any], q_offset: int):
+        return self.make(cfg, q_offset)
+
+
+def _transformers_chunked(cfg: dict[str, Any], q_offset: int):
+    """Llama 4's chunked attention as transformers 5.17 builds it for flex: chunked_causal_mask_function (a query
+    sees the causal part of its own chunk of `block` tokens), shifted by add_offsets_to_mask_function."""
+    from transformers.masking_utils import add_offsets_to_mask_function, chunked_causal_mask_function
+    no_left_padding = torch.zeros(1, dtype=torch.int64)
+    return add_offsets_to_mask_function(chunked_causal_mask_function(cfg["block"], no_left_padding), q_offset, 0)
+
+
+RELEASED_MASK_MODS = {
+    "transformers.masking_utils.chunked_causal_mask_function": ReleasedMaskMod(
+        pattern={"local_blocks": 1, "global_blocks": 0, "stride": 0}, make=_transformers_chunked),
+}
+
+
 def _flex_rows(bm, width: int):
     """A BlockMask's (partial, full) key-block lists per query-block row, padded with -1 to `width`."""
     rows = []
@@ -1192,7 +1222,16 @@ def record_flex_block_mask(spec: CaseSpec) -> Recording:
     }
     x = randn(g, 1, T + N, hidden)
 
+    released = cfg.get("mask_mod")
+    if released is not None:
+        if released not in RELEASED_MASK_MODS:
+            raise ValueError(f"{spec.name}: mask_mod {released!r} is not one of {sorted(RELEASED_MASK_MODS)}")
+        RELEASED_MASK_MODS[released].require(cfg)
+
     def mask_at(offset):
+        if released is not None:  # the released mask function, with transformers' own offset wrapper
+            return RELEASED_MASK_MODS[released].build(cfg, offset)
+
         def mask_mod(b, h, q_idx, kv_idx):
             return _pattern_allows(q_idx + offset, kv_idx, cfg)
         return mask_mod
@@ -1610,6 +1649,17 @@ add_case(CaseSpec(
             "local_blocks": 2, "global_blocks": 0, "stride": 3},
     description="Block pattern: two local blocks and every third block back, blocks of 4 (T = 22), GQA H = 4, "
                 "G = 2. " + _FLEX_DECODE))
+add_case(CaseSpec(
+    name="flex_block_mask_chunked_transformers_b4", reference="flex_block_mask", seed=9204, prefill_len=11,
+    decode_steps=7,
+    config={"hidden_size": 32, "head_dim": 8, "num_attention_heads": 4, "num_key_value_heads": 2, "block": 4,
+            "local_blocks": 1, "global_blocks": 0, "stride": 0,
+            "mask_mod": "transformers.masking_utils.chunked_causal_mask_function"},
+    description="A released mask: the BlockMask is built from transformers' chunked_causal_mask_function (Llama 4's "
+                "chunked attention, chunks of 4) with its add_offsets_to_mask_function for the decode steps, not "
+                "from the project's block rule; chunked attention is the block pattern with the diagonal block "
+                "only (local 1, no global or strided blocks), which the generator checks table by table. GQA H = 4, "
+                "G = 2 (T = 11, T + N = 18). " + _FLEX_DECODE))
 add_case(CaseSpec(
     name="flex_block_mask_all_b5", reference="flex_block_mask", seed=9203, prefill_len=13, decode_steps=9,
     config={"hidden_size": 32, "head_dim": 16, "num_attention_heads": 2, "num_key_value_heads": 2, "block": 5,

@@ -3,45 +3,119 @@
 #include "af/error.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
+#include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <set>
 
 namespace oracle {
 
-namespace {
-const nlohmann::json& field(const nlohmann::json& object, const std::string& key, const std::string& where) {
-  if (!object.is_object() || !object.contains(key))
-    throw CaseError(fmt::format("{}: missing field \"{}\"", where, key));
-  return object.at(key);
-}
-}  // namespace
-
-std::int64_t Case::config_int(const std::string& key) const {
-  const auto& value = field(config, key, name + ": config");
-  if (!value.is_number_integer())
-    throw CaseError(fmt::format("{}: config \"{}\" is {} (expected an integer)", name, key, value.dump()));
-  return value.get<std::int64_t>();
+const af::StoredTensor& CaseTensors::stored(const std::string& name) const {
+  read_.insert(name);
+  return file_.stored(name);
 }
 
-double Case::config_double(const std::string& key) const {
-  const auto& value = field(config, key, name + ": config");
-  if (!value.is_number())
-    throw CaseError(fmt::format("{}: config \"{}\" is {} (expected a number)", name, key, value.dump()));
+af::Tensor CaseTensors::tensor(const std::string& name) const {
+  read_.insert(name);
+  return file_.tensor(name);
+}
+
+std::vector<std::int64_t> CaseTensors::integers(const std::string& name) const {
+  read_.insert(name);
+  return file_.integers(name);
+}
+
+std::vector<std::string> CaseTensors::unread() const {
+  std::vector<std::string> unread;
+  for (const auto& name : file_.names())
+    if (!read_.contains(name)) unread.push_back(name);
+  return unread;
+}
+
+Fields::Fields(std::string case_name, const nlohmann::json& object, std::string where)
+    : case_name_(std::move(case_name)), object_(&object), where_(std::move(where)) {
+  if (!object_->is_object())
+    throw CaseError(fmt::format("{}: {} is {} (expected an object)", case_name_, where_, object_->type_name()));
+}
+
+std::string Fields::label(const std::string& key) const {
+  return fmt::format("{}: {} \"{}\"", case_name_, where_, key);
+}
+
+bool Fields::given(const std::string& key) const { return object_->contains(key) && !object_->at(key).is_null(); }
+
+const nlohmann::json& Fields::at(const std::string& key) const {
+  if (!object_->contains(key)) throw CaseError(fmt::format("{} is missing", label(key)));
+  return object_->at(key);
+}
+
+std::int64_t Fields::integer(const std::string& key, std::int64_t min, std::int64_t max) const {
+  const nlohmann::json& value = at(key);
+  const auto out_of_range = [&] {
+    return CaseError(fmt::format("{} is {} (expected an integer in [{}, {}])", label(key), value.dump(), min, max));
+  };
+  if (value.is_number_unsigned()) {  // compared as unsigned: a value above INT64_MAX must not wrap
+    const auto unsigned_value = value.get<std::uint64_t>();
+    if (max < 0 || unsigned_value > static_cast<std::uint64_t>(max)) throw out_of_range();
+    const auto result = static_cast<std::int64_t>(unsigned_value);
+    if (result < min) throw out_of_range();
+    return result;
+  }
+  if (!value.is_number_integer()) throw out_of_range();  // 3.0, 2.5, 1e20, "3", true, null
+  const auto result = value.get<std::int64_t>();
+  if (result < min || result > max) throw out_of_range();
+  return result;
+}
+
+std::int64_t Fields::integer_or(const std::string& key, std::int64_t fallback, std::int64_t min,
+                                std::int64_t max) const {
+  return given(key) ? integer(key, min, max) : fallback;
+}
+
+double Fields::number(const std::string& key) const {
+  const nlohmann::json& value = at(key);
+  if (!value.is_number() || !std::isfinite(value.get<double>()))  // 1e400 parses as infinity
+    throw CaseError(fmt::format("{} is {} (expected a finite number)", label(key), value.dump()));
   return value.get<double>();
 }
 
-bool Case::config_bool(const std::string& key) const {
-  const auto& value = field(config, key, name + ": config");
-  if (!value.is_boolean())
-    throw CaseError(fmt::format("{}: config \"{}\" is {} (expected true or false)", name, key, value.dump()));
+double Fields::number_or(const std::string& key, double fallback) const { return given(key) ? number(key) : fallback; }
+
+bool Fields::boolean(const std::string& key) const {
+  const nlohmann::json& value = at(key);
+  if (!value.is_boolean()) throw CaseError(fmt::format("{} is {} (expected true or false)", label(key), value.dump()));
   return value.get<bool>();
+}
+
+bool Fields::boolean_or(const std::string& key, bool fallback) const { return given(key) ? boolean(key) : fallback; }
+
+std::string Fields::string(const std::string& key) const {
+  const nlohmann::json& value = at(key);
+  if (!value.is_string()) throw CaseError(fmt::format("{} is {} (expected a string)", label(key), value.dump()));
+  return value.get<std::string>();
+}
+
+std::string Fields::string_or(const std::string& key, const std::string& fallback) const {
+  return given(key) ? string(key) : fallback;
+}
+
+Fields Fields::object(const std::string& key) const {
+  const nlohmann::json& value = at(key);
+  if (!value.is_object()) throw CaseError(fmt::format("{} is {} (expected an object)", label(key), value.dump()));
+  return Fields(case_name_, value, where_ + "." + key);
 }
 
 af::Tensor Case::tensor(const std::string& tensor_name, const af::Shape& expected_shape) const {
   if (!tensors.contains(tensor_name))
     throw CaseError(fmt::format("{}: tensors.safetensors has no tensor \"{}\"", name, tensor_name));
-  af::Tensor t = tensors.tensor(tensor_name);
+  af::Tensor t;
+  try {
+    t = tensors.tensor(tensor_name);
+  } catch (const af::Error& e) {
+    throw CaseError(fmt::format("{}: tensor \"{}\": {}", name, tensor_name, e.what()));
+  }
   if (t.shape() != expected_shape)
     throw CaseError(fmt::format("{}: tensor \"{}\" is {} (expected {} from case.json)", name, tensor_name,
                                 t.shape().str(), expected_shape.str()));
@@ -57,14 +131,81 @@ std::vector<std::int64_t> Case::positions(std::int64_t count) const {
     throw CaseError(fmt::format("{}: tensors.safetensors has no tensor \"input.position_ids\"", name));
   const auto& stored = tensors.stored("input.position_ids");
   if (stored.shape != std::vector<std::int64_t>{1, count})
-    throw CaseError(
-        fmt::format("{}: input.position_ids has {} dimensions (expected [1, {}])", name, stored.shape.size(), count));
+    throw CaseError(fmt::format("{}: tensor \"input.position_ids\" has shape [{}] (expected [1, {}])", name,
+                                fmt::join(stored.shape, ", "), count));
   try {
     return tensors.integers("input.position_ids");
   } catch (const af::Error& e) {
-    throw CaseError(fmt::format("{}: {}", name, e.what()));
+    throw CaseError(fmt::format("{}: tensor \"input.position_ids\": {}", name, e.what()));
   }
 }
+
+namespace {
+
+// Parses case.json, refusing nesting deeper than max_json_depth while parsing (nothing deeper is ever built, so
+// nothing recursive — a copy, a dump — can run out of stack on it). The message names the object keys down to
+// where the limit was passed.
+nlohmann::json parse_bounded(std::istream& in, const std::string& where) {
+  // nlohmann calls back with the depth of the enclosing containers: 0 for the top-level object's start, 1 for its
+  // keys. keys[d - 1] is the last key read in the object at depth d.
+  std::vector<std::string> keys;
+  const auto guard = [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+    using Event = nlohmann::json::parse_event_t;
+    const auto level = static_cast<std::size_t>(depth);
+    if (event == Event::key && level >= 1) {
+      keys.resize(level);
+      keys.back() = parsed.get<std::string>();
+    } else if ((event == Event::object_start || event == Event::array_start) && depth >= max_json_depth) {
+      keys.resize(std::min(keys.size(), level));
+      throw CaseError(fmt::format("{}: field \"{}\" nests objects and arrays deeper than {} levels", where,
+                                  fmt::join(keys, "."), max_json_depth));
+    }
+    return true;
+  };
+  try {
+    return nlohmann::json::parse(in, guard);
+  } catch (const nlohmann::json::exception& e) {
+    throw CaseError(fmt::format("{} is not valid JSON: {}", where, e.what()));
+  }
+}
+
+// The safetensors header is JSON too, and af::SafetensorsFile::read handles it recursively (it dumps metadata
+// values): refuse a header nested deeper than max_json_depth before the library sees it. Scans the bytes of the
+// header (strings and their escapes skipped); a header whose length is not plausible is left to the library.
+void check_header_nesting(const std::filesystem::path& path, const std::string& case_name) {
+  std::ifstream in(path, std::ios::binary);
+  unsigned char length_bytes[8] = {};
+  if (!in.read(reinterpret_cast<char*>(length_bytes), sizeof length_bytes)) return;
+  std::uint64_t length = 0;
+  for (int i = 7; i >= 0; --i) length = (length << 8) | length_bytes[i];  // little-endian
+  std::error_code error;
+  const auto size = std::filesystem::file_size(path, error);
+  if (error || length > size - sizeof length_bytes) return;
+  std::string header(static_cast<std::size_t>(length), '\0');
+  if (!in.read(header.data(), static_cast<std::streamsize>(length))) return;
+  int depth = 0;
+  bool in_string = false;
+  for (std::size_t i = 0; i < header.size(); ++i) {
+    const char ch = header[i];
+    if (in_string) {
+      if (ch == '\\')
+        ++i;
+      else if (ch == '"')
+        in_string = false;
+    } else if (ch == '"') {
+      in_string = true;
+    } else if (ch == '{' || ch == '[') {
+      if (++depth > max_json_depth)
+        throw CaseError(
+            fmt::format("{}: tensors.safetensors: the header nests objects and arrays deeper than {} levels", case_name,
+                        max_json_depth));
+    } else if (ch == '}' || ch == ']') {
+      --depth;
+    }
+  }
+}
+
+}  // namespace
 
 Case read_case(const std::filesystem::path& dir) {
   Case c;
@@ -72,132 +213,131 @@ Case read_case(const std::filesystem::path& dir) {
   c.name = dir.filename().string();
   if (c.name.empty()) c.name = dir.parent_path().filename().string();
   const auto json_path = dir / "case.json";
+  const std::string where = c.name + ": case.json";
+  std::error_code error;
+  const auto bytes = std::filesystem::file_size(json_path, error);
+  if (error) throw CaseError(fmt::format("{}: cannot read {}: {}", c.name, json_path.string(), error.message()));
+  if (bytes > max_case_json_bytes)
+    throw CaseError(fmt::format("{} is {} bytes (at most {})", where, bytes, max_case_json_bytes));
   std::ifstream in(json_path);
   if (!in) throw CaseError(fmt::format("{}: cannot open {}", c.name, json_path.string()));
-  nlohmann::json root;
-  try {
-    root = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw CaseError(fmt::format("{}: case.json is not valid JSON: {}", c.name, e.what()));
+  c.root = parse_bounded(in, where);
+
+  const Fields fields = c.case_fields();
+  c.reference = fields.string("reference");
+  c.layer_type = fields.string_or("layer_type", "");
+  c.config = fields.object("config").json();
+  c.prefill_len = fields.integer("prefill_len", 1, max_tokens);
+  c.decode_steps = fields.integer("decode_steps", 0, max_tokens);
+  c.position_offset = fields.integer_or("position_offset", 0, 0, max_position_offset);
+
+  // The tolerance: a plain number A means {"max_abs": A, "relative_to": "max(1, max|expected|)"} (the
+  // contract's default form); an object names max_abs and relative_to, and nothing else.
+  const nlohmann::json& tolerance = fields.at("tolerance");
+  const std::string bound = fmt::format("(expected a finite number > 0 and <= {})", max_tolerance);
+  if (tolerance.is_number()) {
+    c.max_abs = fields.number("tolerance");
+    c.relative_to_expected = true;
+    if (!(c.max_abs > 0.0 && c.max_abs <= max_tolerance))
+      throw CaseError(fmt::format("{} is {} {}", fields.label("tolerance"), tolerance.dump(), bound));
+  } else if (tolerance.is_object()) {
+    const Fields tol = fields.object("tolerance");
+    for (const auto& [key, value] : tolerance.items())
+      if (key != "max_abs" && key != "relative_to")
+        throw CaseError(fmt::format("{} is not a tolerance field (expected max_abs and relative_to)", tol.label(key)));
+    c.max_abs = tol.number("max_abs");
+    if (!(c.max_abs > 0.0 && c.max_abs <= max_tolerance))
+      throw CaseError(fmt::format("{} is {} {}", tol.label("max_abs"), tol.at("max_abs").dump(), bound));
+    if (tol.given("relative_to")) {
+      const nlohmann::json& relative_to = tol.at("relative_to");
+      if (!relative_to.is_string() || relative_to.get<std::string>() != relative_to_expected_form)
+        throw CaseError(fmt::format("{} is {} (expected \"{}\" or null)", tol.label("relative_to"), relative_to.dump(),
+                                    relative_to_expected_form));
+      c.relative_to_expected = true;
+    }
+  } else {
+    throw CaseError(fmt::format("{} is {} (expected a number or an object with max_abs and relative_to)",
+                                fields.label("tolerance"), tolerance.dump()));
   }
-  const std::string where = c.name + ": case.json";
+  check_header_nesting(dir / "tensors.safetensors", c.name);
   try {
-    c.reference = field(root, "reference", where).get<std::string>();
-    c.layer_type = root.value("layer_type", "");
-    c.config = field(root, "config", where);
-    c.prefill_len = field(root, "prefill_len", where).get<std::int64_t>();
-    c.decode_steps = field(root, "decode_steps", where).get<std::int64_t>();
-    const auto& tolerance = field(root, "tolerance", where);
-    c.max_abs = field(tolerance, "max_abs", where + " tolerance").get<double>();
-    c.relative_to_expected = tolerance.contains("relative_to") && !tolerance.at("relative_to").is_null();
-  } catch (const nlohmann::json::exception& e) {
-    throw CaseError(fmt::format("{}: a field has the wrong type: {}", where, e.what()));
-  }
-  if (c.prefill_len < 1 || c.decode_steps < 0)
-    throw CaseError(fmt::format("{}: prefill_len {} and decode_steps {} (expected >= 1 and >= 0)", where, c.prefill_len,
-                                c.decode_steps));
-  if (!(c.max_abs > 0.0)) throw CaseError(fmt::format("{}: tolerance max_abs is {} (expected > 0)", where, c.max_abs));
-  try {
-    c.tensors = af::SafetensorsFile::read(dir / "tensors.safetensors");
+    c.tensors = CaseTensors(af::SafetensorsFile::read(dir / "tensors.safetensors"));
   } catch (const af::Error& e) {
-    throw CaseError(fmt::format("{}: {}", c.name, e.what()));
+    throw CaseError(fmt::format("{}: tensors.safetensors: {}", c.name, e.what()));
   }
   return c;
 }
 
 af::GroupedShape read_hf_grouped_shape(const Case& c) {
+  const Fields config = c.config_fields();
   af::GroupedShape shape;
-  shape.hidden = c.config_int("hidden_size");
-  shape.heads = c.config_int("num_attention_heads");
-  shape.kv_heads = c.config.contains("num_key_value_heads") && !c.config.at("num_key_value_heads").is_null()
-                       ? c.config_int("num_key_value_heads")
-                       : shape.heads;
-  shape.head_dim = c.config.contains("head_dim") && !c.config.at("head_dim").is_null() ? c.config_int("head_dim")
-                                                                                       : shape.hidden / shape.heads;
+  shape.hidden = config.integer("hidden_size", 1);
+  shape.heads = config.integer("num_attention_heads", 1);  // >= 1 before it divides anything
+  shape.kv_heads = config.integer_or("num_key_value_heads", shape.heads, 1);
+  shape.head_dim = config.integer_or("head_dim", shape.hidden / shape.heads, 1);
   try {
     shape.validate();
   } catch (const af::Error& e) {
-    throw CaseError(fmt::format("{}: {}", c.name, e.what()));
+    throw CaseError(fmt::format("{}: config: {}", c.name, e.what()));
   }
   return shape;
 }
 
-namespace {
-// YaRN's settings as transformers reads them (modeling_rope_utils, `_compute_yarn_parameters`): `factor` (null:
-// max_position_embeddings / original), `original_max_position_embeddings`, optional `beta_fast` (32), `beta_slow`
-// (1), `truncate` (true), `attention_factor`, `mscale`, `mscale_all_dim`; a null or zero beta or mscale means the
-// default, as there. Any other field is rejected by name rather than ignored.
-af::YarnScaling read_hf_yarn(const Case& c, const nlohmann::json& params) {
+af::YarnScaling read_yarn_fields(const Case& c, const Fields& params) {
   static const std::set<std::string> known = {
       "rope_type", "type",      "rope_theta", "partial_rotary_factor", "factor", "original_max_position_embeddings",
       "beta_fast", "beta_slow", "truncate",   "attention_factor",      "mscale", "mscale_all_dim"};
-  for (const auto& [key, value] : params.items())
+  for (const auto& [key, value] : params.json().items())
     if (!known.contains(key))
-      throw CaseError(fmt::format("{}: yarn rope_parameters has field \"{}\" ({}), which this build does not know",
-                                  c.name, key, value.dump()));
-  const auto given = [&](const char* key) { return params.contains(key) && !params.at(key).is_null(); };
-  const auto number = [&](const char* key) {
-    if (!given(key)) throw CaseError(fmt::format("{}: yarn rope_parameters has no \"{}\"", c.name, key));
-    if (!params.at(key).is_number())
-      throw CaseError(
-          fmt::format("{}: yarn rope_parameters \"{}\" is {} (expected a number)", c.name, key, params.at(key).dump()));
-    return params.at(key).get<double>();
-  };
+      throw CaseError(fmt::format("{} ({}) is a yarn field this build does not know", params.label(key), value.dump()));
   af::YarnScaling yarn;
-  yarn.original_context = number("original_max_position_embeddings");
-  yarn.factor = given("factor") ? number("factor") : c.config_double("max_position_embeddings") / yarn.original_context;
-  if (given("beta_fast") && number("beta_fast") != 0.0) yarn.beta_fast = number("beta_fast");
-  if (given("beta_slow") && number("beta_slow") != 0.0) yarn.beta_slow = number("beta_slow");
-  if (given("truncate")) {
-    if (!params.at("truncate").is_boolean())
-      throw CaseError(fmt::format("{}: yarn rope_parameters \"truncate\" is {} (expected true or false)", c.name,
-                                  params.at("truncate").dump()));
-    yarn.truncate = params.at("truncate").get<bool>();
-  }
-  if (given("attention_factor")) yarn.attention_factor = number("attention_factor");
-  if (given("mscale")) yarn.mscale = number("mscale");
-  if (given("mscale_all_dim")) yarn.mscale_all_dim = number("mscale_all_dim");
+  yarn.original_context = params.number("original_max_position_embeddings");
+  yarn.factor = params.given("factor") ? params.number("factor")
+                                       : c.config_double("max_position_embeddings") / yarn.original_context;
+  if (const double beta_fast = params.number_or("beta_fast", 0.0); beta_fast != 0.0) yarn.beta_fast = beta_fast;
+  if (const double beta_slow = params.number_or("beta_slow", 0.0); beta_slow != 0.0) yarn.beta_slow = beta_slow;
+  yarn.truncate = params.boolean_or("truncate", yarn.truncate);
+  if (params.given("attention_factor")) yarn.attention_factor = params.number("attention_factor");
+  yarn.mscale = params.number_or("mscale", yarn.mscale);
+  yarn.mscale_all_dim = params.number_or("mscale_all_dim", yarn.mscale_all_dim);
   return yarn;
 }
-}  // namespace
 
 // transformers 5 keeps the rotary settings in `rope_parameters`; earlier versions used `rope_theta` and
 // `rope_scaling`. Either is read.
 af::Rope read_hf_rope(const Case& c, std::int64_t head_dim, af::RopeLayout layout) {
-  const nlohmann::json& config = c.config;
-  const nlohmann::json* params = nullptr;
+  const Fields config = c.config_fields();
+  std::optional<Fields> params;
   double theta = 0.0;
-  if (config.contains("rope_parameters") && config.at("rope_parameters").is_object()) {
-    params = &config.at("rope_parameters");
-    if (!params->contains("rope_theta"))
-      throw CaseError(fmt::format("{}: config rope_parameters has no rope_theta", c.name));
-    theta = params->at("rope_theta").get<double>();
+  if (config.given("rope_parameters")) {
+    params = config.object("rope_parameters");
+    theta = params->number("rope_theta");
   } else {
-    theta = c.config_double("rope_theta");
-    if (config.contains("rope_scaling") && config.at("rope_scaling").is_object()) params = &config.at("rope_scaling");
+    theta = config.number("rope_theta");
+    if (config.given("rope_scaling")) params = config.object("rope_scaling");
   }
-  if (params != nullptr && params->contains("partial_rotary_factor") &&
-      params->at("partial_rotary_factor").is_number() && params->at("partial_rotary_factor").get<double>() != 1.0)
-    throw CaseError(fmt::format("{}: partial_rotary_factor {} is not supported", c.name,
+  if (params && params->number_or("partial_rotary_factor", 1.0) != 1.0)
+    throw CaseError(fmt::format("{} {} is not supported (expected 1)", params->label("partial_rotary_factor"),
                                 params->at("partial_rotary_factor").dump()));
   std::optional<af::Llama3Scaling> scaling;
-  if (params != nullptr) {
-    const std::string type = params->value("rope_type", params->value("type", std::string("default")));
-    if (type == "llama3") {
-      const auto number = [&](const char* key) {
-        if (!params->contains(key)) throw CaseError(fmt::format("{}: llama3 rope scaling has no \"{}\"", c.name, key));
-        return params->at(key).get<double>();
-      };
-      scaling = af::Llama3Scaling{number("factor"), number("low_freq_factor"), number("high_freq_factor"),
-                                  number("original_max_position_embeddings")};
-    } else if (type == "yarn") {
-      return af::Rope(head_dim, theta, layout, read_hf_yarn(c, *params));
-    } else if (type != "default") {
-      throw CaseError(fmt::format("{}: rope type \"{}\" is not supported (this build knows default, llama3 and yarn)",
-                                  c.name, type));
+  try {
+    if (params) {
+      const std::string type = params->string_or("rope_type", params->string_or("type", "default"));
+      if (type == "llama3") {
+        scaling =
+            af::Llama3Scaling{params->number("factor"), params->number("low_freq_factor"),
+                              params->number("high_freq_factor"), params->number("original_max_position_embeddings")};
+      } else if (type == "yarn") {
+        return af::Rope(head_dim, theta, layout, read_yarn_fields(c, *params));
+      } else if (type != "default") {
+        throw CaseError(fmt::format("{} \"{}\" is not supported (this build knows default, llama3 and yarn)",
+                                    params->label("rope_type"), type));
+      }
     }
+    return af::Rope(head_dim, theta, layout, scaling);
+  } catch (const af::Error& e) {
+    throw CaseError(fmt::format("{}: config rope settings: {}", c.name, e.what()));
   }
-  return af::Rope(head_dim, theta, layout, scaling);
 }
 
 af::GroupedWeights read_grouped_weights(const Case& c, const af::GroupedShape& shape, bool qkv_bias, bool o_bias) {
@@ -233,20 +373,20 @@ const std::map<std::string, Runner>& runners() {
 }
 
 af::MlaShape read_hf_mla_shape(const Case& c) {
+  const Fields config = c.config_fields();
   af::MlaShape s;
-  s.hidden = c.config_int("hidden_size");
-  s.heads = c.config_int("num_attention_heads");
-  s.q_lora_rank =
-      c.config.contains("q_lora_rank") && !c.config.at("q_lora_rank").is_null() ? c.config_int("q_lora_rank") : 0;
-  s.kv_lora_rank = c.config_int("kv_lora_rank");
-  s.qk_nope_head_dim = c.config_int("qk_nope_head_dim");
-  s.qk_rope_head_dim = c.config_int("qk_rope_head_dim");
-  s.v_head_dim = c.config_int("v_head_dim");
+  s.hidden = config.integer("hidden_size");
+  s.heads = config.integer("num_attention_heads");
+  s.q_lora_rank = config.integer_or("q_lora_rank", 0);
+  s.kv_lora_rank = config.integer("kv_lora_rank");
+  s.qk_nope_head_dim = config.integer("qk_nope_head_dim");
+  s.qk_rope_head_dim = config.integer("qk_rope_head_dim");
+  s.v_head_dim = config.integer("v_head_dim");
   s.rms_norm_eps = 1e-6;
   try {
     s.validate();
   } catch (const af::Error& e) {
-    throw CaseError(fmt::format("{}: {}", c.name, e.what()));
+    throw CaseError(fmt::format("{}: config: {}", c.name, e.what()));
   }
   return s;
 }

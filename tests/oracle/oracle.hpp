@@ -1,6 +1,6 @@
 #pragma once
 // The oracle harness: a case as read from tests/oracle/cases/<name>/, and the runners that compute a
-// mechanism's outputs from the case's weights with the library (see shared ORACLE.md and README.md here).
+// mechanism's outputs from the case's weights with the library (the contract and the format: README.md here).
 #include "af/error.hpp"
 #include "af/grouped_attention.hpp"
 #include "af/mla.hpp"
@@ -13,14 +13,82 @@
 #include <filesystem>
 #include <functional>
 #include <map>
+#include <set>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace oracle {
 
-/// A malformed or unsupported case (exit status 2); the message names the missing field or tensor.
+/// A malformed or unsupported case (exit status 2); the message names the case and the missing or bad field or tensor.
 struct CaseError : std::runtime_error {
   using std::runtime_error::runtime_error;
+};
+
+/// The limits a case must keep (README.md, "Limits"); a case outside them is malformed.
+inline constexpr int max_json_depth = 32;                       ///< nesting of objects and arrays in case.json
+inline constexpr std::uintmax_t max_case_json_bytes = 1 << 20;  ///< the size of case.json
+inline constexpr std::int64_t max_tokens = 1 << 16;             ///< prefill_len and decode_steps, each
+inline constexpr std::int64_t max_config_integer = 1 << 20;     ///< every integer config field the runners read
+inline constexpr std::int64_t max_position_offset = std::int64_t{1} << 30;  ///< position_offset
+inline constexpr double max_tolerance = 1e-2;  ///< tolerance max_abs (the generator's contrast margin)
+/// The one `relative_to` the harness knows (besides null or absent, which mean an absolute bound).
+inline constexpr std::string_view relative_to_expected_form = "max(1, max|expected|)";
+
+/// The case's tensors. Reading one (`stored`, `tensor`, `integers`) marks it read, so that oracle_check can report
+/// a tensor nothing read: a case and a runner that disagree about what the mechanism is.
+class CaseTensors {
+ public:
+  CaseTensors() = default;
+  explicit CaseTensors(af::SafetensorsFile file) : file_(std::move(file)) {}
+
+  bool contains(const std::string& name) const { return file_.contains(name); }  ///< not a read
+  std::vector<std::string> names() const { return file_.names(); }
+  const af::StoredTensor& stored(const std::string& name) const;
+  af::Tensor tensor(const std::string& name) const;
+  std::vector<std::int64_t> integers(const std::string& name) const;
+  /// The tensors no one has read so far, in name order.
+  std::vector<std::string> unread() const;
+  /// The file itself, for looking at every tensor without marking any read (the harness's finiteness scan).
+  const af::SafetensorsFile& file() const { return file_; }
+
+ private:
+  af::SafetensorsFile file_;
+  mutable std::set<std::string> read_;
+};
+
+/// Strict readers of one JSON object's fields: `where` names the object in messages ("config",
+/// "config.rope_parameters"). Each throws CaseError naming the case, the object and the key when the field is
+/// missing (for the required forms) or has the wrong type or range; the `_or` forms return `fallback` when the
+/// field is absent or null.
+class Fields {
+ public:
+  Fields(std::string case_name, const nlohmann::json& object, std::string where);
+
+  bool given(const std::string& key) const;  ///< present and not null
+  const nlohmann::json& at(const std::string& key) const;
+  /// A JSON integer (not 3.0) within [min, max].
+  std::int64_t integer(const std::string& key, std::int64_t min = 0, std::int64_t max = max_config_integer) const;
+  std::int64_t integer_or(const std::string& key, std::int64_t fallback, std::int64_t min = 0,
+                          std::int64_t max = max_config_integer) const;
+  /// A finite number (integer or not).
+  double number(const std::string& key) const;
+  double number_or(const std::string& key, double fallback) const;
+  bool boolean(const std::string& key) const;
+  bool boolean_or(const std::string& key, bool fallback) const;
+  std::string string(const std::string& key) const;
+  std::string string_or(const std::string& key, const std::string& fallback) const;
+  /// A nested object, as Fields named `where.key`.
+  Fields object(const std::string& key) const;
+  const nlohmann::json& json() const { return *object_; }
+
+  /// The message prefix `case: where "key"`.
+  std::string label(const std::string& key) const;
+
+ private:
+  std::string case_name_;
+  const nlohmann::json* object_;  ///< not owned: a Fields lives no longer than the JSON it reads
+  std::string where_;
 };
 
 struct Case {
@@ -28,17 +96,22 @@ struct Case {
   std::string name;
   std::string reference;
   std::string layer_type;
-  nlohmann::json config;
+  nlohmann::json root;    ///< the whole case.json
+  nlohmann::json config;  ///< root["config"]
   std::int64_t prefill_len = 0;
   std::int64_t decode_steps = 0;
+  std::int64_t position_offset = 0;
   double max_abs = 0.0;
   bool relative_to_expected = false;  // the tolerance scales with max(1, max|expected|)
-  af::SafetensorsFile tensors;
+  CaseTensors tensors;
 
-  /// A config field, or CaseError naming it.
-  std::int64_t config_int(const std::string& key) const;
-  double config_double(const std::string& key) const;
-  bool config_bool(const std::string& key) const;
+  /// Strict readers of `config` and of the top level of case.json.
+  Fields config_fields() const { return Fields(name, config, "config"); }
+  Fields case_fields() const { return Fields(name, root, "case.json"); }
+  /// A config field, or CaseError naming it: an integer in [0, max_config_integer], a finite number, a boolean.
+  std::int64_t config_int(const std::string& key) const { return config_fields().integer(key); }
+  double config_double(const std::string& key) const { return config_fields().number(key); }
+  bool config_bool(const std::string& key) const { return config_fields().boolean(key); }
   /// A float tensor with a required shape, or CaseError naming the tensor and both shapes.
   af::Tensor tensor(const std::string& name, const af::Shape& expected_shape) const;
   /// `input.position_ids` [1, count] as a vector, or CaseError.
@@ -47,7 +120,10 @@ struct Case {
   af::Tensor optional_tensor(const std::string& name, const af::Shape& expected_shape) const;
 };
 
-/// Reads `dir/case.json` and `dir/tensors.safetensors`; throws CaseError when either is malformed.
+/// Reads `dir/case.json` and `dir/tensors.safetensors`; throws CaseError when either is malformed: JSON nested
+/// deeper than max_json_depth, a missing or mistyped field, prefill_len or decode_steps that are not JSON integers
+/// in [1, max_tokens] and [0, max_tokens], a tolerance that is not a number in (0, max_tolerance] or an object
+/// {"max_abs": that, "relative_to": null or "max(1, max|expected|)"}.
 Case read_case(const std::filesystem::path& dir);
 
 /// The entries a selecting mechanism chose for each of `rows` query rows, at most `k` per row, padded with -1.
@@ -79,6 +155,12 @@ af::GroupedShape read_hf_grouped_shape(const Case& c);
 /// unknown one rejected by name); partial rotation is rejected.
 af::Rope read_hf_rope(const Case& c, std::int64_t head_dim, af::RopeLayout layout);
 
+/// YaRN's settings as transformers reads them (modeling_rope_utils, `_compute_yarn_parameters`) from one rope
+/// parameters object: `factor` (null: max_position_embeddings / original), `original_max_position_embeddings`,
+/// optional `beta_fast` (32), `beta_slow` (1), `truncate` (true), `attention_factor`, `mscale`, `mscale_all_dim`; a
+/// null or zero beta means the default, as there. Any other field is rejected by name rather than ignored.
+af::YarnScaling read_yarn_fields(const Case& c, const Fields& params);
+
 /// The q/k/v/o projections of a grouped layer under their Hugging Face names, checked against `shape`; the
 /// q/k/v biases when `qkv_bias`, and o_proj's when `o_bias`.
 af::GroupedWeights read_grouped_weights(const Case& c, const af::GroupedShape& shape, bool qkv_bias, bool o_bias);
@@ -98,6 +180,20 @@ using Runner = std::function<std::vector<Outputs>(const Case&)>;
 
 /// The mechanisms this build can check, by the case's `reference`.
 const std::map<std::string, Runner>& runners();
+
+/// What oracle_check says about one case: PASS (exit 0), FAIL (exit 1: an output, a selection or a value of the case
+/// is wrong, NaN and infinity included) or MALFORMED (exit 2: the case cannot be checked; the message names the case
+/// and the field or tensor).
+enum class Verdict { pass, fail, malformed };
+
+struct CheckResult {
+  Verdict verdict = Verdict::malformed;
+  std::string report;  ///< oracle_check's line for the case (one per way the runner computes it), newline-terminated
+};
+
+/// Reads the case in `dir`, runs `table`'s runner for its reference and compares. Never throws: every exception
+/// (CaseError, af::Error, a JSON type error, std::exception, anything else) makes the case MALFORMED.
+CheckResult check_case(const std::filesystem::path& dir, const std::map<std::string, Runner>& table);
 
 // One runner per reference.
 std::vector<Outputs> run_sdpa(const Case& c);

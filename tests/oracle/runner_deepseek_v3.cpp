@@ -14,28 +14,32 @@ std::vector<Outputs> run_deepseek_v3(const Case& c) {
   const af::MlaShape s = read_hf_mla_shape(c);
 
   // RoPE: theta from rope_parameters (transformers 5) or rope_theta; scaled variants (YaRN) are not implemented.
+  const Fields config = c.config_fields();
   double theta = 0.0;
-  const nlohmann::json* scaling = nullptr;
-  if (c.config.contains("rope_parameters") && c.config.at("rope_parameters").is_object()) {
-    const auto& p = c.config.at("rope_parameters");
-    if (!p.contains("rope_theta")) throw CaseError(fmt::format("{}: config rope_parameters has no rope_theta", c.name));
-    theta = p.at("rope_theta").get<double>();
-    scaling = &p;
+  std::optional<Fields> scaling;
+  if (config.given("rope_parameters")) {
+    scaling = config.object("rope_parameters");
+    theta = scaling->number("rope_theta");
   } else {
-    theta = c.config_double("rope_theta");
-    if (c.config.contains("rope_scaling") && c.config.at("rope_scaling").is_object())
-      scaling = &c.config.at("rope_scaling");
+    theta = config.number("rope_theta");
+    if (config.given("rope_scaling")) scaling = config.object("rope_scaling");
   }
-  if (scaling != nullptr) {
-    const std::string type = scaling->value("rope_type", scaling->value("type", std::string("default")));
+  if (scaling) {
+    const std::string type = scaling->string_or("rope_type", scaling->string_or("type", "default"));
     if (type != "default")
-      throw CaseError(
-          fmt::format("{}: rope type \"{}\" is not supported for deepseek_v3 (this build: default)", c.name, type));
+      throw CaseError(fmt::format("{} \"{}\" is not supported for deepseek_v3 (this build: default)",
+                                  scaling->label("rope_type"), type));
   }
   // rope_interleave (the default): the checkpoint's rope dimensions are adjacent pairs. Hugging Face permutes them
   // to the half-split layout before rotating; the scores are the same as rotating adjacent pairs in place.
-  const bool interleave = c.config.value("rope_interleave", true);
-  const af::Rope rope(s.qk_rope_head_dim, theta, interleave ? af::RopeLayout::adjacent : af::RopeLayout::half_split);
+  const bool interleave = config.boolean_or("rope_interleave", true);
+  const af::Rope rope = [&] {
+    try {
+      return af::Rope(s.qk_rope_head_dim, theta, interleave ? af::RopeLayout::adjacent : af::RopeLayout::half_split);
+    } catch (const af::Error& e) {
+      throw CaseError(fmt::format("{}: config rope settings: {}", c.name, e.what()));
+    }
+  }();
   const double scale = 1.0 / std::sqrt(static_cast<double>(s.qk_head_dim()));
 
   const af::MlaWeights w = read_mla_weights(c, s);

@@ -25,7 +25,7 @@ std::vector<Outputs> run_deepseek_v32(const Case& c) {
   ix.rope_dim = s.qk_rope_head_dim;  // the indexer rotates as many dimensions as MLA's RoPE key has
   ix.top_k = c.config_int("index_topk");
   ix.norm_eps = 1e-6;  // k_norm is nn.LayerNorm(index_head_dim, eps=1e-6)
-  if (c.config.contains("num_key_value_heads") && c.config_int("num_key_value_heads") != s.heads)
+  if (c.config_fields().integer_or("num_key_value_heads", s.heads) != s.heads)
     throw CaseError(fmt::format("{}: config num_key_value_heads {} (expected num_attention_heads {})", c.name,
                                 c.config_int("num_key_value_heads"), s.heads));
   try {
@@ -34,19 +34,23 @@ std::vector<Outputs> run_deepseek_v32(const Case& c) {
     throw CaseError(fmt::format("{}: {}", c.name, e.what()));
   }
 
-  if (!c.config.contains("rope_parameters") || !c.config.at("rope_parameters").is_object())
-    throw CaseError(fmt::format("{}: config has no rope_parameters object", c.name));
-  const auto& rp = c.config.at("rope_parameters");
-  if (!rp.contains("rope_theta")) throw CaseError(fmt::format("{}: config rope_parameters has no rope_theta", c.name));
-  const std::string type = rp.value("rope_type", std::string("default"));
+  const Fields rp = c.config_fields().object("rope_parameters");
+  const std::string type = rp.string_or("rope_type", "default");
   if (type != "default")
     throw CaseError(
-        fmt::format("{}: rope type \"{}\" is not supported for deepseek_v32 (this build: default)", c.name, type));
-  const double theta = rp.at("rope_theta").get<double>();
+        fmt::format("{} \"{}\" is not supported for deepseek_v32 (this build: default)", rp.label("rope_type"), type));
+  const double theta = rp.number("rope_theta");
   // MLA rotates adjacent pairs (Hugging Face permutes them to half-split first: the same scores); the indexer
   // rotates half-split pairs of its first qk_rope_head_dim dimensions.
-  const af::Rope mla_rope(s.qk_rope_head_dim, theta, af::RopeLayout::adjacent);
-  const af::Rope index_rope(ix.rope_dim, theta, af::RopeLayout::half_split);
+  const auto rope = [&](std::int64_t dim, af::RopeLayout layout) {
+    try {
+      return af::Rope(dim, theta, layout);
+    } catch (const af::Error& e) {
+      throw CaseError(fmt::format("{}: config rope settings: {}", c.name, e.what()));
+    }
+  };
+  const af::Rope mla_rope = rope(s.qk_rope_head_dim, af::RopeLayout::adjacent);
+  const af::Rope index_rope = rope(ix.rope_dim, af::RopeLayout::half_split);
   const double scale = 1.0 / std::sqrt(static_cast<double>(s.qk_head_dim()));
 
   const af::MlaWeights w = read_mla_weights(c, s);

@@ -9,59 +9,26 @@
 
 #include <algorithm>
 #include <cmath>
-#include <set>
 
 namespace oracle {
 
 namespace {
-const nlohmann::json& object_field(const Case& c, const nlohmann::json& parent, const std::string& key,
-                                   const std::string& where) {
-  if (!parent.is_object() || !parent.contains(key) || !parent.at(key).is_object())
-    throw CaseError(fmt::format("{}: config {} has no object \"{}\"", c.name, where, key));
-  return parent.at(key);
-}
-
 // The RoPE of the layer's kind: rope_parameters.main (sliding) or .compress (CSA, HCA); interleaved pairs on the
 // last rope_dim values. Types "default" and "yarn" (the published compressed layers': the config forces YaRN's
 // attention factor to 1 there). YaRN's fields as transformers reads them; an unknown field is rejected by name.
 af::Rope read_v4_rope(const Case& c, af::V4LayerKind kind, std::int64_t rope_dim) {
-  const auto& all = object_field(c, c.config, "rope_parameters", "");
   const std::string label = kind == af::V4LayerKind::sliding ? "main" : "compress";
-  const auto& p = object_field(c, all, label, "rope_parameters");
-  const auto given = [&](const char* key) { return p.contains(key) && !p.at(key).is_null(); };
-  const auto number = [&](const char* key) {
-    if (!given(key) || !p.at(key).is_number())
-      throw CaseError(fmt::format("{}: config rope_parameters.{}.{} is missing or not a number", c.name, label, key));
-    return p.at(key).get<double>();
-  };
-  const std::string type = p.value("rope_type", std::string("default"));
-  const double theta = number("rope_theta");
-  if (type == "default") return af::Rope(rope_dim, theta, af::RopeLayout::adjacent);
-  if (type != "yarn")
-    throw CaseError(
-        fmt::format("{}: config rope_parameters.{}.rope_type \"{}\" is not supported (this build: "
-                    "default, yarn)",
-                    c.name, label, type));
-  static const std::set<std::string> known = {
-      "rope_type", "type",      "rope_theta", "partial_rotary_factor", "factor", "original_max_position_embeddings",
-      "beta_fast", "beta_slow", "truncate",   "attention_factor",      "mscale", "mscale_all_dim"};
-  for (const auto& [key, value] : p.items())
-    if (!known.contains(key))
-      throw CaseError(fmt::format("{}: config rope_parameters.{} has field \"{}\", which this build does not know",
-                                  c.name, label, key));
-  af::YarnScaling yarn;
-  yarn.original_context = number("original_max_position_embeddings");
-  yarn.factor = given("factor") ? number("factor") : c.config_double("max_position_embeddings") / yarn.original_context;
-  if (given("beta_fast") && number("beta_fast") != 0.0) yarn.beta_fast = number("beta_fast");
-  if (given("beta_slow") && number("beta_slow") != 0.0) yarn.beta_slow = number("beta_slow");
-  if (given("truncate")) yarn.truncate = p.at("truncate").get<bool>();
-  if (given("attention_factor")) yarn.attention_factor = number("attention_factor");
-  if (given("mscale")) yarn.mscale = number("mscale");
-  if (given("mscale_all_dim")) yarn.mscale_all_dim = number("mscale_all_dim");
+  const Fields p = c.config_fields().object("rope_parameters").object(label);
+  const std::string type = p.string_or("rope_type", "default");
+  const double theta = p.number("rope_theta");
   try {
-    return af::Rope(rope_dim, theta, af::RopeLayout::adjacent, yarn);
+    if (type == "default") return af::Rope(rope_dim, theta, af::RopeLayout::adjacent);
+    if (type != "yarn")
+      throw CaseError(
+          fmt::format("{} \"{}\" is not supported (this build: default, yarn)", p.label("rope_type"), type));
+    return af::Rope(rope_dim, theta, af::RopeLayout::adjacent, read_yarn_fields(c, p));
   } catch (const af::Error& e) {
-    throw CaseError(fmt::format("{}: rope_parameters.{}: {}", c.name, label, e.what()));
+    throw CaseError(fmt::format("{}: config rope_parameters.{}: {}", c.name, label, e.what()));
   }
 }
 }  // namespace
@@ -73,30 +40,33 @@ std::vector<Outputs> run_deepseek_v4(const Case& c) {
   } catch (const af::Error& e) {
     throw CaseError(fmt::format("{}: layer_type: {}", c.name, e.what()));
   }
-  s.hidden = c.config_int("hidden_size");
-  s.heads = c.config_int("num_attention_heads");
-  if (c.config_int("num_key_value_heads") != 1)
-    throw CaseError(fmt::format("{}: config num_key_value_heads {} (expected 1: one shared K = V head)", c.name,
-                                c.config_int("num_key_value_heads")));
-  s.head_dim = c.config_int("head_dim");
-  s.rope_dim = static_cast<std::int64_t>(static_cast<double>(s.head_dim) * c.config_double("partial_rotary_factor"));
-  s.q_lora_rank = c.config_int("q_lora_rank");
-  s.window = c.config_int("sliding_window");
-  s.o_groups = c.config_int("o_groups");
-  s.o_lora_rank = c.config_int("o_lora_rank");
-  s.rms_norm_eps = c.config_double("rms_norm_eps");
-  if (c.config.value("attention_bias", false))
-    throw CaseError(fmt::format("{}: config attention_bias true is not supported (the module has no biases)", c.name));
-  if (s.compressed()) {
-    const auto& rates = object_field(c, c.config, "compress_rates", "");
-    if (!rates.contains(c.layer_type) || !rates.at(c.layer_type).is_number_integer())
-      throw CaseError(fmt::format("{}: config compress_rates has no \"{}\"", c.name, c.layer_type));
-    s.ratio = rates.at(c.layer_type).get<std::int64_t>();
-  }
+  const Fields config = c.config_fields();
+  s.hidden = config.integer("hidden_size");
+  s.heads = config.integer("num_attention_heads");
+  if (config.integer("num_key_value_heads") != 1)
+    throw CaseError(fmt::format("{} is {} (expected 1: one shared K = V head)", config.label("num_key_value_heads"),
+                                config.integer("num_key_value_heads")));
+  s.head_dim = config.integer("head_dim");
+  // The rotated tail is head_dim * partial_rotary_factor values: a factor in (0, 1] that gives a whole number
+  // (checked before any conversion to an integer).
+  const double rotary_fraction = config.number("partial_rotary_factor");
+  const double rope_values = static_cast<double>(s.head_dim) * rotary_fraction;
+  if (!(rotary_fraction > 0.0 && rotary_fraction <= 1.0) || rope_values != std::floor(rope_values))
+    throw CaseError(fmt::format("{} is {} (expected a fraction in (0, 1] of head_dim {} that is a whole number)",
+                                config.label("partial_rotary_factor"), rotary_fraction, s.head_dim));
+  s.rope_dim = static_cast<std::int64_t>(rope_values);
+  s.q_lora_rank = config.integer("q_lora_rank");
+  s.window = config.integer("sliding_window");
+  s.o_groups = config.integer("o_groups", 1);  // >= 1 before it divides anything
+  s.o_lora_rank = config.integer("o_lora_rank");
+  s.rms_norm_eps = config.number("rms_norm_eps");
+  if (config.boolean_or("attention_bias", false))
+    throw CaseError(fmt::format("{} true is not supported (the module has no biases)", config.label("attention_bias")));
+  if (s.compressed()) s.ratio = config.object("compress_rates").integer(c.layer_type, 1);
   if (s.kind == af::V4LayerKind::csa) {
-    s.index_heads = c.config_int("index_n_heads");
-    s.index_head_dim = c.config_int("index_head_dim");
-    s.index_topk = c.config_int("index_topk");
+    s.index_heads = config.integer("index_n_heads");
+    s.index_head_dim = config.integer("index_head_dim");
+    s.index_topk = config.integer("index_topk");
   }
   try {
     s.validate();

@@ -73,6 +73,20 @@ std::vector<Outputs> run_flex_block_mask(const Case& c) {
   } catch (const af::Error& e) {
     throw CaseError(fmt::format("{}: {}", c.name, e.what()));
   }
+  // A case recorded from a released mask function names it; the pattern fields must be the ones it equals.
+  if (const Fields config = c.config_fields(); config.given("mask_mod")) {
+    const std::string mask_mod = config.string("mask_mod");
+    if (mask_mod != "transformers.masking_utils.chunked_causal_mask_function")
+      throw CaseError(
+          fmt::format("{} \"{}\" is not a mask function this build knows (it knows transformers' "
+                      "chunked_causal_mask_function)",
+                      config.label("mask_mod"), mask_mod));
+    if (pattern.local_blocks != 1 || pattern.global_blocks != 0 || pattern.stride != 0)
+      throw CaseError(
+          fmt::format("{} is chunked attention: local_blocks 1, global_blocks 0, stride 0 (the case has "
+                      "{}, {}, {})",
+                      config.label("mask_mod"), pattern.local_blocks, pattern.global_blocks, pattern.stride));
+  }
   if (decode_q_block < 1)
     throw CaseError(fmt::format("{}: config decode_q_block is {} (expected >= 1)", c.name, decode_q_block));
   const af::GroupedWeights w = read_grouped_weights(c, layer, false, false);

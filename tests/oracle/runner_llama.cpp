@@ -12,7 +12,7 @@ std::vector<Outputs> run_llama(const Case& c) {
   const af::GroupedShape shape = read_hf_grouped_shape(c);
   const af::Rope rope = read_hf_rope(c, shape.head_dim, af::RopeLayout::half_split);
   // Llama's attention_bias puts a bias on all four projections, the output one included.
-  const bool bias = c.config.value("attention_bias", false);
+  const bool bias = c.config_fields().boolean_or("attention_bias", false);
   const af::GroupedWeights w = read_grouped_weights(c, shape, bias, bias);
   const std::int64_t h = shape.hidden;
   const std::int64_t T = c.prefill_len, N = c.decode_steps;

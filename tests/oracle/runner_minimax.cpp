@@ -11,24 +11,21 @@
 
 #include <fmt/format.h>
 
-#include <fstream>
-
 namespace oracle {
 
 namespace {
 
 // The hooked layer's index, which the case records beside the config (the lightning slopes depend on it).
 std::int64_t layer_index(const Case& c) {
-  std::ifstream in(c.dir / "case.json");
-  const nlohmann::json root = nlohmann::json::parse(in, nullptr, false);
-  if (root.is_discarded() || !root.contains("layer_idx") || !root.at("layer_idx").is_number_integer())
-    throw CaseError(fmt::format("{}: case.json has no integer \"layer_idx\" (the hooked layer's index)", c.name));
-  const std::int64_t layer = root.at("layer_idx").get<std::int64_t>();
+  const std::int64_t layer = c.case_fields().integer("layer_idx");  // the hooked layer's index
   const std::int64_t layers = c.config_int("num_hidden_layers");
   if (layer < 0 || layer >= layers)
     throw CaseError(
         fmt::format("{}: layer_idx {} (expected 0 <= layer_idx < num_hidden_layers = {})", c.name, layer, layers));
-  if (c.config.contains("layer_types") && c.config.at("layer_types").is_array()) {
+  if (c.config_fields().given("layer_types")) {
+    if (!c.config.at("layer_types").is_array())
+      throw CaseError(fmt::format("{} is {} (expected an array)", c.config_fields().label("layer_types"),
+                                  c.config.at("layer_types").dump()));
     const auto& types = c.config.at("layer_types");
     if (static_cast<std::int64_t>(types.size()) != layers || types.at(layer) != c.layer_type)
       throw CaseError(fmt::format(
@@ -39,20 +36,19 @@ std::int64_t layer_index(const Case& c) {
 }
 
 std::int64_t head_dim_of(const Case& c, std::int64_t hidden, std::int64_t heads) {
-  return c.config.contains("head_dim") && !c.config.at("head_dim").is_null() ? c.config_int("head_dim")
-                                                                             : hidden / heads;
+  return c.config_fields().integer_or("head_dim", hidden / heads, 1);  // heads >= 1 (read with a minimum of 1)
 }
 
 // One way to compute the lightning case: the prefill in `prefill_form`, each decode step in `decode_form`.
 Outputs run_lightning_path(const Case& c, af::LinearForm prefill_form, af::LinearForm decode_form, std::string path) {
   const std::int64_t layer = layer_index(c);
-  const std::string act = c.config.value("hidden_act", std::string());
+  const std::string act = c.config_fields().string_or("hidden_act", "");
   if (act != "silu")
     throw CaseError(
         fmt::format("{}: config hidden_act \"{}\" is not supported (this build knows \"silu\")", c.name, act));
   af::LightningShape shape;
   shape.hidden = c.config_int("hidden_size");
-  shape.heads = c.config_int("num_attention_heads");
+  shape.heads = c.config_fields().integer("num_attention_heads", 1);
   shape.head_dim = head_dim_of(c, shape.hidden, shape.heads);
   shape.block_size = c.config_int("block_size");
   const std::int64_t hd = shape.heads * shape.head_dim, h = shape.hidden;
@@ -79,7 +75,7 @@ Outputs run_lightning_path(const Case& c, af::LinearForm prefill_form, af::Linea
 
 Outputs run_full(const Case& c) {
   (void)layer_index(c);
-  if (c.config.contains("sliding_window") && !c.config.at("sliding_window").is_null())
+  if (c.config_fields().given("sliding_window"))
     throw CaseError(fmt::format("{}: config sliding_window {} is not supported (expected null)", c.name,
                                 c.config.at("sliding_window").dump()));
   const af::GroupedShape shape = read_hf_grouped_shape(c);

@@ -13,8 +13,7 @@ namespace oracle {
 
 std::vector<Outputs> run_mistral(const Case& c) {
   const af::GroupedShape shape = read_hf_grouped_shape(c);
-  const std::int64_t window = c.config_int("sliding_window");
-  if (window < 1) throw CaseError(fmt::format("{}: config sliding_window is {} (expected >= 1)", c.name, window));
+  const std::int64_t window = c.config_fields().integer("sliding_window", 1);
   const af::Rope rope = read_hf_rope(c, shape.head_dim, af::RopeLayout::half_split);
   const af::GroupedWeights w = read_grouped_weights(c, shape, false, false);
   const std::int64_t h = shape.hidden, T = c.prefill_len, N = c.decode_steps;

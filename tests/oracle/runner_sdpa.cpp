@@ -9,19 +9,18 @@
 namespace oracle {
 
 std::vector<Outputs> run_sdpa(const Case& c) {
+  const Fields config = c.config_fields();
   af::GroupedShape layer;
-  layer.hidden = c.config_int("hidden_size");
-  layer.heads = c.config_int("num_attention_heads");
-  layer.kv_heads = c.config_int("num_key_value_heads");
-  layer.head_dim = c.config_int("head_dim");
-  if (layer.hidden < 1 || layer.heads < 1 || layer.kv_heads < 1 || layer.head_dim < 1 || layer.heads % layer.kv_heads)
-    throw CaseError(
-        fmt::format("{}: hidden_size {}, {} heads, {} KV heads, head_dim {} (expected positive sizes and "
-                    "a head count divisible by the KV head count)",
-                    c.name, layer.hidden, layer.heads, layer.kv_heads, layer.head_dim));
-  const af::AttentionOptions options{c.config_bool("is_causal"), c.config_double("scale")};
+  layer.hidden = config.integer("hidden_size", 1);
+  layer.heads = config.integer("num_attention_heads", 1);
+  layer.kv_heads = config.integer("num_key_value_heads", 1);
+  layer.head_dim = config.integer("head_dim", 1);
+  if (layer.heads % layer.kv_heads)
+    throw CaseError(fmt::format("{}: config num_attention_heads {} is not a multiple of num_key_value_heads {}", c.name,
+                                layer.heads, layer.kv_heads));
+  const af::AttentionOptions options{config.boolean("is_causal"), config.number("scale")};
   // The sdpa module has biases on q/k/v only (o_proj never has one).
-  const af::GroupedWeights w = read_grouped_weights(c, layer, c.config.value("attention_bias", false), false);
+  const af::GroupedWeights w = read_grouped_weights(c, layer, config.boolean_or("attention_bias", false), false);
   const std::int64_t h = layer.hidden;
 
   const std::int64_t T = c.prefill_len, N = c.decode_steps;

@@ -10,18 +10,16 @@
 namespace oracle {
 
 std::vector<Outputs> run_sdpa_sinks(const Case& c) {
+  const Fields config = c.config_fields();
   af::GroupedShape layer;
-  layer.hidden = c.config_int("hidden_size");
-  layer.heads = c.config_int("num_attention_heads");
-  layer.kv_heads = c.config_int("num_key_value_heads");
-  layer.head_dim = c.config_int("head_dim");
-  const std::int64_t sinks = c.config_int("sinks"), window = c.config_int("window");
-  if (layer.hidden < 1 || layer.heads < 1 || layer.kv_heads < 1 || layer.head_dim < 1 || layer.heads % layer.kv_heads ||
-      sinks < 0 || window < 1)
-    throw CaseError(
-        fmt::format("{}: hidden_size {}, {} heads, {} KV heads, head_dim {}, sinks {}, window {} "
-                    "(expected positive sizes, heads divisible by KV heads, sinks >= 0, window >= 1)",
-                    c.name, layer.hidden, layer.heads, layer.kv_heads, layer.head_dim, sinks, window));
+  layer.hidden = config.integer("hidden_size", 1);
+  layer.heads = config.integer("num_attention_heads", 1);
+  layer.kv_heads = config.integer("num_key_value_heads", 1);
+  layer.head_dim = config.integer("head_dim", 1);
+  const std::int64_t sinks = config.integer("sinks", 0), window = config.integer("window", 1);
+  if (layer.heads % layer.kv_heads)
+    throw CaseError(fmt::format("{}: config num_attention_heads {} is not a multiple of num_key_value_heads {}", c.name,
+                                layer.heads, layer.kv_heads));
   const af::AttentionOptions options{true, c.config_double("scale")};
   const af::GroupedWeights w = read_grouped_weights(c, layer, false, false);
   const std::int64_t h = layer.hidden, T = c.prefill_len, N = c.decode_steps;
