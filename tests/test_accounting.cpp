@@ -1,7 +1,10 @@
 #include "af/accounting.hpp"
+#include "af/block_sparse.hpp"
 #include "af/error.hpp"
+#include "af/linear_attention.hpp"
 #include "af/models.hpp"
 #include "af/sinks.hpp"
+#include "af/sparse_attention.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -54,4 +57,67 @@ TEST_CASE("A bounded cache's card prints the rows it really holds", "[accounting
   const af::CacheCard sinks = af::with_kept_sinks(dense, 4, 2044);
   CHECK_THAT(af::format_cache_card(sinks, {}, contexts), Catch::Matchers::Contains("[min(T, 2048), 8, 128]"));
   CHECK(sinks.stored_tokens(100000) == 2048);
+TEST_CASE("Attention FLOPs are counted from the shapes", "[accounting][flops]") {
+  // Dense: 2 H d for the score and 2 H d for the value mix of each entry read, for every head.
+  const af::CacheCard gqa = af::dense_kv_card("GQA", 32, 8, 128, af::DType::bf16);
+  CHECK(gqa.decode_flops(1000) == 1000.0 * 4 * 32 * 128);
+  // A causal prefill of T tokens scores T (T + 1) / 2 pairs.
+  CHECK(gqa.prefill_flops(100) == 100.0 * 101 / 2 * 4 * 32 * 128);
+  CHECK(gqa.prefill_flops(0) == 0.0);
+  CHECK_THROWS_AS(gqa.prefill_flops(-1), af::Error);
+
+  // A window of 8: queries past the window attend to 8 entries each.
+  const af::CacheCard window = af::with_sliding_window(gqa, 8);
+  CHECK(window.decode_flops(1000) == gqa.decode_flops(8));
+  CHECK(window.prefill_flops(20) == (8.0 * 9 / 2 + 12.0 * 8) * 4 * 32 * 128);
+
+  // MLA, absorbed: per entry and head 2 (512 + 64) for the score and 2 x 512 for the latent mixed in.
+  const af::CacheCard mla = af::mla_kv_card(128, 512, 64, af::DType::bf16);
+  CHECK(mla.decode_flops(10) == 10.0 * 128 * (2 * 576 + 2 * 512));
+
+  // DSA: the indexer scores every key (2 x 64 x 128 + 2 x 64 each), attention reads min(t, 2048) latents.
+  const af::ModelCache v32 = af::deepseek_v32();
+  CHECK(v32.layers == 61);
+  CHECK(v32.card.bytes_per_token() == (512 + 64) * 2 + 128 + 4);
+  const double index = 2.0 * 64 * 128 + 2 * 64, latent = 128.0 * (2 * 576 + 2 * 512);
+  CHECK(v32.card.decode_flops(1000) == 1000 * index + 1000 * latent);
+  CHECK(v32.card.decode_flops(100000) == 100000 * index + 2048 * latent);
+  CHECK(v32.decode_flops(100000) == 61 * v32.card.decode_flops(100000));
+}
+
+TEST_CASE("The hybrid model's FLOPs: a fixed state per linear layer, a growing cache per softmax layer",
+          "[accounting][flops]") {
+  const af::HybridModel m1 = af::minimax_m1();
+  // 70 layers x 64 heads x (3 + 2) x 128 x 128 per token, whatever the context.
+  CHECK(m1.linear_flops_per_token() == 70.0 * 64 * 5 * 128 * 128);
+  CHECK(m1.decode_flops(4096) == m1.linear_flops_per_token() + 10.0 * 4096 * 4 * 64 * 128);
+  CHECK(m1.prefill_flops(64) == 64 * m1.linear_flops_per_token() + 10.0 * 64 * 65 / 2 * 4 * 64 * 128);
+}
+
+TEST_CASE("Block-sparse decode entries equal a walk over the visited blocks", "[accounting][block_sparse]") {
+  for (std::int64_t block : {1, 3, 8})
+    for (std::int64_t local = 1; local <= 4; ++local)
+      for (std::int64_t global = 0; global <= 3; ++global)
+        for (std::int64_t stride = 0; stride <= 5; ++stride) {
+          const af::BlockPattern pattern{block, local, global, stride};
+          for (std::int64_t t = 1; t <= 200; ++t) {
+            const std::int64_t qb = (t - 1) / block;
+            std::int64_t walked = 0;
+            for (std::int64_t kb = 0; kb <= qb; ++kb)
+              if (pattern.visits(qb, kb)) walked += std::min((kb + 1) * block, t) - kb * block;
+            INFO("block " << block << ", local " << local << ", global " << global << ", stride " << stride << ", t "
+                          << t);
+            REQUIRE(af::block_sparse_decode_entries(pattern, t) == walked);
+          }
+        }
+}
+
+TEST_CASE("An interleaved model adds its parts' FLOPs", "[accounting][flops]") {
+  const af::CacheCard card = af::dense_kv_card("GQA", 8, 2, 16, af::DType::bf16);
+  const af::InterleavedModel model{"m",
+                                   "test",
+                                   {af::ModelCache{"local", "test", 3, af::with_sliding_window(card, 4)},
+                                    af::ModelCache{"global", "test", 1, card}}};
+  CHECK(model.decode_flops(10) == 3 * card.decode_flops(4) + card.decode_flops(10));
+  CHECK(model.prefill_flops(6) == 3 * (10.0 + 4 + 4) * 4 * 8 * 16 + 21.0 * 4 * 8 * 16);
 }

@@ -59,6 +59,19 @@ std::int64_t CacheCard::bytes_read(std::int64_t t) const {
   return total;
 }
 
+double CacheCard::decode_flops(std::int64_t t) const {
+  double total = 0.0;
+  for (const DecodeRead& read : decode_reads(t)) total += read.flops;
+  return total;
+}
+
+double CacheCard::prefill_flops(std::int64_t tokens) const {
+  require(tokens >= 0, "prefill_flops: {} tokens (expected >= 0)", tokens);
+  double total = 0.0;
+  for (std::int64_t i = 1; i <= tokens; ++i) total += decode_flops(i);
+  return total;
+}
+
 std::int64_t CacheCard::bytes_per_token_per_gpu(std::int64_t tp) const {
   std::int64_t total = 0;
   for (const CachedTensor& t : per_token) total += t.bytes_per_gpu(tp);
@@ -89,8 +102,10 @@ CacheCard dense_kv_card(std::string mechanism, std::int64_t heads, std::int64_t 
   card.per_token = {{"K", {kv_heads, head_dim}, dtype, 0}, {"V", {kv_heads, head_dim}, dtype, 0}};
   card.stored_tokens = [](std::int64_t t) { return t; };
   const std::int64_t per_token = card.bytes_per_token();
-  card.decode_reads = [per_token](std::int64_t t) {
-    return std::vector<DecodeRead>{{"every cached key and value", t, t * per_token}};
+  const double flops_per_entry = 4.0 * static_cast<double>(heads * head_dim);  // score + value mix, every head
+  card.decode_reads = [per_token, flops_per_entry](std::int64_t t) {
+    return std::vector<DecodeRead>{
+        {"every cached key and value", t, t * per_token, static_cast<double>(t) * flops_per_entry}};
   };
   card.trade_offs =
       "nothing is recomputed: each token's k and v are projected once and kept; memory and the bytes read per "
@@ -110,8 +125,12 @@ CacheCard mla_kv_card(std::int64_t heads, std::int64_t kv_lora_rank, std::int64_
   card.per_token = {{"c_KV", {kv_lora_rank}, dtype, -1}, {"k_rope", {rope_dim}, dtype, -1}};
   card.stored_tokens = [](std::int64_t t) { return t; };
   const std::int64_t per_token = card.bytes_per_token();
-  card.decode_reads = [per_token](std::int64_t t) {
-    return std::vector<DecodeRead>{{"every cached latent and RoPE key", t, t * per_token}};
+  // Absorbed form: each head scores its [kv_lora_rank + rope_dim] query against the entry, then mixes the latent.
+  const double flops_per_entry =
+      2.0 * static_cast<double>(heads * (kv_lora_rank + rope_dim)) + 2.0 * static_cast<double>(heads * kv_lora_rank);
+  card.decode_reads = [per_token, flops_per_entry](std::int64_t t) {
+    return std::vector<DecodeRead>{
+        {"every cached latent and RoPE key", t, t * per_token, static_cast<double>(t) * flops_per_entry}};
   };
   card.trade_offs = fmt::format(
       "one {}-value entry per token and layer for all {} heads (memory and reads as MQA with a wide head); extra "
@@ -234,6 +253,18 @@ std::int64_t InterleavedModel::entries_read(std::int64_t t) const {
   std::int64_t total = 0;
   for (const ModelCache& part : parts)
     for (const DecodeRead& read : part.card.decode_reads(t)) total += part.layers * read.entries;
+  return total;
+}
+
+double InterleavedModel::decode_flops(std::int64_t t) const {
+  double total = 0.0;
+  for (const ModelCache& part : parts) total += part.decode_flops(t);
+  return total;
+}
+
+double InterleavedModel::prefill_flops(std::int64_t tokens) const {
+  double total = 0.0;
+  for (const ModelCache& part : parts) total += part.prefill_flops(tokens);
   return total;
 }
 

@@ -167,11 +167,21 @@ std::int64_t block_sparse_decode_entries(const BlockPattern& pattern, std::int64
   pattern.validate();
   require(t >= 0, "block_sparse_decode_entries: context {} (expected >= 0)", t);
   if (t == 0) return 0;
+  // Count the visited key blocks of the query's block qb without walking them (a prefill sums this over every
+  // position): the local run [qb - local + 1, qb], the global blocks before that run, and the strided blocks
+  // qb - j stride (j >= 1) before the run and past the global ones.
   const std::int64_t qb = (t - 1) / pattern.block;
-  std::int64_t entries = 0;
-  for (std::int64_t kb = 0; kb <= qb; ++kb)
-    if (pattern.visits(qb, kb)) entries += std::min((kb + 1) * pattern.block, t) - kb * pattern.block;
-  return entries;
+  const std::int64_t local = std::min(pattern.local_blocks, qb + 1);
+  const std::int64_t first_local = qb - local + 1;
+  const std::int64_t global = std::min(pattern.global_blocks, first_local);
+  std::int64_t strided = 0;
+  if (pattern.stride > 0 && qb >= pattern.global_blocks) {
+    const std::int64_t first_j = (local + pattern.stride - 1) / pattern.stride;  // qb - j stride < first_local
+    const std::int64_t last_j = (qb - pattern.global_blocks) / pattern.stride;   // qb - j stride >= global_blocks
+    strided = std::max<std::int64_t>(0, last_j - first_j + 1);
+  }
+  // Every visited block before the diagonal is whole; the diagonal one holds the tokens up to t.
+  return (local + global + strided - 1) * pattern.block + (t - qb * pattern.block);
 }
 
 CacheCard with_block_sparse(CacheCard card, const BlockPattern& pattern) {

@@ -364,17 +364,19 @@ Tensor v4_attention(ConstMatrix x, std::span<const std::int64_t> positions, cons
 // ---- accounting ------------------------------------------------------------------------------------------
 
 namespace {
+// One part of a V4 layer's cache: `flops_per_entry` is what a decode query spends on each entry it reads.
 CacheCard part(std::string mechanism, std::string projected, CachedTensor tensor,
                std::function<std::int64_t(std::int64_t)> stored, std::function<std::int64_t(std::int64_t)> read,
-               std::string what, std::string trade_offs) {
+               std::string what, std::string trade_offs, double flops_per_entry) {
   CacheCard card;
   card.mechanism = std::move(mechanism);
   card.projected = std::move(projected);
   card.per_token = {std::move(tensor)};
   card.stored_tokens = std::move(stored);
   const std::int64_t bytes = card.bytes_per_token();
-  card.decode_reads = [read, bytes, what](std::int64_t t) {
-    return std::vector<DecodeRead>{{what, read(t), read(t) * bytes}};
+  card.decode_reads = [read, bytes, what, flops_per_entry](std::int64_t t) {
+    const std::int64_t entries = read(t);
+    return std::vector<DecodeRead>{{what, entries, entries * bytes, static_cast<double>(entries) * flops_per_entry}};
   };
   card.trade_offs = std::move(trade_offs);
   return card;
@@ -385,11 +387,16 @@ V4LayerCard v4_layer_card(const V4Shape& s, DType dtype) {
   s.validate();
   V4LayerCard card{s, {}};
   const std::int64_t W = s.window, c = s.head_dim, m = s.ratio;
+  // Per entry attended: every head scores it (2 c) and mixes it in as its value (2 c, K = V). Per indexer key:
+  // every index head's dot product (2 c_I) and weighted ReLU (2). The pending and overlap rows are not attended.
+  const double entry_flops = 4.0 * static_cast<double>(s.heads * c);
+  const double index_flops =
+      2.0 * static_cast<double>(s.index_heads * s.index_head_dim) + 2.0 * static_cast<double>(s.index_heads);
   card.parts.push_back(part(
       "window", fmt::format("every token: one K = V entry of {} values shared by {} heads", c, s.heads),
       {"window entry", {c}, dtype, -1}, [W](std::int64_t t) { return std::min(t, W); },
       [W](std::int64_t t) { return std::min(t, W); }, "window entries",
-      "a fixed per-sequence cost: W raw entries, all read at every step"));
+      "a fixed per-sequence cost: W raw entries, all read at every step", entry_flops));
   if (!s.compressed()) return card;
   const bool csa = s.kind == V4LayerKind::csa;
   const std::int64_t k = s.index_topk;
@@ -398,25 +405,26 @@ V4LayerCard v4_layer_card(const V4Shape& s, DType dtype) {
       {"compressed entry", {c}, dtype, -1}, [m](std::int64_t t) { return t / m; },
       [m, k, csa](std::int64_t t) { return csa ? std::min(k, t / m) : t / m; },
       csa ? "top-k compressed entries" : "every compressed entry",
-      csa ? "memory / m; reads bounded by k once t / m > k" : "memory and reads / m"));
+      csa ? "memory / m; reads bounded by k once t / m > k" : "memory and reads / m", entry_flops));
   if (csa)
     card.parts.push_back(part(
         "indexer keys", fmt::format("every {} tokens: one pooled indexer key of {} values", m, s.index_head_dim),
         {"indexer key", {s.index_head_dim}, dtype, -1}, [m](std::int64_t t) { return t / m; },
-        [m](std::int64_t t) { return t / m; }, "every indexer key", "read in full at every step to score the entries"));
+        [m](std::int64_t t) { return t / m; }, "every indexer key", "read in full at every step to score the entries",
+        index_flops));
   const std::int64_t series = csa ? 2 : 1;
   const std::int64_t pending_width = 2 * series * c + (csa ? 2 * 2 * s.index_head_dim : 0);
   card.parts.push_back(part(
       "pending block", "the raw kv and gate projections of the block still filling",
       {"pending token", {pending_width}, dtype, -1}, [m](std::int64_t t) { return t % m; },
       [](std::int64_t) { return std::int64_t{0}; }, "none (read once when the block completes)",
-      "bounded: at most m - 1 tokens"));
+      "bounded: at most m - 1 tokens", 0.0));
   if (csa)
     card.parts.push_back(part(
         "overlap", "the Ca half (kv and biased gates) of the last completed block",
         {"overlap token", {2 * c + 2 * s.index_head_dim}, dtype, -1}, [m](std::int64_t t) { return t >= m ? m : 0; },
-        [](std::int64_t) { return std::int64_t{0}; }, "none (read when the next block completes)",
-        "bounded: m tokens"));
+        [](std::int64_t) { return std::int64_t{0}; }, "none (read when the next block completes)", "bounded: m tokens",
+        0.0));
   return card;
 }
 

@@ -235,6 +235,16 @@ std::int64_t HybridModel::bytes_stored(std::int64_t t) const {
 
 std::int64_t HybridModel::bytes_read(std::int64_t t) const { return state_bytes() + softmax.bytes_read(t); }
 
+double HybridModel::linear_flops_per_token() const {
+  return 5.0 * static_cast<double>(linear_layers * linear_heads * key_dim * value_dim);
+}
+
+double HybridModel::decode_flops(std::int64_t t) const { return linear_flops_per_token() + softmax.decode_flops(t); }
+
+double HybridModel::prefill_flops(std::int64_t tokens) const {
+  return static_cast<double>(tokens) * linear_flops_per_token() + softmax.prefill_flops(tokens);
+}
+
 HybridModel minimax_m1(DType kv_dtype, DType state_dtype) {
   const std::string source =
       "MiniMax-AI/MiniMax-M1 @ 2abb4f4, config.json (80 layers, 64 heads, 8 KV heads, head_dim 128, attn_type_list: "

@@ -207,8 +207,10 @@ CacheCard quantized_kv_card(std::int64_t heads, std::int64_t kv_heads, std::int6
     }
   }
   const std::int64_t per_token = card.bytes_per_token();
-  card.decode_reads = [per_token](std::int64_t t) {
-    return std::vector<DecodeRead>{{"every cached code and scale", t, t * per_token}};
+  const double flops_per_entry = 4.0 * static_cast<double>(heads * head_dim);  // as dense; dequantizing not counted
+  card.decode_reads = [per_token, flops_per_entry](std::int64_t t) {
+    return std::vector<DecodeRead>{
+        {"every cached code and scale", t, t * per_token, static_cast<double>(t) * flops_per_entry}};
   };
   card.trade_offs =
       "fewer bytes stored and read per token; a quantization error in every score and output; a dequantize per "

@@ -280,10 +280,18 @@ CacheCard dsa_card(std::int64_t heads, std::int64_t kv_lora_rank, std::int64_t r
   card.stored_tokens = [](std::int64_t t) { return t; };
   std::int64_t index_bytes = 0, latent_bytes = 0;
   for (const CachedTensor& c : card.per_token) (c.name.starts_with("index") ? index_bytes : latent_bytes) += c.bytes();
-  card.decode_reads = [index_bytes, latent_bytes, top_k](std::int64_t t) {
+  // The indexer: per key and index head a dot product (2 index_head_dim) and its weighted ReLU (2); attention over
+  // the chosen entries as MLA's absorbed form (mla_kv_card).
+  const double index_flops =
+      2.0 * static_cast<double>(index_heads * index_head_dim) + 2.0 * static_cast<double>(index_heads);
+  const double latent_flops =
+      2.0 * static_cast<double>(heads * (kv_lora_rank + rope_dim)) + 2.0 * static_cast<double>(heads * kv_lora_rank);
+  card.decode_reads = [index_bytes, latent_bytes, top_k, index_flops, latent_flops](std::int64_t t) {
     const std::int64_t chosen = std::min(t, top_k);
-    return std::vector<DecodeRead>{{"indexer: every cached index key", t, t * index_bytes},
-                                   {"attention: the top-k latents and RoPE keys", chosen, chosen * latent_bytes}};
+    return std::vector<DecodeRead>{
+        {"indexer: every cached index key", t, t * index_bytes, static_cast<double>(t) * index_flops},
+        {"attention: the top-k latents and RoPE keys", chosen, chosen * latent_bytes,
+         static_cast<double>(chosen) * latent_flops}};
   };
   card.trade_offs = fmt::format(
       "the cache grows by the index key ({} B per token and layer) and still holds every latent; a decode step reads "
@@ -291,6 +299,15 @@ CacheCard dsa_card(std::int64_t heads, std::int64_t kv_lora_rank, std::int64_t r
       "the indexer choosing what attention needs; a top-k per query and a second score pass cost latency",
       index_bytes, top_k);
   return card;
+}
+
+ModelCache deepseek_v32(DType dtype) {
+  return {
+      "DeepSeek-V3.2",
+      "deepseek-ai/DeepSeek-V3.2-Exp @ 3b99a53, inference/config_671B_v3.2.json (61 layers, 128 heads, kv_lora_rank "
+      "512, qk_rope_head_dim 64, index_n_heads 64, index_head_dim 128, index_topk 2048) and inference/model.py (the "
+      "Indexer caches its keys in FP8 with one float32 scale per token)",
+      61, dsa_card(128, 512, 64, dtype, 64, 128, DType::fp8_e4m3, 1, 2048)};
 }
 
 }  // namespace af

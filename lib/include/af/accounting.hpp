@@ -32,11 +32,15 @@ struct CachedTensor {
   std::int64_t copies(std::int64_t tp) const;
 };
 
-/// What one decode query reads from the cache of one layer.
+/// What one decode query reads from the cache of one layer, and the arithmetic it spends on what it read.
 struct DecodeRead {
   std::string what;          ///< e.g. "keys and values"
   std::int64_t entries = 0;  ///< cached tokens read
   std::int64_t bytes = 0;
+  /// FLOPs of the attention arithmetic on these entries (a multiply-add counts 2), all heads: for softmax
+  /// attention 2 H d_k per score and 2 H d_v per value mixed in, for an indexer its scores. Projections of the
+  /// query, key, value and output are not counted: they cost the same whatever the context.
+  double flops = 0.0;
 };
 
 /// The accounting of one attention mechanism for one layer.
@@ -62,6 +66,13 @@ struct CacheCard {
   std::int64_t bytes_stored(std::int64_t t) const;
   /// Total bytes one decode query reads in one layer at context `t`.
   std::int64_t bytes_read(std::int64_t t) const;
+  /// Attention FLOPs of one decode query in one layer at context `t`: the sum over its DecodeReads.
+  double decode_flops(std::int64_t t) const;
+  /// Attention FLOPs of a causal prefill of `tokens` tokens in one layer, counted query by query: query i
+  /// (1-based) does what a decode query does at context i, so this is the sum of decode_flops(i), i = 1 .. T.
+  /// Chunked kernels do this work in blocks (and may waste some on masked elements); the count is the
+  /// arithmetic the mask lets through. Throws af::Error for tokens < 0.
+  double prefill_flops(std::int64_t tokens) const;
 
   /// Under tensor parallelism of degree `tp`: bytes one rank keeps per token in one layer.
   std::int64_t bytes_per_token_per_gpu(std::int64_t tp) const;
@@ -73,15 +84,17 @@ struct CacheCard {
 
 /// The dense KV cache of `heads` query heads sharing `kv_heads` key/value heads of dimension `head_dim`
 /// (MHA: heads = kv_heads; MQA: kv_heads = 1): per token K and V of shape `[kv_heads, head_dim]`; a decode
-/// query reads every cached token. Throws af::Error on sizes <= 0 or heads not a multiple of kv_heads.
+/// query reads every cached token and spends 4 heads head_dim FLOPs on each (a score and a value mix per head). Throws
+/// af::Error on sizes <= 0 or heads not a multiple of kv_heads.
 CacheCard dense_kv_card(std::string mechanism, std::int64_t heads, std::int64_t kv_heads, std::int64_t head_dim,
                         DType dtype);
 
 /// Multi-head latent attention (DeepSeek-V2/V3) in its absorbed form: per token and layer one latent `c_KV` of
 /// `kv_lora_rank` values and one decoupled RoPE key `k_rope` of `rope_dim` values, shared by all `heads` query
 /// heads (keys and values are up-projected from the latent, or the up-projections are absorbed into the
-/// query and output). A decode query reads every cached latent. Under tensor parallelism every rank keeps the
-/// whole latent. Throws af::Error on sizes <= 0.
+/// query and output). A decode query reads every cached latent; its FLOPs are counted in the absorbed form,
+/// per entry and head 2 (kv_lora_rank + rope_dim) for the score and 2 kv_lora_rank for the value mix. Under tensor
+/// parallelism every rank keeps the whole latent. Throws af::Error on sizes <= 0.
 CacheCard mla_kv_card(std::int64_t heads, std::int64_t kv_lora_rank, std::int64_t rope_dim, DType dtype);
 
 /// `card` with a sliding window of `window` tokens: at most `window` tokens are kept (a ring buffer) and read;
@@ -101,6 +114,9 @@ struct ModelCache {
   std::int64_t bytes_stored(std::int64_t t) const { return layers * card.bytes_stored(t); }
   /// Bytes one decode step of one sequence reads at context `t`, all layers.
   std::int64_t bytes_read(std::int64_t t) const { return layers * card.bytes_read(t); }
+  /// Attention FLOPs of one decode step at context `t`, and of a causal prefill of `tokens`, all layers.
+  double decode_flops(std::int64_t t) const { return static_cast<double>(layers) * card.decode_flops(t); }
+  double prefill_flops(std::int64_t tokens) const { return static_cast<double>(layers) * card.prefill_flops(tokens); }
   /// The same on one of `tp` tensor-parallel ranks.
   std::int64_t bytes_per_token_per_gpu(std::int64_t tp) const { return layers * card.bytes_per_token_per_gpu(tp); }
   std::int64_t bytes_stored_per_gpu(std::int64_t t, std::int64_t tp) const {
@@ -124,6 +140,9 @@ struct InterleavedModel {
   std::int64_t bytes_read(std::int64_t t) const;
   /// Cached entries one decode step reads at context `t`, all layers.
   std::int64_t entries_read(std::int64_t t) const;
+  /// Attention FLOPs of one decode step at context `t`, and of a causal prefill of `tokens`, all layers.
+  double decode_flops(std::int64_t t) const;
+  double prefill_flops(std::int64_t tokens) const;
   /// Bytes one more token adds at a context beyond every window (the unbounded layers' growth).
   std::int64_t bytes_per_token_after_windows() const;
 };

@@ -145,6 +145,15 @@ struct HybridModel {
   std::int64_t bytes_stored(std::int64_t t) const;
   /// Bytes one decode step reads at context `t`: every state once, and every softmax layer's cache.
   std::int64_t bytes_read(std::int64_t t) const;
+  /// Attention FLOPs of one token in one linear layer: per head the state update S <- lambda S + k^T v
+  /// (3 d_k d_v: a scaling and a multiply-add per element) and the read-out o = q S (2 d_k d_v).
+  double linear_flops_per_token() const;
+  /// Attention FLOPs of one decode step at context `t`: every linear layer's update and read-out, and every
+  /// softmax layer's scores and value mixes (CacheCard::decode_flops).
+  double decode_flops(std::int64_t t) const;
+  /// Attention FLOPs of a causal prefill of `tokens`, counted token by token as the recurrence computes it (the
+  /// blocked form of lightning attention trades some of the state work for intra-block products).
+  double prefill_flops(std::int64_t tokens) const;
 };
 
 /// MiniMax-M1 (the architecture of MiniMax-Text-01): 80 layers, 70 lightning + 10 softmax (one softmax

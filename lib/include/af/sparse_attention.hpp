@@ -130,4 +130,9 @@ CacheCard dsa_card(std::int64_t heads, std::int64_t kv_lora_rank, std::int64_t r
                    std::int64_t index_heads, std::int64_t index_head_dim, DType index_dtype, std::int64_t index_scales,
                    std::int64_t top_k);
 
+/// DeepSeek-V3.2: 61 layers of DSA over DeepSeek-V3's MLA (128 heads, kv_lora_rank 512, qk_rope_head_dim 64, latents
+/// in `dtype`), with an indexer of 64 heads of 128 choosing the top 2048 tokens; its index keys are FP8 E4M3 with one
+/// float32 scale each, as the reference code caches them.
+ModelCache deepseek_v32(DType dtype = DType::bf16);
+
 }  // namespace af
