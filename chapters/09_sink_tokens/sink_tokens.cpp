@@ -21,7 +21,6 @@
 #include "af/sliding_window.hpp"
 
 #include <fmt/format.h>
-#include <fmt/os.h>
 
 #include <algorithm>
 #include <array>
@@ -261,8 +260,11 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 64))
       ->capture_default_str();
   app.add_option("--head-dim", head_dim, "Head dimension d (even)")->check(CLI::Range(2, 256))->capture_default_str();
-  app.add_option("--seed", seed, "Seed of the random weights and inputs")->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for the figure data (sink_mask.dat, first_token_mass.dat)");
+  app.add_option("--seed", seed, "Seed of the random weights and inputs")
+      ->check(af::seed_value())
+      ->capture_default_str();
+  app.add_option("--out", out_dir, "Directory for the figure data (sink_mask.dat, first_token_mass.dat)")
+      ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
     af::require(heads % kv_heads == 0, "--heads {} is not a multiple of --kv-heads {}", heads, kv_heads);
@@ -494,20 +496,22 @@ int main(int argc, char** argv) {
                        outside_zero && sinks_see_sinks);
 
     if (!out_dir.empty()) {
-      std::filesystem::create_directories(out_dir);
-      auto mask = fmt::output_file((std::filesystem::path(out_dir) / "sink_mask.dat").string());
-      const std::int64_t m = std::min<std::int64_t>(seq_len, 32);
-      mask.print("# query key visible(1) or masked(NaN); S = {}, W = {}\n", sinks, window);
-      for (std::int64_t i = 0; i < m; ++i) {
-        for (std::int64_t j = 0; j < m; ++j)
-          mask.print("{} {} {}\n", i, j, sees(i, j, sinks, window) ? (j < sinks ? "2" : "1") : "NaN");
-        mask.print("\n");
-      }
-      auto mass = fmt::output_file((std::filesystem::path(out_dir) / "first_token_mass.dat").string());
-      mass.print(
-          "query \"random (nothing constructed)\" \"constructed: key 0 aligned with queries\" "
-          "\"constructed + learned sink logit 3\"\n");
-      for (const auto& row : curve) mass.print("{} {:.6f} {:.6f} {:.6f}\n", row[0], row[1], row[2], row[3]);
+      const std::filesystem::path dir = af::make_output_directory(out_dir);
+      af::write_output_file(dir / "sink_mask.dat", [&](af::OutputFile& mask) {
+        const std::int64_t m = std::min<std::int64_t>(seq_len, 32);
+        mask.print("# query key visible(1) or masked(NaN); S = {}, W = {}\n", sinks, window);
+        for (std::int64_t i = 0; i < m; ++i) {
+          for (std::int64_t j = 0; j < m; ++j)
+            mask.print("{} {} {}\n", i, j, sees(i, j, sinks, window) ? (j < sinks ? "2" : "1") : "NaN");
+          mask.print("\n");
+        }
+      });
+      af::write_output_file(dir / "first_token_mass.dat", [&](af::OutputFile& mass) {
+        mass.print(
+            "query \"random (nothing constructed)\" \"constructed: key 0 aligned with queries\" "
+            "\"constructed + learned sink logit 3\"\n");
+        for (const auto& row : curve) mass.print("{} {:.6f} {:.6f} {:.6f}\n", row[0], row[1], row[2], row[3]);
+      });
     }
     return checks.all_passed();
   });

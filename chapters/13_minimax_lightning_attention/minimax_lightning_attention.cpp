@@ -19,7 +19,6 @@
 #include "af/random.hpp"
 
 #include <fmt/format.h>
-#include <fmt/os.h>
 
 #include <algorithm>
 #include <cmath>
@@ -271,8 +270,11 @@ int main(int argc, char** argv) {
   app.add_option("--trials", trials, "Random inputs per point of the recall sweep")
       ->check(CLI::Range(1, 100))
       ->capture_default_str();
-  app.add_option("--seed", seed, "Seed of the random weights and inputs")->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for the figure data (cache_bytes.dat, recall.dat)");
+  app.add_option("--seed", seed, "Seed of the random weights and inputs")
+      ->check(af::seed_value())
+      ->capture_default_str();
+  app.add_option("--out", out_dir, "Directory for the figure data (cache_bytes.dat, recall.dat)")
+      ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
     af::require(layer < layers, "--layer {} is not below --layers {}", layer, layers);
@@ -464,19 +466,21 @@ int main(int argc, char** argv) {
                        cross > 0);
 
     if (!out_dir.empty()) {
-      std::filesystem::create_directories(out_dir);
-      auto bytes = fmt::output_file((std::filesystem::path(out_dir) / "cache_bytes.dat").string());
-      bytes.print("# context \"{} (states + KV)\" \"{} states only\" \"{} KV only\" \"{}\" \"{}\" \"{}\"\n", m1.model,
-                  m1.model, m1.model, llama70.model, deepseek.model, m2.model);
-      for (std::int64_t t = 1024; t <= (std::int64_t{1} << 22); t *= 2)
-        bytes.print("{} {} {} {} {} {} {}\n", t, m1.bytes_stored(t), m1.state_bytes(), m1.softmax.bytes_stored(t),
-                    llama70.bytes_stored(t), deepseek.bytes_stored(t), m2.bytes_stored(t));
-      auto rec = fmt::output_file((std::filesystem::path(out_dir) / "recall.dat").string());
-      rec.print("# d = {}, trials {}, decay slope {:.6g}; crossover (linear < 0.5) at {}\n", recall_dim, trials,
-                recall_slope, cross);
-      rec.print("pairs softmax linear \"linear SiLU\" \"linear decay\"\n");
-      for (const auto& row : curve)
-        rec.print("{} {:.4f} {:.4f} {:.4f} {:.4f}\n", row[0], row[1], row[2], row[3], row[4]);
+      const std::filesystem::path dir = af::make_output_directory(out_dir);
+      af::write_output_file(dir / "cache_bytes.dat", [&](af::OutputFile& bytes) {
+        bytes.print("# context \"{} (states + KV)\" \"{} states only\" \"{} KV only\" \"{}\" \"{}\" \"{}\"\n", m1.model,
+                    m1.model, m1.model, llama70.model, deepseek.model, m2.model);
+        for (std::int64_t t = 1024; t <= (std::int64_t{1} << 22); t *= 2)
+          bytes.print("{} {} {} {} {} {} {}\n", t, m1.bytes_stored(t), m1.state_bytes(), m1.softmax.bytes_stored(t),
+                      llama70.bytes_stored(t), deepseek.bytes_stored(t), m2.bytes_stored(t));
+      });
+      af::write_output_file(dir / "recall.dat", [&](af::OutputFile& rec) {
+        rec.print("# d = {}, trials {}, decay slope {:.6g}; crossover (linear < 0.5) at {}\n", recall_dim, trials,
+                  recall_slope, cross);
+        rec.print("pairs softmax linear \"linear SiLU\" \"linear decay\"\n");
+        for (const auto& row : curve)
+          rec.print("{} {:.4f} {:.4f} {:.4f} {:.4f}\n", row[0], row[1], row[2], row[3], row[4]);
+      });
     }
     return checks.all_passed();
   });
