@@ -270,7 +270,7 @@ int main(int argc, char** argv) {
   std::int64_t seq_len = 12, hidden = 64, head_dim = 16;
   std::uint64_t seed = 1;
   std::string out_dir;
-  app.add_option("--seq-len", seq_len, "Tokens in the prompt")->check(CLI::Range(1, 4096))->capture_default_str();
+  app.add_option("--seq-len", seq_len, "Tokens in the prompt")->check(CLI::Range(1, 2048))->capture_default_str();
   app.add_option("--hidden", hidden, "Model width (hidden size)")->check(CLI::Range(1, 8192))->capture_default_str();
   app.add_option("--head-dim", head_dim, "Head dimension d")->check(CLI::Range(1, 1024))->capture_default_str();
   app.add_option("--seed", seed, "Seed of the random inputs and weights")
@@ -280,6 +280,9 @@ int main(int argc, char** argv) {
       ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
+    // The projections cost T x hidden x d, the attention T x T x d: each stays within seconds.
+    af::require_product_within({{"--seq-len", seq_len}, {"--hidden", hidden}, {"--head-dim", head_dim}}, 1 << 25);
+    af::require_product_within({{"--seq-len", seq_len}, {"--seq-len", seq_len}, {"--head-dim", head_dim}}, 1 << 26);
     af::Rng rng(seed);
     const Head head = random_head(rng, hidden, head_dim);
     const Tensor x = af::random_normal(Shape{seq_len, hidden}, rng);  // [T, hidden]

@@ -106,7 +106,7 @@ int main(int argc, char** argv) {
   std::uint64_t seed = 6;
   std::string out_dir;
   app.add_option("--seq-len", seq_len, "Tokens in the GQA prefill/decode check")
-      ->check(CLI::Range(1, 4096))
+      ->check(CLI::Range(1, 1024))
       ->capture_default_str();
   app.add_option("--head-dim", head_dim, "Head dimension d (even)")->check(CLI::Range(2, 1024))->capture_default_str();
   app.add_option("--base", base, "RoPE base theta")->check(af::finite_range(1.0001, 1e9))->capture_default_str();
@@ -117,6 +117,9 @@ int main(int argc, char** argv) {
       ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
+    // The GQA check (4 heads of d, hidden 4 d) projects T x 16 d^2 and attends T x T x d: both stay within seconds.
+    af::require_product_within({{"--seq-len", seq_len}, {"--head-dim", head_dim}, {"--head-dim", head_dim}}, 1 << 24);
+    af::require_product_within({{"--seq-len", seq_len}, {"--seq-len", seq_len}, {"--head-dim", head_dim}}, 1 << 25);
     af::require(head_dim % 2 == 0, "--head-dim {} is odd (expected an even head dimension: RoPE rotates pairs)",
                 head_dim);
     af::Rng rng(seed);

@@ -222,7 +222,7 @@ int main(int argc, char** argv) {
   std::uint64_t seed = 7;
   std::string out_dir;
   app.add_option("--seq-len", seq_len, "Tokens (prefill, then the same tokens one by one)")
-      ->check(CLI::Range(1, 4096))
+      ->check(CLI::Range(1, 512))
       ->capture_default_str();
   app.add_option("--hidden", s.hidden, "Model width")->check(CLI::Range(1, 8192))->capture_default_str();
   app.add_option("--heads", s.heads, "Attention heads H")->check(CLI::Range(1, 256))->capture_default_str();
@@ -250,6 +250,20 @@ int main(int argc, char** argv) {
 
   return af::run_program(app, argc, argv, [&] {
     s.validate();
+    // Decoding token t rebuilds the keys and values of all t cached tokens on the naive path: about
+    // T^2 / 2 x r x H x (nope + v) multiply-adds, beside T x the weights. The limit keeps a run within seconds.
+    const double weights = static_cast<double>(s.hidden * s.q_lora_rank + s.q_lora_rank * s.heads * s.qk_head_dim() +
+                                               s.hidden * (s.kv_lora_rank + s.qk_rope_head_dim) +
+                                               s.kv_lora_rank * s.heads * (s.qk_nope_head_dim + s.v_head_dim) +
+                                               s.heads * s.v_head_dim * s.hidden);
+    const double tokens = static_cast<double>(seq_len), work_limit = 1e9;
+    const double work = 0.5 * tokens * tokens * static_cast<double>(s.kv_lora_rank * s.heads) *
+                            static_cast<double>(s.qk_nope_head_dim + s.v_head_dim + s.qk_rope_head_dim) +
+                        tokens * weights;
+    af::require(work <= work_limit,
+                "--seq-len {} with this shape costs about {:.2g} multiply-adds, above the {:.0e} this program runs in "
+                "seconds (lower --seq-len, --heads, --kv-lora-rank or the head dimensions)",
+                seq_len, work, work_limit);
     af::Rng rng(seed);
     const af::MlaWeights w = random_weights(rng, s);
     const af::Rope rope(s.qk_rope_head_dim, 10000.0, af::RopeLayout::adjacent);

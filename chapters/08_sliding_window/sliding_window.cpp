@@ -234,16 +234,16 @@ int main(int argc, char** argv) {
   std::uint64_t seed = 8;
   std::string out_dir;
   app.add_option("--seq-len", seq_len, "Tokens of the prefill + decode run (the first half is the prefill)")
-      ->check(CLI::Range(1, 4096))
+      ->check(CLI::Range(1, 512))
       ->capture_default_str();
   app.add_option("--window", window, "Window W: tokens each query sees, itself included")
-      ->check(CLI::Range(1, 4096))
+      ->check(CLI::Range(1, 512))
       ->capture_default_str();
   app.add_option("--heads", heads, "Query heads H")->check(CLI::Range(1, 64))->capture_default_str();
   app.add_option("--kv-heads", kv_heads, "KV heads G (H divisible by G)")
       ->check(CLI::Range(1, 64))
       ->capture_default_str();
-  app.add_option("--head-dim", head_dim, "Head dimension d (even)")->check(CLI::Range(2, 256))->capture_default_str();
+  app.add_option("--head-dim", head_dim, "Head dimension d (even)")->check(CLI::Range(2, 128))->capture_default_str();
   app.add_option("--seed", seed, "Seed of the random weights and inputs")
       ->check(af::seed_value())
       ->capture_default_str();
@@ -251,6 +251,11 @@ int main(int argc, char** argv) {
       ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
+    // hidden = H x d: the projections cost T x (H d)^2, the attention T x T x H x d; each stays within seconds.
+    const std::int64_t width = heads * head_dim;
+    af::require_product_within({{"--seq-len", seq_len}, {"(--heads x --head-dim)^2", width * width}}, 1 << 24);
+    af::require_product_within(
+        {{"--seq-len", seq_len}, {"--seq-len", seq_len}, {"--heads", heads}, {"--head-dim", head_dim}}, 1 << 24);
     af::require(heads % kv_heads == 0, "--heads {} is not a multiple of --kv-heads {}", heads, kv_heads);
     af::require(head_dim % 2 == 0, "--head-dim {} is odd (expected an even head dimension: RoPE rotates pairs)",
                 head_dim);

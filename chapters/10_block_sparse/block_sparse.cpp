@@ -21,6 +21,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <limits>
@@ -172,7 +173,7 @@ int main(int argc, char** argv) {
   std::uint64_t seed = 10;
   std::string out_dir;
   app.add_option("--seq-len", seq_len, "Tokens T of the prefill (need not be a multiple of the block)")
-      ->check(CLI::Range(1, 4096))
+      ->check(CLI::Range(1, 256))
       ->capture_default_str();
   app.add_option("--block", block, "Tokens per block B")->check(CLI::Range(1, 512))->capture_default_str();
   app.add_option("--local", local, "Local blocks: the diagonal block and local - 1 before it")
@@ -190,6 +191,13 @@ int main(int argc, char** argv) {
       ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
+    // The needle measurement runs 400 attentions of T x d at every half block of the T positions: about
+    // 400 T^2 d / (B / 2) steps, kept within seconds.
+    const std::int64_t needle_work = seq_len * seq_len * head_dim / std::max<std::int64_t>(1, block / 2);
+    af::require(needle_work <= (1 << 18),
+                "--seq-len {0} x --seq-len {0} x --head-dim {1} / max(1, --block {2} / 2) = {3} is above {4}, the "
+                "largest this program runs in seconds (lower one of them)",
+                seq_len, head_dim, block, needle_work, 1 << 18);
     const Pattern p{block, local, global, stride};
     const std::int64_t T = seq_len, d = head_dim, blocks = (T + block - 1) / block;
     af::Rng rng(seed);

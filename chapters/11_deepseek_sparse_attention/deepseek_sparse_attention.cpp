@@ -432,16 +432,16 @@ int main(int argc, char** argv) {
   std::uint64_t seed = 11;
   std::string out_dir;
   app.add_option("--seq-len", seq_len, "Tokens of the checked layer (half prefill, half decode)")
-      ->check(CLI::Range(2, 2048))
+      ->check(CLI::Range(2, 512))
       ->capture_default_str();
   app.add_option("--top-k", k, "Tokens each query attends to (index_topk)")
-      ->check(CLI::Range(1, 2048))
+      ->check(CLI::Range(1, 512))
       ->capture_default_str();
   app.add_option("--index-heads", index_heads, "Indexer query heads (index_n_heads)")
-      ->check(CLI::Range(1, 64))
+      ->check(CLI::Range(1, 16))
       ->capture_default_str();
   app.add_option("--context", context, "Context of the selection measurements (a power of two)")
-      ->check(CLI::Range(256, 65536))
+      ->check(CLI::Range(256, 8192))
       ->capture_default_str();
   app.add_option("--seed", seed, "Seed of the random inputs and weights")
       ->check(af::seed_value())
@@ -452,6 +452,12 @@ int main(int argc, char** argv) {
       ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
+    // The selection measurements score every token of the context with every indexer head, the layer check
+    // every pair of its T tokens: each stays within seconds.
+    af::require_product_within({{"--context", context}, {"--index-heads", index_heads}}, 8192 * 8);
+    af::require_product_within({{"--seq-len", seq_len}, {"--seq-len", seq_len}, {"--index-heads", index_heads}},
+                               512 * 512 * 8);
+    af::require_product_within({{"--seq-len", seq_len}, {"--top-k", k}}, 512 * 128);
     af::require((context & (context - 1)) == 0, "--context {} (expected a power of two)", context);
     af::Rng rng(seed);
     const Layer l = random_layer(rng, index_heads, k);

@@ -463,7 +463,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 2048))
       ->capture_default_str();
   app.add_option("--context", context, "Context of the selection measurements (multiple of 128)")
-      ->check(CLI::Range(256, 16384))
+      ->check(CLI::Range(256, 1024))
       ->capture_default_str();
   app.add_option("--sharpness", sharpness, "Factor on the logits of the selection measurements (see the chapter)")
       ->check(af::finite_range(0.1, 100.0))
