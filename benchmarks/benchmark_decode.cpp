@@ -266,7 +266,8 @@ int main(int argc, char** argv) {
   app.add_option("--format", format, "Output: aligned table, csv or json")
       ->check(CLI::IsMember({"table", "csv", "json"}))
       ->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for decode_tables.json (every table printed)")->check(af::output_directory());
+  app.add_option("--out", out_dir, "Directory for decode_tables.json (every table printed)")
+      ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
     af::require(s.params == 0.0 || s.models.size() == 1, "--params {:g} given for {} models (expected one --model)",
@@ -284,7 +285,8 @@ int main(int argc, char** argv) {
     if (format == "json") fmt::print("{}\n", json.dump(2));
     if (!out_dir.empty()) {
       const std::filesystem::path dir = af::make_output_directory(out_dir);
-      af::write_output_file(dir / "decode_tables.json", [&](af::OutputFile& file) { file.print("{}\n", json.dump(1)); });
+      af::write_output_file(dir / "decode_tables.json",
+                            [&](af::OutputFile& file) { file.print("{}\n", json.dump(1)); });
     }
     return true;
   });

@@ -265,7 +265,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(64, 128))
       ->capture_default_str();
   app.add_option("--max-pairs", max_pairs, "Largest number of key -> value pairs in the recall sweep")
-      ->check(CLI::Range(1024, 2048))
+      ->check(CLI::Range(1024, 4096))
       ->capture_default_str();
   app.add_option("--trials", trials, "Random inputs per point of the recall sweep")
       ->check(CLI::Range(1, 12))
@@ -279,14 +279,14 @@ int main(int argc, char** argv) {
   return af::run_program(app, argc, argv, [&] {
     af::require(layer < layers, "--layer {} is not below --layers {}", layer, layers);
     // The recall sweep claims two things that hold only in a regime: softmax keeps recall >= 0.9 (its keys stay
-    // apart while n << e^sqrt(d): d >= 64 for n up to 2048), and linear attention's d x d state has lost most
+    // apart while n << e^sqrt(d): d >= 64 for n up to 4096), and linear attention's d x d state has lost most
     // pairs by the end of the sweep (recall < 0.5 near n = 8 d, so the sweep must reach 16 d).
     af::require(max_pairs >= 16 * recall_dim,
                 "--max-pairs {} is below 16 x --recall-dim {} = {} (expected a sweep long enough for the d x d state "
                 "of linear attention to lose its pairs)",
                 max_pairs, recall_dim, 16 * recall_dim);
     af::require_product_within({{"--trials", trials}, {"--max-pairs", max_pairs}, {"--recall-dim", recall_dim}},
-                               3 * 2048 * 128);
+                               3 * 4096 * 128);
     // hidden = H x d: the projections cost T x (H d)^2, the masked form and the float64 reference T x T x H x d.
     const std::int64_t width = heads * head_dim;
     af::require_product_within({{"--seq-len", seq_len}, {"(--heads x --head-dim)^2", width * width}}, 1 << 26);

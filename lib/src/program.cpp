@@ -121,10 +121,12 @@ void write_output_file(const fs::path& path, const std::function<void(OutputFile
   std::FILE* stream = std::fopen(path.c_str(), "w");
   if (stream == nullptr) fail("cannot open {} for writing ({})", path.string(), std::strerror(errno));
   const std::string& text = file.text();
+  const auto last_error = [] { return errno != 0 ? errno : EIO; };  // a failed call that left errno unset: EIO
   int error = 0;
-  if (std::fwrite(text.data(), 1, text.size(), stream) != text.size()) error = errno;
-  if (error == 0 && std::fflush(stream) != 0) error = errno;
-  if (std::fclose(stream) != 0 && error == 0) error = errno;
+  errno = 0;
+  if (std::fwrite(text.data(), 1, text.size(), stream) != text.size()) error = last_error();
+  if (error == 0 && std::fflush(stream) != 0) error = last_error();
+  if (std::fclose(stream) != 0 && error == 0) error = last_error();
   if (error != 0) fail("cannot write {} ({})", path.string(), std::strerror(error));
 }
 
@@ -135,6 +137,9 @@ int run_program(CLI::App& app, int argc, char** argv, const std::function<bool()
     return app.exit(help);
   } catch (const CLI::ParseError& error) {
     fmt::print(stderr, "{}: {}\nRun with --help for the flags and their ranges.\n", app.get_name(), error.what());
+    return 2;
+  } catch (const std::exception& error) {
+    fmt::print(stderr, "{}: error while reading the flags: {}\n", app.get_name(), error.what());
     return 2;
   }
   // Whatever `body` throws ends the program with a message and exit status 2, never an abort: an af::Error
