@@ -222,7 +222,7 @@ int main(int argc, char** argv) {
   std::uint64_t seed = 7;
   std::string out_dir;
   app.add_option("--seq-len", seq_len, "Tokens (prefill, then the same tokens one by one)")
-      ->check(CLI::Range(1, 512))
+      ->check(CLI::Range(1, 1024))
       ->capture_default_str();
   app.add_option("--hidden", s.hidden, "Model width")->check(CLI::Range(1, 8192))->capture_default_str();
   app.add_option("--heads", s.heads, "Attention heads H")->check(CLI::Range(1, 256))->capture_default_str();
@@ -256,10 +256,15 @@ int main(int argc, char** argv) {
                                                s.hidden * (s.kv_lora_rank + s.qk_rope_head_dim) +
                                                s.kv_lora_rank * s.heads * (s.qk_nope_head_dim + s.v_head_dim) +
                                                s.heads * s.v_head_dim * s.hidden);
-    const double tokens = static_cast<double>(seq_len), work_limit = 1e9;
+    const double tokens = static_cast<double>(seq_len), work_limit = 1e10;
     const double work = 0.5 * tokens * tokens * static_cast<double>(s.kv_lora_rank * s.heads) *
                             static_cast<double>(s.qk_nope_head_dim + s.v_head_dim + s.qk_rope_head_dim) +
                         tokens * weights;
+    const double weights_limit = 1 << 26;  // 256 MiB of float32 weights
+    af::require(weights <= weights_limit,
+                "this shape has {:.2g} weights, above the {:.2g} this program holds in memory (lower --hidden, "
+                "--heads, the ranks or the head dimensions)",
+                weights, weights_limit);
     af::require(work <= work_limit,
                 "--seq-len {} with this shape costs about {:.2g} multiply-adds, above the {:.0e} this program runs in "
                 "seconds (lower --seq-len, --heads, --kv-lora-rank or the head dimensions)",
