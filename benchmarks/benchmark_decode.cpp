@@ -17,7 +17,6 @@
 #include "af/program.hpp"
 
 #include <fmt/format.h>
-#include <fmt/os.h>
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
@@ -267,7 +266,8 @@ int main(int argc, char** argv) {
   app.add_option("--format", format, "Output: aligned table, csv or json")
       ->check(CLI::IsMember({"table", "csv", "json"}))
       ->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for decode_tables.json (every table printed)");
+  app.add_option("--out", out_dir, "Directory for decode_tables.json (every table printed)")
+      ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
     af::require(s.params == 0.0 || s.models.size() == 1, "--params {:g} given for {} models (expected one --model)",
@@ -284,8 +284,9 @@ int main(int argc, char** argv) {
     }
     if (format == "json") fmt::print("{}\n", json.dump(2));
     if (!out_dir.empty()) {
-      std::filesystem::create_directories(out_dir);
-      fmt::output_file((std::filesystem::path(out_dir) / "decode_tables.json").string()).print("{}\n", json.dump(1));
+      const std::filesystem::path dir = af::make_output_directory(out_dir);
+      af::write_output_file(dir / "decode_tables.json",
+                            [&](af::OutputFile& file) { file.print("{}\n", json.dump(1)); });
     }
     return true;
   });

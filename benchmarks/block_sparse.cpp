@@ -12,7 +12,6 @@
 #include "timing.hpp"
 
 #include <fmt/format.h>
-#include <fmt/os.h>
 
 #include <filesystem>
 #include <string>
@@ -29,7 +28,7 @@ int main(int argc, char** argv) {
   app.add_option("--repeats", repeats, "Timed runs per pattern (the median is reported)")
       ->check(CLI::Range(1, 100))
       ->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for block_sparse.csv");
+  app.add_option("--out", out_dir, "Directory for block_sparse.csv")->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
     const std::int64_t blocks = (seq_len + block - 1) / block;
@@ -83,8 +82,8 @@ int main(int argc, char** argv) {
                          n.p.stride, r.density, r.pairs, r.flops, r.seconds);
     }
     if (!out_dir.empty()) {
-      std::filesystem::create_directories(out_dir);
-      fmt::output_file((std::filesystem::path(out_dir) / "block_sparse.csv").string()).print("{}", csv);
+      const std::filesystem::path dir = af::make_output_directory(out_dir);
+      af::write_output_file(dir / "block_sparse.csv", [&](af::OutputFile& file) { file.print("{}", csv); });
     }
     return true;
   });

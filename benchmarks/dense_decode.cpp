@@ -12,7 +12,6 @@
 #include "timing.hpp"
 
 #include <fmt/format.h>
-#include <fmt/os.h>
 
 #include <algorithm>
 #include <filesystem>
@@ -71,7 +70,7 @@ int main(int argc, char** argv) {
   app.add_option("--repeats", repeats, "Timed repetitions (the median is reported)")
       ->check(CLI::Range(1, 1000))
       ->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for dense_decode.csv");
+  app.add_option("--out", out_dir, "Directory for dense_decode.csv")->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
     af::require(heads % gqa_kv_heads == 0, "--heads {} is not divisible by --gqa-kv-heads {}", heads, gqa_kv_heads);
@@ -137,8 +136,8 @@ int main(int argc, char** argv) {
       }
     }
     if (!out_dir.empty()) {
-      std::filesystem::create_directories(out_dir);
-      fmt::output_file((std::filesystem::path(out_dir) / "dense_decode.csv").string()).print("{}", csv);
+      const std::filesystem::path dir = af::make_output_directory(out_dir);
+      af::write_output_file(dir / "dense_decode.csv", [&](af::OutputFile& file) { file.print("{}", csv); });
     }
     return true;
   });

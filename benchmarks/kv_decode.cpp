@@ -16,7 +16,6 @@
 #include "timing.hpp"
 
 #include <fmt/format.h>
-#include <fmt/os.h>
 
 #include <algorithm>
 #include <filesystem>
@@ -76,7 +75,7 @@ int main(int argc, char** argv) {
   app.add_option("--repeats", repeats, "Timed repetitions (the median is reported)")
       ->check(CLI::Range(1, 1000))
       ->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for kv_decode.csv");
+  app.add_option("--out", out_dir, "Directory for kv_decode.csv")->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
     af::require(hidden % heads == 0 && heads % kv_heads == 0,
@@ -143,8 +142,8 @@ int main(int argc, char** argv) {
         csv += fmt::format("decode,{},{},{:.6e},{},{}\n", t, b, seconds, weight_bytes, kv);
       }
     if (!out_dir.empty()) {
-      std::filesystem::create_directories(out_dir);
-      fmt::output_file((std::filesystem::path(out_dir) / "kv_decode.csv").string()).print("{}", csv);
+      const std::filesystem::path dir = af::make_output_directory(out_dir);
+      af::write_output_file(dir / "kv_decode.csv", [&](af::OutputFile& file) { file.print("{}", csv); });
     }
     return true;
   });

@@ -13,7 +13,6 @@
 #include "timing.hpp"
 
 #include <fmt/format.h>
-#include <fmt/os.h>
 
 #include <filesystem>
 #include <string>
@@ -33,7 +32,7 @@ int main(int argc, char** argv) {
   app.add_option("--repeats", repeats, "Timed runs per point (the median is reported)")
       ->check(CLI::Range(1, 100))
       ->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for linear_prefill.csv");
+  app.add_option("--out", out_dir, "Directory for linear_prefill.csv")->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
     const std::string machine = bench::cpu_model();
@@ -66,8 +65,8 @@ int main(int argc, char** argv) {
       csv += fmt::format("{},{:.6e},{:.6e},{:.6e}\n", t, quadratic, blocked, recurrent);
     }
     if (!out_dir.empty()) {
-      std::filesystem::create_directories(out_dir);
-      fmt::output_file((std::filesystem::path(out_dir) / "linear_prefill.csv").string()).print("{}", csv);
+      const std::filesystem::path dir = af::make_output_directory(out_dir);
+      af::write_output_file(dir / "linear_prefill.csv", [&](af::OutputFile& file) { file.print("{}", csv); });
     }
     return true;
   });

@@ -1,14 +1,16 @@
-# af_add_chapter(FOLDER [OUTPUTS file...] [ARGS arg...])
+# af_add_chapter(FOLDER [OUTPUTS file...] [ARGS arg...] [FLOAT_FLAGS flag...])
 #   Builds chapters/FOLDER/*.cpp (or *.cu) into build/bin/chFOLDER, registers the program's default run as a
 #   CTest test (its self-checks), and, for the book, runs it with --out build/generated/FOLDER, capturing
 #   its standard output in build/generated/FOLDER/output.txt. OUTPUTS names the data files the run writes
 #   there (the figures depend on them). A .cu chapter (a kernel chapter) is built when nvcc is present; its
 #   self-check carries the label gpu and is skipped (exit 77) without a GPU; its book outputs are the
-#   measured results committed beside it, not a run of the build machine.
+#   measured results committed beside it, not a run of the build machine. FLOAT_FLAGS names the chapter's
+#   floating-point flags, each tested to refuse nan and inf; NO_SEED marks a program that draws nothing at
+#   random (no --seed flag to test).
 set(AF_CHAPTER_OUTPUTS "" CACHE INTERNAL "Every generated chapter file the book depends on")
 
 function(af_add_chapter folder)
-  cmake_parse_arguments(PARSE_ARGV 1 arg "" "" "OUTPUTS;ARGS")
+  cmake_parse_arguments(PARSE_ARGV 1 arg "NO_SEED" "" "OUTPUTS;ARGS;FLOAT_FLAGS")
   set(target ch${folder})
   file(GLOB sources CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/${folder}/*.cpp
        ${CMAKE_CURRENT_SOURCE_DIR}/${folder}/*.cu)
@@ -29,8 +31,24 @@ function(af_add_chapter folder)
     set_tests_properties(${target}.self_check PROPERTIES LABELS "gpu;chapter" SKIP_RETURN_CODE 77)
   else()
     set_tests_properties(${target}.self_check PROPERTIES LABELS "cpu;chapter")
-    # The flag contract every chapter keeps: --help and --out work; a bad value or flag exits 2 and says why.
-    foreach(case IN ITEMS "help|0|--help|--out" "zero|2|--seq-len,0|--seq-len" "unknown|2|--no-such-flag|no-such-flag")
+    # The flag contract every chapter keeps: --help and --out work; a bad value or flag exits 2 and says why,
+    # before anything runs: an --out that is a file, inside a file (/dev/full/x) or two levels below anything
+    # that exists (and nothing is created); a seed that would wrap (-1, above 2^64 - 1); nan or inf for a float.
+    set(missing ${CMAKE_CURRENT_BINARY_DIR}/${target}_flag_tests/missing)
+    set(cases "help|0|--help|--out" "zero|2|--seq-len,0|--seq-len" "unknown|2|--no-such-flag|no-such-flag"
+              "out_is_a_file|2|--out,${PROJECT_SOURCE_DIR}/CMakeLists.txt|is not a directory"
+              "out_in_a_device|2|--out,/dev/full/x|/dev/full is not an existing directory"
+              "out_missing_parent|2|--out,${missing}/child|${missing} is not an existing directory")
+    if(NOT arg_NO_SEED)
+      list(APPEND cases "seed_negative|2|--seed,-1|-1 is not a seed"
+           "seed_overflow|2|--seed,99999999999999999999999|not a seed")
+    endif()
+    foreach(flag IN LISTS arg_FLOAT_FLAGS)
+      string(REGEX REPLACE "^--" "" name "${flag}")
+      string(REPLACE "-" "_" name "${name}")
+      list(APPEND cases "${name}_nan|2|${flag},nan|nan is not finite" "${name}_inf|2|${flag},inf|inf is not finite")
+    endforeach()
+    foreach(case IN LISTS cases)
       string(REPLACE "|" ";" fields "${case}")
       list(GET fields 0 name)
       list(GET fields 1 expected)
@@ -39,7 +57,7 @@ function(af_add_chapter folder)
       string(REPLACE "," ";" args "${args}")
       add_test(NAME ${target}.flags_${name}
                COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:${target}> "-DARGS=${args}" -DEXPECTED=${expected}
-                       -DMESSAGE=${message} -P ${PROJECT_SOURCE_DIR}/cmake/expect_exit.cmake)
+                       -DMESSAGE=${message} -DABSENT=${missing} -P ${PROJECT_SOURCE_DIR}/cmake/expect_exit.cmake)
       set_tests_properties(${target}.flags_${name} PROPERTIES LABELS "cpu;chapter")
     endforeach()
     # Exit status 1: one check made to fail on purpose (af::Checks reads AF_PERTURB_CHECK) fails the program.
@@ -48,11 +66,34 @@ function(af_add_chapter folder)
                      "-DMESSAGE=FAIL  .perturbed by AF_PERTURB_CHECK" -P ${PROJECT_SOURCE_DIR}/cmake/expect_exit.cmake)
     set_tests_properties(${target}.failed_check_exits_1 PROPERTIES LABELS "cpu;chapter" ENVIRONMENT
                                                                    "AF_PERTURB_CHECK=*")
+    # Every flag at its minimum and at its maximum, the others at their defaults: each runs, passes its checks
+    # and finishes in seconds (tests/chapter_flags/flag_extremes.cmake). Minutes for all chapters, so only with
+    # AF_FLAG_EXTREMES, under its own label; af_add_flag_test adds a few cheap cases to every build.
+    if(AF_FLAG_EXTREMES)
+      add_test(NAME ${target}.flag_extremes
+               COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:${target}> -P
+                       ${PROJECT_SOURCE_DIR}/tests/chapter_flags/flag_extremes.cmake)
+      set_tests_properties(${target}.flag_extremes PROPERTIES LABELS flag_extremes TIMEOUT 1200)
+    endif()
   endif()
 
   if(sources MATCHES "\\.cpp$")
     af_add_book_run(${target} ${folder} ARGS ${arg_ARGS} OUTPUTS ${arg_OUTPUTS})
   endif()
+endfunction()
+
+# af_add_flag_test(FOLDER NAME EXPECTED MESSAGE ARG...)
+#   One more flag test of a chapter (label cpu;chapter): runs it with the ARGs and expects exit status EXPECTED
+#   and, unless MESSAGE is empty, output matching the regular expression MESSAGE.
+function(af_add_flag_test folder name expected message)
+  set(target ch${folder})
+  if(NOT TARGET ${target})
+    return()
+  endif()
+  add_test(NAME ${target}.flags_${name}
+           COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:${target}> "-DARGS=${ARGN}" -DEXPECTED=${expected}
+                   "-DMESSAGE=${message}" -P ${PROJECT_SOURCE_DIR}/cmake/expect_exit.cmake)
+  set_tests_properties(${target}.flags_${name} PROPERTIES LABELS "cpu;chapter")
 endfunction()
 
 # af_add_book_run(TARGET FOLDER [ARGS arg...] [OUTPUTS file...])

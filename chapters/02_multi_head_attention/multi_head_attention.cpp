@@ -17,7 +17,6 @@
 #include "af/random.hpp"
 
 #include <fmt/format.h>
-#include <fmt/os.h>
 
 #include <cmath>
 #include <filesystem>
@@ -164,17 +163,22 @@ int main(int argc, char** argv) {
   std::int64_t seq_len = 10, hidden = 64, heads = 4;
   std::uint64_t seed = 2;
   std::string out_dir;
-  app.add_option("--seq-len", seq_len, "Tokens in the prompt")->check(CLI::Range(1, 4096))->capture_default_str();
+  app.add_option("--seq-len", seq_len, "Tokens in the prompt")->check(CLI::Range(1, 512))->capture_default_str();
   app.add_option("--hidden", hidden, "Model width, divided among the heads")
-      ->check(CLI::Range(1, 8192))
+      ->check(CLI::Range(1, 1024))
       ->capture_default_str();
   app.add_option("--heads", heads, "Attention heads H (must divide --hidden)")
       ->check(CLI::Range(1, 256))
       ->capture_default_str();
-  app.add_option("--seed", seed, "Seed of the random inputs and weights")->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for the figure data (head_weights.dat)");
+  app.add_option("--seed", seed, "Seed of the random inputs and weights")
+      ->check(af::seed_value())
+      ->capture_default_str();
+  app.add_option("--out", out_dir, "Directory for the figure data (head_weights.dat)")->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
+    // The projections cost T x hidden x hidden, the attention T x T x hidden: each stays within seconds.
+    af::require_product_within({{"--seq-len", seq_len}, {"--hidden", hidden}, {"--hidden", hidden}}, 1 << 24);
+    af::require_product_within({{"--seq-len", seq_len}, {"--seq-len", seq_len}, {"--hidden", hidden}}, 1 << 24);
     af::require(hidden % heads == 0, "--hidden {} is not divisible by --heads {} (expected hidden = heads x head_dim)",
                 hidden, heads);
     const std::int64_t d = hidden / heads;
@@ -244,19 +248,20 @@ int main(int argc, char** argv) {
     }
 
     if (!out_dir.empty()) {
-      std::filesystem::create_directories(out_dir);
-      auto file = fmt::output_file((std::filesystem::path(out_dir) / "head_weights.dat").string());
-      file.print("# Causal attention weights of every head: head query key weight (a blank line after each query)\n");
-      const Tensor q = split_heads(af::linear(x.matrix(), w.w_q.matrix()), heads);
-      const Tensor k = split_heads(af::linear(x.matrix(), w.w_k.matrix()), heads);
-      for (std::int64_t h = 0; h < heads; ++h) {
-        const Tensor weights = af::attention_weights(head(q, h), head(k, h), {});
-        for (std::int64_t i = 0; i < seq_len; ++i) {
-          for (std::int64_t j = 0; j < seq_len; ++j) file.print("{} {} {} {:.6f}\n", h, i, j, weights.at({i, j}));
-          file.print("\n");
+      const std::filesystem::path dir = af::make_output_directory(out_dir);
+      af::write_output_file(dir / "head_weights.dat", [&](af::OutputFile& file) {
+        file.print("# Causal attention weights of every head: head query key weight (a blank line after each query)\n");
+        const Tensor q = split_heads(af::linear(x.matrix(), w.w_q.matrix()), heads);
+        const Tensor k = split_heads(af::linear(x.matrix(), w.w_k.matrix()), heads);
+        for (std::int64_t h = 0; h < heads; ++h) {
+          const Tensor weights = af::attention_weights(head(q, h), head(k, h), {});
+          for (std::int64_t i = 0; i < seq_len; ++i) {
+            for (std::int64_t j = 0; j < seq_len; ++j) file.print("{} {} {} {:.6f}\n", h, i, j, weights.at({i, j}));
+            file.print("\n");
+          }
+          file.print("\n");  // two blank lines end a head's block (gnuplot's `index`)
         }
-        file.print("\n");  // two blank lines end a head's block (gnuplot's `index`)
-      }
+      });
     }
     return checks.all_passed();
   });

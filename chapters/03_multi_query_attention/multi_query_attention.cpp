@@ -18,7 +18,6 @@
 #include "af/random.hpp"
 
 #include <fmt/format.h>
-#include <fmt/os.h>
 
 #include <cmath>
 #include <filesystem>
@@ -157,15 +156,21 @@ int main(int argc, char** argv) {
   std::int64_t seq_len = 10, hidden = 64, heads = 8;
   std::uint64_t seed = 3;
   std::string out_dir;
-  app.add_option("--seq-len", seq_len, "Tokens in the prompt")->check(CLI::Range(1, 4096))->capture_default_str();
-  app.add_option("--hidden", hidden, "Model width")->check(CLI::Range(1, 8192))->capture_default_str();
+  app.add_option("--seq-len", seq_len, "Tokens in the prompt")->check(CLI::Range(1, 512))->capture_default_str();
+  app.add_option("--hidden", hidden, "Model width")->check(CLI::Range(1, 1024))->capture_default_str();
   app.add_option("--heads", heads, "Query heads H (must divide --hidden)")
       ->check(CLI::Range(1, 256))
       ->capture_default_str();
-  app.add_option("--seed", seed, "Seed of the random inputs and weights")->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for the data of the MHA/MQA comparison (mha_vs_mqa.csv)");
+  app.add_option("--seed", seed, "Seed of the random inputs and weights")
+      ->check(af::seed_value())
+      ->capture_default_str();
+  app.add_option("--out", out_dir, "Directory for the data of the MHA/MQA comparison (mha_vs_mqa.csv)")
+      ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
+    // The projections cost T x hidden x hidden, the attention T x T x hidden: each stays within seconds.
+    af::require_product_within({{"--seq-len", seq_len}, {"--hidden", hidden}, {"--hidden", hidden}}, 1 << 24);
+    af::require_product_within({{"--seq-len", seq_len}, {"--seq-len", seq_len}, {"--hidden", hidden}}, 1 << 24);
     af::require(hidden % heads == 0, "--hidden {} is not divisible by --heads {} (expected hidden = heads x head_dim)",
                 hidden, heads);
     const std::int64_t d = hidden / heads;
@@ -231,8 +236,8 @@ int main(int argc, char** argv) {
     row("attention FLOPs per decode step (qK and pV)", 2.0 * 2 * heads * d * t, 2.0 * 2 * heads * d * t);
     // [/what-shrinks]
     if (!out_dir.empty()) {
-      std::filesystem::create_directories(out_dir);
-      fmt::output_file((std::filesystem::path(out_dir) / "mha_vs_mqa.csv").string()).print("{}", csv);
+      const std::filesystem::path dir = af::make_output_directory(out_dir);
+      af::write_output_file(dir / "mha_vs_mqa.csv", [&](af::OutputFile& file) { file.print("{}", csv); });
     }
 
     af::CacheCard card = af::dense_kv_card("multi-query attention (this program's layer)", heads, 1, d, af::DType::f32);

@@ -19,7 +19,6 @@
 #include "af/random.hpp"
 
 #include <fmt/format.h>
-#include <fmt/os.h>
 
 #include <cmath>
 #include <filesystem>
@@ -169,52 +168,57 @@ GqaLayer correlated_mha(af::Rng& rng, std::int64_t hidden, std::int64_t heads, s
   return l;
 }
 
-void write_figure_data(const std::filesystem::path& dir, std::int64_t heads, std::int64_t kv_heads,
+void write_figure_data(const std::string& out_dir, std::int64_t heads, std::int64_t kv_heads,
                        const std::vector<std::vector<double>>& pooling, const std::vector<std::int64_t>& pooling_groups,
                        const std::vector<double>& spreads) {
-  std::filesystem::create_directories(dir);
-  auto mapping = fmt::output_file((dir / "head_mapping.dat").string());
-  mapping.print("# query head -> KV head, one block per variant (index 0 MHA, 1 GQA, 2 MQA): q_head kv_head G H\n");
-  for (std::int64_t g : {heads, kv_heads, std::int64_t{1}}) {
-    for (std::int64_t h = 0; h < heads; ++h) mapping.print("{} {} {} {}\n", h, kv_head_of(h, heads, g), g, heads);
-    mapping.print("\n\n");
-  }
+  const std::filesystem::path dir = af::make_output_directory(out_dir);
+  af::write_output_file(dir / "head_mapping.dat", [&](af::OutputFile& mapping) {
+    mapping.print("# query head -> KV head, one block per variant (index 0 MHA, 1 GQA, 2 MQA): q_head kv_head G H\n");
+    for (std::int64_t g : {heads, kv_heads, std::int64_t{1}}) {
+      for (std::int64_t h = 0; h < heads; ++h) mapping.print("{} {} {} {}\n", h, kv_head_of(h, heads, g), g, heads);
+      mapping.print("\n\n");
+    }
+  });
   // Llama-3.1-8B's shape (32 layers, 32 query heads of 128) with G = 32, 8 (its own) and 1, in bf16.
   const af::DenseModel llama = af::dense_model("Llama-3.1-8B");
-  auto bytes = fmt::output_file((dir / "cache_bytes.dat").string());
-  bytes.print(
-      "# KV-cache bytes per token, whole model, bf16: label bytes (Llama-3.1-8B shape with G = H, 8, 1; real "
-      "models)\n");
-  for (std::int64_t g : {std::int64_t{32}, std::int64_t{8}, std::int64_t{1}}) {
-    const af::CacheCard card = af::dense_kv_card("", llama.heads, g, llama.head_dim, af::DType::bf16);
-    bytes.print("\"{} (G = {})\" {}\n",
-                g == 32  ? "MHA"
-                : g == 1 ? "MQA"
-                         : "GQA",
-                g, llama.layers * card.bytes_per_token());
-  }
-  for (const char* name : {"Llama-3.1-70B", "Qwen3-30B-A3B", "Qwen3-235B-A22B"})
-    bytes.print("\"{}\" {}\n", name, af::dense_model(name).cache().bytes_per_token());
-  auto reads = fmt::output_file((dir / "decode_reads.dat").string());
-  reads.print("# bytes one decode step reads from the KV cache, whole model, bf16, Llama-3.1-8B shape\n");
-  reads.print("# context mha_bytes gqa8_bytes mqa_bytes\n");
-  for (std::int64_t t = 1024; t <= 131072; t *= 2) {
-    reads.print("{}", t);
-    for (std::int64_t g : {std::int64_t{32}, std::int64_t{8}, std::int64_t{1}})
-      reads.print(" {}",
-                  llama.layers * af::dense_kv_card("", llama.heads, g, llama.head_dim, af::DType::bf16).bytes_read(t));
-    reads.print("\n");
-  }
-  auto pool = fmt::output_file((dir / "pooling_error.dat").string());
-  pool.print("# relative output error of mean-pooling an MHA layer into G KV heads: G then one column per spread\n");
-  pool.print("# G");
-  for (double s : spreads) pool.print(" spread_{}", s);
-  pool.print("\n");
-  for (std::size_t i = 0; i < pooling_groups.size(); ++i) {
-    pool.print("{}", pooling_groups[i]);
-    for (double e : pooling[i]) pool.print(" {:.6f}", e);
+  af::write_output_file(dir / "cache_bytes.dat", [&](af::OutputFile& bytes) {
+    bytes.print(
+        "# KV-cache bytes per token, whole model, bf16: label bytes (Llama-3.1-8B shape with G = H, 8, 1; real "
+        "models)\n");
+    for (std::int64_t g : {std::int64_t{32}, std::int64_t{8}, std::int64_t{1}}) {
+      const af::CacheCard card = af::dense_kv_card("", llama.heads, g, llama.head_dim, af::DType::bf16);
+      bytes.print("\"{} (G = {})\" {}\n",
+                  g == 32  ? "MHA"
+                  : g == 1 ? "MQA"
+                           : "GQA",
+                  g, llama.layers * card.bytes_per_token());
+    }
+    for (const char* name : {"Llama-3.1-70B", "Qwen3-30B-A3B", "Qwen3-235B-A22B"})
+      bytes.print("\"{}\" {}\n", name, af::dense_model(name).cache().bytes_per_token());
+  });
+  af::write_output_file(dir / "decode_reads.dat", [&](af::OutputFile& reads) {
+    reads.print("# bytes one decode step reads from the KV cache, whole model, bf16, Llama-3.1-8B shape\n");
+    reads.print("# context mha_bytes gqa8_bytes mqa_bytes\n");
+    for (std::int64_t t = 1024; t <= 131072; t *= 2) {
+      reads.print("{}", t);
+      for (std::int64_t g : {std::int64_t{32}, std::int64_t{8}, std::int64_t{1}}) {
+        const af::CacheCard card = af::dense_kv_card("", llama.heads, g, llama.head_dim, af::DType::bf16);
+        reads.print(" {}", llama.layers * card.bytes_read(t));
+      }
+      reads.print("\n");
+    }
+  });
+  af::write_output_file(dir / "pooling_error.dat", [&](af::OutputFile& pool) {
+    pool.print("# relative output error of mean-pooling an MHA layer into G KV heads: G then one column per spread\n");
+    pool.print("# G");
+    for (double s : spreads) pool.print(" spread_{}", s);
     pool.print("\n");
-  }
+    for (std::size_t i = 0; i < pooling_groups.size(); ++i) {
+      pool.print("{}", pooling_groups[i]);
+      for (double e : pooling[i]) pool.print(" {:.6f}", e);
+      pool.print("\n");
+    }
+  });
 }
 
 }  // namespace
@@ -224,18 +228,24 @@ int main(int argc, char** argv) {
   std::int64_t seq_len = 10, hidden = 64, heads = 8, kv_heads = 2;
   std::uint64_t seed = 4;
   std::string out_dir;
-  app.add_option("--seq-len", seq_len, "Tokens in the prompt")->check(CLI::Range(1, 4096))->capture_default_str();
-  app.add_option("--hidden", hidden, "Model width")->check(CLI::Range(1, 8192))->capture_default_str();
+  app.add_option("--seq-len", seq_len, "Tokens in the prompt")->check(CLI::Range(1, 256))->capture_default_str();
+  app.add_option("--hidden", hidden, "Model width")->check(CLI::Range(1, 512))->capture_default_str();
   app.add_option("--heads", heads, "Query heads H (must divide --hidden)")
       ->check(CLI::Range(1, 256))
       ->capture_default_str();
   app.add_option("--kv-heads", kv_heads, "KV heads G (must divide --heads)")
       ->check(CLI::Range(1, 256))
       ->capture_default_str();
-  app.add_option("--seed", seed, "Seed of the random inputs and weights")->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for the figure data");
+  app.add_option("--seed", seed, "Seed of the random inputs and weights")
+      ->check(af::seed_value())
+      ->capture_default_str();
+  app.add_option("--out", out_dir, "Directory for the figure data")->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
+    // The projections cost T x hidden x hidden, the attention T x T x hidden, for each of the three layers
+    // (G = H, G, 1): each stays within seconds.
+    af::require_product_within({{"--seq-len", seq_len}, {"--hidden", hidden}, {"--hidden", hidden}}, 1 << 22);
+    af::require_product_within({{"--seq-len", seq_len}, {"--seq-len", seq_len}, {"--hidden", hidden}}, 1 << 22);
     af::require(hidden % heads == 0, "--hidden {} is not divisible by --heads {} (expected hidden = heads x head_dim)",
                 hidden, heads);
     af::require(heads % kv_heads == 0, "--heads {} is not divisible by --kv-heads {} (expected whole groups)", heads,

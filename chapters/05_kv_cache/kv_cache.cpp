@@ -24,7 +24,6 @@
 #include "af/random.hpp"
 
 #include <fmt/format.h>
-#include <fmt/os.h>
 
 #include <algorithm>
 #include <cmath>
@@ -277,20 +276,24 @@ int main(int argc, char** argv) {
   std::uint64_t seed = 5;
   std::string out_dir;
   app.add_option("--seq-len", seq_len, "Tokens in the checked sequences")
-      ->check(CLI::Range(1, 4096))
+      ->check(CLI::Range(1, 256))
       ->capture_default_str();
   app.add_option("--page-size", page_size, "Tokens per page")->check(CLI::Range(1, 1024))->capture_default_str();
-  app.add_option("--hidden", hidden, "Model width")->check(CLI::Range(1, 8192))->capture_default_str();
+  app.add_option("--hidden", hidden, "Model width")->check(CLI::Range(1, 256))->capture_default_str();
   app.add_option("--heads", heads, "Query heads H (must divide --hidden)")
       ->check(CLI::Range(1, 256))
       ->capture_default_str();
   app.add_option("--kv-heads", kv_heads, "KV heads G (must divide --heads)")
       ->check(CLI::Range(1, 256))
       ->capture_default_str();
-  app.add_option("--seed", seed, "Seed of the random inputs")->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for the figure data");
+  app.add_option("--seed", seed, "Seed of the random inputs")->check(af::seed_value())->capture_default_str();
+  app.add_option("--out", out_dir, "Directory for the figure data")->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
+    // The projections cost T x hidden x hidden, the attention T x T x hidden, for each of the caches compared:
+    // each stays within seconds.
+    af::require_product_within({{"--seq-len", seq_len}, {"--hidden", hidden}, {"--hidden", hidden}}, 1 << 22);
+    af::require_product_within({{"--seq-len", seq_len}, {"--seq-len", seq_len}, {"--hidden", hidden}}, 1 << 22);
     af::require(hidden % heads == 0, "--hidden {} is not divisible by --heads {} (expected hidden = heads x head_dim)",
                 hidden, heads);
     af::require(heads % kv_heads == 0, "--heads {} is not divisible by --kv-heads {} (expected whole groups)", heads,
@@ -592,54 +595,60 @@ int main(int argc, char** argv) {
     // [/cache-card]
 
     if (!out_dir.empty()) {
-      const std::filesystem::path dir(out_dir);
-      std::filesystem::create_directories(dir);
-      auto growth = fmt::output_file((dir / "cache_growth.dat").string());
-      growth.print(
-          "# KV-cache bytes of one sequence against context, bf16, whole model: context then one column per "
-          "model\ncontext");
-      for (const af::ModelPreset& p : af::model_presets()) growth.print(" \"{}\"", p.name);
-      growth.print("\n");
-      for (std::int64_t t = 256; t <= 1048576; t *= 2) {
-        growth.print("{}", t);
-        for (const af::ModelPreset& p : af::model_presets())
-          growth.print(" {}", p.cache(af::DType::bf16).bytes_stored(t));
+      const std::filesystem::path dir = af::make_output_directory(out_dir);
+      af::write_output_file(dir / "cache_growth.dat", [&](af::OutputFile& growth) {
+        growth.print(
+            "# KV-cache bytes of one sequence against context, bf16, whole model: context then one column per "
+            "model\ncontext");
+        for (const af::ModelPreset& p : af::model_presets()) growth.print(" \"{}\"", p.name);
         growth.print("\n");
-      }
+        for (std::int64_t t = 256; t <= 1048576; t *= 2) {
+          growth.print("{}", t);
+          for (const af::ModelPreset& p : af::model_presets())
+            growth.print(" {}", p.cache(af::DType::bf16).bytes_stored(t));
+          growth.print("\n");
+        }
+      });
       // Llama-3.1-8B's size (8e9 bf16 weights, 32 layers, 32 query heads of 128) with four attention shapes:
       // the largest batch of sequences of each length that fits in 80 GB beside the weights.
-      auto fit = fmt::output_file((dir / "batch_fit.dat").string());
-      fit.print(
-          "# largest batch in 80e9 B beside 16e9 B of weights, bf16 cache, 32 layers: context mha gqa8 mqa mla\n");
-      const std::vector<af::CacheCard> shapes = {
-          af::dense_kv_card("MHA", 32, 32, 128, af::DType::bf16), af::dense_kv_card("GQA", 32, 8, 128, af::DType::bf16),
-          af::dense_kv_card("MQA", 32, 1, 128, af::DType::bf16), af::mla_kv_card(32, 512, 64, af::DType::bf16)};
-      for (std::int64_t t = 1024; t <= 1048576; t *= 2) {
-        fit.print("{}", t);
-        for (const af::CacheCard& c : shapes)
-          fit.print(" {}", (std::int64_t{80'000'000'000} - 16'000'000'000) / (32 * c.bytes_stored(t)));
-        fit.print("\n");
-      }
-      auto reads = fmt::output_file((dir / "decode_reads.dat").string());
-      reads.print(
-          "# KV-cache bytes one decode step of one sequence reads, bf16, whole model: context then one column per "
-          "model\ncontext");
-      for (const af::ModelPreset& p : af::model_presets()) reads.print(" \"{}\"", p.name);
-      reads.print("\n");
-      for (std::int64_t t = 256; t <= 1048576; t *= 2) {
-        reads.print("{}", t);
-        for (const af::ModelPreset& p : af::model_presets()) reads.print(" {}", p.cache(af::DType::bf16).bytes_read(t));
+      af::write_output_file(dir / "batch_fit.dat", [&](af::OutputFile& fit) {
+        fit.print(
+            "# largest batch in 80e9 B beside 16e9 B of weights, bf16 cache, 32 layers: context mha gqa8 mqa mla\n");
+        const std::vector<af::CacheCard> shapes = {af::dense_kv_card("MHA", 32, 32, 128, af::DType::bf16),
+                                                   af::dense_kv_card("GQA", 32, 8, 128, af::DType::bf16),
+                                                   af::dense_kv_card("MQA", 32, 1, 128, af::DType::bf16),
+                                                   af::mla_kv_card(32, 512, 64, af::DType::bf16)};
+        for (std::int64_t t = 1024; t <= 1048576; t *= 2) {
+          fit.print("{}", t);
+          for (const af::CacheCard& c : shapes)
+            fit.print(" {}", (std::int64_t{80'000'000'000} - 16'000'000'000) / (32 * c.bytes_stored(t)));
+          fit.print("\n");
+        }
+      });
+      af::write_output_file(dir / "decode_reads.dat", [&](af::OutputFile& reads) {
+        reads.print(
+            "# KV-cache bytes one decode step of one sequence reads, bf16, whole model: context then one column per "
+            "model\ncontext");
+        for (const af::ModelPreset& p : af::model_presets()) reads.print(" \"{}\"", p.name);
         reads.print("\n");
-      }
-      auto quant = fmt::output_file((dir / "quant_error.dat").string());
-      quant.print("# format bytes_per_token(Llama-3.1-8B, scales counted) error_random error_m4 error_m16 error_m64\n");
-      quant.print("\"f32\" {} 0 0 0 0\n",
-                  32 * af::quantized_kv_card(32, 8, 128, af::KvFormat::f32, af::KvFormat::f32).bytes_per_token());
-      for (std::size_t f = 0; f < formats.size(); ++f) {
-        quant.print("\"{}\" {}", formats[f].name, format_bytes[f]);
-        for (double e : errors[f]) quant.print(" {:.6e}", e);
-        quant.print("\n");
-      }
+        for (std::int64_t t = 256; t <= 1048576; t *= 2) {
+          reads.print("{}", t);
+          for (const af::ModelPreset& p : af::model_presets())
+            reads.print(" {}", p.cache(af::DType::bf16).bytes_read(t));
+          reads.print("\n");
+        }
+      });
+      af::write_output_file(dir / "quant_error.dat", [&](af::OutputFile& quant) {
+        quant.print(
+            "# format bytes_per_token(Llama-3.1-8B, scales counted) error_random error_m4 error_m16 error_m64\n");
+        quant.print("\"f32\" {} 0 0 0 0\n",
+                    32 * af::quantized_kv_card(32, 8, 128, af::KvFormat::f32, af::KvFormat::f32).bytes_per_token());
+        for (std::size_t f = 0; f < formats.size(); ++f) {
+          quant.print("\"{}\" {}", formats[f].name, format_bytes[f]);
+          for (double e : errors[f]) quant.print(" {:.6e}", e);
+          quant.print("\n");
+        }
+      });
     }
     return checks.all_passed();
   });

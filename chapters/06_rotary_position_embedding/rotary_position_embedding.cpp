@@ -16,7 +16,6 @@
 #include "af/rope.hpp"
 
 #include <fmt/format.h>
-#include <fmt/os.h>
 
 #include <cmath>
 #include <filesystem>
@@ -105,14 +104,20 @@ int main(int argc, char** argv) {
   std::uint64_t seed = 6;
   std::string out_dir;
   app.add_option("--seq-len", seq_len, "Tokens in the GQA prefill/decode check")
-      ->check(CLI::Range(1, 4096))
+      ->check(CLI::Range(1, 1024))
       ->capture_default_str();
   app.add_option("--head-dim", head_dim, "Head dimension d (even)")->check(CLI::Range(2, 1024))->capture_default_str();
-  app.add_option("--base", base, "RoPE base theta")->check(CLI::Range(1.0001, 1e9))->capture_default_str();
-  app.add_option("--seed", seed, "Seed of the random vectors and weights")->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for the figure data (wavelengths.dat, decay.dat)");
+  app.add_option("--base", base, "RoPE base theta")->check(af::finite_range(1.0001, 1e9))->capture_default_str();
+  app.add_option("--seed", seed, "Seed of the random vectors and weights")
+      ->check(af::seed_value())
+      ->capture_default_str();
+  app.add_option("--out", out_dir, "Directory for the figure data (wavelengths.dat, decay.dat)")
+      ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
+    // The GQA check (4 heads of d, hidden 4 d) projects T x 16 d^2 and attends T x T x d: both stay within seconds.
+    af::require_product_within({{"--seq-len", seq_len}, {"--head-dim", head_dim}, {"--head-dim", head_dim}}, 1 << 24);
+    af::require_product_within({{"--seq-len", seq_len}, {"--seq-len", seq_len}, {"--head-dim", head_dim}}, 1 << 25);
     af::require(head_dim % 2 == 0, "--head-dim {} is odd (expected an even head dimension: RoPE rotates pairs)",
                 head_dim);
     af::Rng rng(seed);
@@ -256,32 +261,34 @@ int main(int argc, char** argv) {
                  unseen(used, 65536), unseen(used, 131072));
 
     if (!out_dir.empty()) {
-      std::filesystem::create_directories(out_dir);
-      auto f = fmt::output_file((std::filesystem::path(out_dir) / "wavelengths.dat").string());
-      f.print(
-          "# wavelength (tokens per turn) of each pair of a 128-dim head: pair base10000 base500000 llama3_scaled\n");
-      const auto b10k = inverse_frequencies(128, 10000.0);
-      for (std::size_t i = 0; i < plain.size(); ++i)
-        f.print("{} {:.6e} {:.6e} {:.6e}\n", i, 2 * std::numbers::pi / b10k[i], 2 * std::numbers::pi / plain[i],
-                2 * std::numbers::pi / scaled[i]);
+      const std::filesystem::path dir = af::make_output_directory(out_dir);
+      af::write_output_file(dir / "wavelengths.dat", [&](af::OutputFile& f) {
+        f.print(
+            "# wavelength (tokens per turn) of each pair of a 128-dim head: pair base10000 base500000 llama3_scaled\n");
+        const auto b10k = inverse_frequencies(128, 10000.0);
+        for (std::size_t i = 0; i < plain.size(); ++i)
+          f.print("{} {:.6e} {:.6e} {:.6e}\n", i, 2 * std::numbers::pi / b10k[i], 2 * std::numbers::pi / plain[i],
+                  2 * std::numbers::pi / scaled[i]);
+      });
       // The mean score of a vector with itself at distance r, over random vectors: rotation decorrelates
       // distant positions, the slower the lower the base.
-      auto g = fmt::output_file((std::filesystem::path(out_dir) / "decay.dat").string());
-      g.print("# distance mean_normalised_score_base10000 mean_normalised_score_base500000 (128-dim, 64 vectors)\n");
-      const af::Rope r10k(128, 10000.0, af::RopeLayout::half_split), r500k(128, 500000.0, af::RopeLayout::half_split);
-      std::vector<std::vector<float>> vectors;
-      for (int i = 0; i < 64; ++i) vectors.push_back(random_vector(rng, 128));
-      for (double r = 0; r <= 65536; r = (r < 1 ? 1 : r * 1.25)) {
-        double s10 = 0.0, s500 = 0.0;
-        for (const auto& v : vectors) {
-          auto a = v, b = v;
-          r10k.rotate(a, r);
-          r500k.rotate(b, r);
-          s10 += dot64(v, a) / dot64(v, v);
-          s500 += dot64(v, b) / dot64(v, v);
+      af::write_output_file(dir / "decay.dat", [&](af::OutputFile& g) {
+        g.print("# distance mean_normalised_score_base10000 mean_normalised_score_base500000 (128-dim, 64 vectors)\n");
+        const af::Rope r10k(128, 10000.0, af::RopeLayout::half_split), r500k(128, 500000.0, af::RopeLayout::half_split);
+        std::vector<std::vector<float>> vectors;
+        for (int i = 0; i < 64; ++i) vectors.push_back(random_vector(rng, 128));
+        for (double r = 0; r <= 65536; r = (r < 1 ? 1 : r * 1.25)) {
+          double s10 = 0.0, s500 = 0.0;
+          for (const auto& v : vectors) {
+            auto a = v, b = v;
+            r10k.rotate(a, r);
+            r500k.rotate(b, r);
+            s10 += dot64(v, a) / dot64(v, v);
+            s500 += dot64(v, b) / dot64(v, v);
+          }
+          g.print("{:.1f} {:.6f} {:.6f}\n", r, s10 / 64, s500 / 64);
         }
-        g.print("{:.1f} {:.6f} {:.6f}\n", r, s10 / 64, s500 / 64);
-      }
+      });
     }
     return checks.all_passed();
   });

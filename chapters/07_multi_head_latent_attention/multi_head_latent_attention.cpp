@@ -18,7 +18,6 @@
 #include "af/softmax.hpp"
 
 #include <fmt/format.h>
-#include <fmt/os.h>
 
 #include <cmath>
 #include <filesystem>
@@ -214,7 +213,7 @@ int main(int argc, char** argv) {
   std::uint64_t seed = 7;
   std::string out_dir;
   app.add_option("--seq-len", seq_len, "Tokens (prefill, then the same tokens one by one)")
-      ->check(CLI::Range(1, 4096))
+      ->check(CLI::Range(1, 1024))
       ->capture_default_str();
   app.add_option("--hidden", s.hidden, "Model width")->check(CLI::Range(1, 8192))->capture_default_str();
   app.add_option("--heads", s.heads, "Attention heads H")->check(CLI::Range(1, 256))->capture_default_str();
@@ -233,12 +232,34 @@ int main(int argc, char** argv) {
   app.add_option("--v-dim", s.v_head_dim, "Per-head value dimension")
       ->check(CLI::Range(1, 1024))
       ->capture_default_str();
-  app.add_option("--seed", seed, "Seed of the random inputs and weights")->capture_default_str();
+  app.add_option("--seed", seed, "Seed of the random inputs and weights")
+      ->check(af::seed_value())
+      ->capture_default_str();
   app.add_option("--out", out_dir,
-                 "Directory for the figure data (decode_cost.dat, cache_bytes.dat, cached_vs_rebuilt.dat)");
+                 "Directory for the figure data (decode_cost.dat, cache_bytes.dat, cached_vs_rebuilt.dat)")
+      ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
     s.validate();
+    // Decoding token t rebuilds the keys and values of all t cached tokens on the naive path: about
+    // T^2 / 2 x r x H x (nope + v) multiply-adds, beside T x the weights. The limit keeps a run within seconds.
+    const double weights = static_cast<double>(s.hidden * s.q_lora_rank + s.q_lora_rank * s.heads * s.qk_head_dim() +
+                                               s.hidden * (s.kv_lora_rank + s.qk_rope_head_dim) +
+                                               s.kv_lora_rank * s.heads * (s.qk_nope_head_dim + s.v_head_dim) +
+                                               s.heads * s.v_head_dim * s.hidden);
+    const double tokens = static_cast<double>(seq_len), work_limit = 1e10;
+    const double work = 0.5 * tokens * tokens * static_cast<double>(s.kv_lora_rank * s.heads) *
+                            static_cast<double>(s.qk_nope_head_dim + s.v_head_dim + s.qk_rope_head_dim) +
+                        tokens * weights;
+    const double weights_limit = 1 << 26;  // 256 MiB of float32 weights
+    af::require(weights <= weights_limit,
+                "this shape has {:.2g} weights, above the {:.2g} this program holds in memory (lower --hidden, "
+                "--heads, the ranks or the head dimensions)",
+                weights, weights_limit);
+    af::require(work <= work_limit,
+                "--seq-len {} with this shape costs about {:.2g} multiply-adds, above the {:.0e} this program runs in "
+                "seconds (lower --seq-len, --heads, --kv-lora-rank or the head dimensions)",
+                seq_len, work, work_limit);
     af::Rng rng(seed);
     const af::MlaWeights w = random_weights(rng, s);
     const af::Rope rope(s.qk_rope_head_dim, 10000.0, af::RopeLayout::adjacent);
@@ -342,24 +363,28 @@ int main(int argc, char** argv) {
     // [/prefill-cost]
 
     if (!out_dir.empty()) {
-      std::filesystem::create_directories(out_dir);
-      auto f = fmt::output_file((std::filesystem::path(out_dir) / "decode_cost.dat").string());
-      f.print(
-          "# one DeepSeek-V3 layer, one decode token: context naive_flops absorbed_flops latent_bytes "
-          "per_head_kv_bytes (bf16)\n");
-      for (double t = 256; t <= 131072; t *= 2) {
-        const DecodeCost c = decode_cost(v3, t, 2);
-        f.print("{:.0f} {:.6e} {:.6e} {:.6e} {:.6e}\n", t, c.naive_flops, c.absorbed_flops, c.latent_bytes,
-                c.full_kv_bytes);
-      }
-      auto g = fmt::output_file((std::filesystem::path(out_dir) / "cache_bytes.dat").string());
-      g.print("# DeepSeek-V3's width, 61 layers, bf16: label bytes_per_token\n");
-      for (const Row& row : rows)
-        g.print("\"{}\" {:.0f}\n", std::string(row.name).substr(0, 3), 61 * row.bytes_per_token_layer);
-      auto h = fmt::output_file((std::filesystem::path(out_dir) / "cached_vs_rebuilt.dat").string());
-      h.print(
-          "# values per token and layer, DeepSeek-V3: what is cached and what the naive path rebuilds for 128 heads\n");
-      h.print("cached c_KV {}\ncached k_pe {}\nrebuilt k_nope {}\nrebuilt v {}\n", 512, 64, 128 * 128, 128 * 128);
+      const std::filesystem::path dir = af::make_output_directory(out_dir);
+      af::write_output_file(dir / "decode_cost.dat", [&](af::OutputFile& f) {
+        f.print(
+            "# one DeepSeek-V3 layer, one decode token: context naive_flops absorbed_flops latent_bytes "
+            "per_head_kv_bytes (bf16)\n");
+        for (double t = 256; t <= 131072; t *= 2) {
+          const DecodeCost c = decode_cost(v3, t, 2);
+          f.print("{:.0f} {:.6e} {:.6e} {:.6e} {:.6e}\n", t, c.naive_flops, c.absorbed_flops, c.latent_bytes,
+                  c.full_kv_bytes);
+        }
+      });
+      af::write_output_file(dir / "cache_bytes.dat", [&](af::OutputFile& g) {
+        g.print("# DeepSeek-V3's width, 61 layers, bf16: label bytes_per_token\n");
+        for (const Row& row : rows)
+          g.print("\"{}\" {:.0f}\n", std::string(row.name).substr(0, 3), 61 * row.bytes_per_token_layer);
+      });
+      af::write_output_file(dir / "cached_vs_rebuilt.dat", [&](af::OutputFile& h) {
+        h.print(
+            "# values per token and layer, DeepSeek-V3: what is cached and what the naive path rebuilds for 128 "
+            "heads\n");
+        h.print("cached c_KV {}\ncached k_pe {}\nrebuilt k_nope {}\nrebuilt v {}\n", 512, 64, 128 * 128, 128 * 128);
+      });
     }
     fmt::print("\nnaive and absorbed decode differ by at most {:.2e} (float32)\n", paths_differ);
     return checks.all_passed();

@@ -20,7 +20,6 @@
 #include "af/rope.hpp"
 
 #include <fmt/format.h>
-#include <fmt/os.h>
 
 #include <cmath>
 #include <filesystem>
@@ -233,20 +232,28 @@ int main(int argc, char** argv) {
   std::uint64_t seed = 8;
   std::string out_dir;
   app.add_option("--seq-len", seq_len, "Tokens of the prefill + decode run (the first half is the prefill)")
-      ->check(CLI::Range(1, 4096))
+      ->check(CLI::Range(1, 512))
       ->capture_default_str();
   app.add_option("--window", window, "Window W: tokens each query sees, itself included")
-      ->check(CLI::Range(1, 4096))
+      ->check(CLI::Range(1, 512))
       ->capture_default_str();
   app.add_option("--heads", heads, "Query heads H")->check(CLI::Range(1, 64))->capture_default_str();
   app.add_option("--kv-heads", kv_heads, "KV heads G (H divisible by G)")
       ->check(CLI::Range(1, 64))
       ->capture_default_str();
-  app.add_option("--head-dim", head_dim, "Head dimension d (even)")->check(CLI::Range(2, 256))->capture_default_str();
-  app.add_option("--seed", seed, "Seed of the random weights and inputs")->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for the figure data (window_mask.dat, cache_bytes.dat)");
+  app.add_option("--head-dim", head_dim, "Head dimension d (even)")->check(CLI::Range(2, 128))->capture_default_str();
+  app.add_option("--seed", seed, "Seed of the random weights and inputs")
+      ->check(af::seed_value())
+      ->capture_default_str();
+  app.add_option("--out", out_dir, "Directory for the figure data (window_mask.dat, cache_bytes.dat)")
+      ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
+    // hidden = H x d: the projections cost T x (H d)^2, the attention T x T x H x d; each stays within seconds.
+    const std::int64_t width = heads * head_dim;
+    af::require_product_within({{"--seq-len", seq_len}, {"(--heads x --head-dim)^2", width * width}}, 1 << 24);
+    af::require_product_within(
+        {{"--seq-len", seq_len}, {"--seq-len", seq_len}, {"--heads", heads}, {"--head-dim", head_dim}}, 1 << 24);
     af::require(heads % kv_heads == 0, "--heads {} is not a multiple of --kv-heads {}", heads, kv_heads);
     af::require(head_dim % 2 == 0, "--head-dim {} is odd (expected an even head dimension: RoPE rotates pairs)",
                 head_dim);
@@ -432,51 +439,52 @@ int main(int argc, char** argv) {
     checks.expect_true("stacked reach = L (W - 1) tokens", reach_ok);
 
     if (!out_dir.empty()) {
-      std::filesystem::create_directories(out_dir);
-      const std::filesystem::path dir(out_dir);
+      const std::filesystem::path dir = af::make_output_directory(out_dir);
       // The prefill's attention weights of head 0 under the window (NaN where masked), for the heatmap.
-      auto mask_file = fmt::output_file((dir / "window_mask.dat").string());
-      mask_file.print("# query key weight (head 0 of the prefill of {} tokens, W = {}; NaN = masked)\n", seq_len,
-                      window);
-      const af::Tensor weights = [&] {
-        Tensor q0(Shape{seq_len, head_dim}), k0(Shape{seq_len, head_dim});
-        for (std::int64_t t = 0; t < seq_len; ++t)
-          for (std::int64_t c = 0; c < head_dim; ++c) {
-            q0.data()[t * head_dim + c] = q.data()[t * heads * head_dim + c];
-            k0.data()[t * head_dim + c] = k.data()[t * kv_heads * head_dim + c];
-          }
-        Tensor s = af::matmul_transposed(q0.matrix(), k0.matrix());
-        for (float& value : s.values()) value /= std::sqrt(static_cast<float>(head_dim));
-        const af::Mask mask = af::sliding_window_mask(seq_len, seq_len, 0, window);
-        af::softmax_rows(s.matrix(), &mask);
-        return s;
-      }();
-      for (std::int64_t i = 0; i < seq_len; ++i) {
-        for (std::int64_t j = 0; j < seq_len; ++j)
-          mask_file.print("{} {} {}\n", i, j,
-                          sees(i, j, window) ? fmt::format("{:.6f}", weights.data()[i * seq_len + j]) : "NaN");
-        mask_file.print("\n");
-      }
+      af::write_output_file(dir / "window_mask.dat", [&](af::OutputFile& mask_file) {
+        mask_file.print("# query key weight (head 0 of the prefill of {} tokens, W = {}; NaN = masked)\n", seq_len,
+                        window);
+        const af::Tensor weights = [&] {
+          Tensor q0(Shape{seq_len, head_dim}), k0(Shape{seq_len, head_dim});
+          for (std::int64_t t = 0; t < seq_len; ++t)
+            for (std::int64_t c = 0; c < head_dim; ++c) {
+              q0.data()[t * head_dim + c] = q.data()[t * heads * head_dim + c];
+              k0.data()[t * head_dim + c] = k.data()[t * kv_heads * head_dim + c];
+            }
+          Tensor s = af::matmul_transposed(q0.matrix(), k0.matrix());
+          for (float& value : s.values()) value /= std::sqrt(static_cast<float>(head_dim));
+          const af::Mask mask = af::sliding_window_mask(seq_len, seq_len, 0, window);
+          af::softmax_rows(s.matrix(), &mask);
+          return s;
+        }();
+        for (std::int64_t i = 0; i < seq_len; ++i) {
+          for (std::int64_t j = 0; j < seq_len; ++j)
+            mask_file.print("{} {} {}\n", i, j,
+                            sees(i, j, window) ? fmt::format("{:.6f}", weights.data()[i * seq_len + j]) : "NaN");
+          mask_file.print("\n");
+        }
+      });
       // Reads equal bytes stored for every curve here (a windowed or dense cache reads all it keeps), so one file.
-      auto bytes_file = fmt::output_file((dir / "cache_bytes.dat").string());
-      const af::ModelCache mistral_dense = [] {
-        af::DenseModel m = af::dense_model("Mistral-7B");
-        m.sliding_window = 0;
-        return m.cache();
-      }();
-      const af::InterleavedModel gemma_dense{
-          "Gemma 3 27B, all global", "", {af::ModelCache{"", "", 62, gemma.parts[1].card}}};
-      bytes_file.print(
-          "context \"Mistral-7B without window\" \"Mistral-7B, W = 4096\" \"Gemma 3 27B, all 62 global\" "
-          "\"Gemma 3 27B, 52 local + 10 global\" \"gpt-oss-120b, 18 banded + 18 dense\"\n");
-      for (std::int64_t t = 64; t <= (std::int64_t{1} << 17); t *= 2) {
-        bytes_file.print("{} {} {} {} {} {}\n", t, mistral_dense.bytes_stored(t), mistral.bytes_stored(t),
-                         gemma_dense.bytes_stored(t), gemma.bytes_stored(t), gpt_oss.bytes_stored(t));
-        af::require(mistral_dense.bytes_read(t) == mistral_dense.bytes_stored(t) &&
-                        gemma.bytes_read(t) == gemma.bytes_stored(t) &&
-                        gpt_oss.bytes_read(t) == gpt_oss.bytes_stored(t),
-                    "cache_bytes.dat: reads differ from bytes stored at t = {}", t);
-      }
+      af::write_output_file(dir / "cache_bytes.dat", [&](af::OutputFile& bytes_file) {
+        const af::ModelCache mistral_dense = [] {
+          af::DenseModel m = af::dense_model("Mistral-7B");
+          m.sliding_window = 0;
+          return m.cache();
+        }();
+        const af::InterleavedModel gemma_dense{
+            "Gemma 3 27B, all global", "", {af::ModelCache{"", "", 62, gemma.parts[1].card}}};
+        bytes_file.print(
+            "context \"Mistral-7B without window\" \"Mistral-7B, W = 4096\" \"Gemma 3 27B, all 62 global\" "
+            "\"Gemma 3 27B, 52 local + 10 global\" \"gpt-oss-120b, 18 banded + 18 dense\"\n");
+        for (std::int64_t t = 64; t <= (std::int64_t{1} << 17); t *= 2) {
+          bytes_file.print("{} {} {} {} {} {}\n", t, mistral_dense.bytes_stored(t), mistral.bytes_stored(t),
+                           gemma_dense.bytes_stored(t), gemma.bytes_stored(t), gpt_oss.bytes_stored(t));
+          af::require(mistral_dense.bytes_read(t) == mistral_dense.bytes_stored(t) &&
+                          gemma.bytes_read(t) == gemma.bytes_stored(t) &&
+                          gpt_oss.bytes_read(t) == gpt_oss.bytes_stored(t),
+                      "cache_bytes.dat: reads differ from bytes stored at t = {}", t);
+        }
+      });
     }
     return checks.all_passed();
   });

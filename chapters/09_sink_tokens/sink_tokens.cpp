@@ -21,7 +21,6 @@
 #include "af/sliding_window.hpp"
 
 #include <fmt/format.h>
-#include <fmt/os.h>
 
 #include <algorithm>
 #include <array>
@@ -250,21 +249,29 @@ int main(int argc, char** argv) {
   std::uint64_t seed = 9;
   std::string out_dir;
   app.add_option("--seq-len", seq_len, "Tokens of the run, fed one by one through the cache")
-      ->check(CLI::Range(1, 4096))
+      ->check(CLI::Range(1, 512))
       ->capture_default_str();
-  app.add_option("--sinks", sinks, "Kept sink tokens S")->check(CLI::Range(0, 1024))->capture_default_str();
+  app.add_option("--sinks", sinks, "Kept sink tokens S")->check(CLI::Range(0, 512))->capture_default_str();
   app.add_option("--window", window, "Window W of recent tokens, the query itself included")
-      ->check(CLI::Range(1, 4096))
+      ->check(CLI::Range(1, 512))
       ->capture_default_str();
   app.add_option("--heads", heads, "Query heads H")->check(CLI::Range(1, 64))->capture_default_str();
   app.add_option("--kv-heads", kv_heads, "KV heads G (H divisible by G)")
       ->check(CLI::Range(1, 64))
       ->capture_default_str();
-  app.add_option("--head-dim", head_dim, "Head dimension d (even)")->check(CLI::Range(2, 256))->capture_default_str();
-  app.add_option("--seed", seed, "Seed of the random weights and inputs")->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for the figure data (sink_mask.dat, first_token_mass.dat)");
+  app.add_option("--head-dim", head_dim, "Head dimension d (even)")->check(CLI::Range(2, 128))->capture_default_str();
+  app.add_option("--seed", seed, "Seed of the random weights and inputs")
+      ->check(af::seed_value())
+      ->capture_default_str();
+  app.add_option("--out", out_dir, "Directory for the figure data (sink_mask.dat, first_token_mass.dat)")
+      ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
+    // hidden = H x d: the projections cost T x (H d)^2, the attention T x T x H x d; each stays within seconds.
+    const std::int64_t width = heads * head_dim;
+    af::require_product_within({{"--seq-len", seq_len}, {"(--heads x --head-dim)^2", width * width}}, 1 << 24);
+    af::require_product_within(
+        {{"--seq-len", seq_len}, {"--seq-len", seq_len}, {"--heads", heads}, {"--head-dim", head_dim}}, 1 << 24);
     af::require(heads % kv_heads == 0, "--heads {} is not a multiple of --kv-heads {}", heads, kv_heads);
     af::require(head_dim % 2 == 0, "--head-dim {} is odd (expected an even head dimension: RoPE rotates pairs)",
                 head_dim);
@@ -489,20 +496,22 @@ int main(int argc, char** argv) {
     // [/retrieval]
 
     if (!out_dir.empty()) {
-      std::filesystem::create_directories(out_dir);
-      auto mask = fmt::output_file((std::filesystem::path(out_dir) / "sink_mask.dat").string());
-      const std::int64_t m = std::min<std::int64_t>(seq_len, 32);
-      mask.print("# query key visible(1) or masked(NaN); S = {}, W = {}\n", sinks, window);
-      for (std::int64_t i = 0; i < m; ++i) {
-        for (std::int64_t j = 0; j < m; ++j)
-          mask.print("{} {} {}\n", i, j, sees(i, j, sinks, window) ? (j < sinks ? "2" : "1") : "NaN");
-        mask.print("\n");
-      }
-      auto mass = fmt::output_file((std::filesystem::path(out_dir) / "first_token_mass.dat").string());
-      mass.print(
-          "query \"random (nothing constructed)\" \"constructed: key 0 aligned with queries\" "
-          "\"constructed + learned sink logit 3\"\n");
-      for (const auto& row : curve) mass.print("{} {:.6f} {:.6f} {:.6f}\n", row[0], row[1], row[2], row[3]);
+      const std::filesystem::path dir = af::make_output_directory(out_dir);
+      af::write_output_file(dir / "sink_mask.dat", [&](af::OutputFile& mask) {
+        const std::int64_t m = std::min<std::int64_t>(seq_len, 32);
+        mask.print("# query key visible(1) or masked(NaN); S = {}, W = {}\n", sinks, window);
+        for (std::int64_t i = 0; i < m; ++i) {
+          for (std::int64_t j = 0; j < m; ++j)
+            mask.print("{} {} {}\n", i, j, sees(i, j, sinks, window) ? (j < sinks ? "2" : "1") : "NaN");
+          mask.print("\n");
+        }
+      });
+      af::write_output_file(dir / "first_token_mass.dat", [&](af::OutputFile& mass) {
+        mass.print(
+            "query \"random (nothing constructed)\" \"constructed: key 0 aligned with queries\" "
+            "\"constructed + learned sink logit 3\"\n");
+        for (const auto& row : curve) mass.print("{} {:.6f} {:.6f} {:.6f}\n", row[0], row[1], row[2], row[3]);
+      });
     }
     return checks.all_passed();
   });

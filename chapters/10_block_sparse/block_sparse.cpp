@@ -19,9 +19,9 @@
 #include "af/sinks.hpp"
 
 #include <fmt/format.h>
-#include <fmt/os.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <limits>
@@ -173,7 +173,7 @@ int main(int argc, char** argv) {
   std::uint64_t seed = 10;
   std::string out_dir;
   app.add_option("--seq-len", seq_len, "Tokens T of the prefill (need not be a multiple of the block)")
-      ->check(CLI::Range(1, 4096))
+      ->check(CLI::Range(1, 256))
       ->capture_default_str();
   app.add_option("--block", block, "Tokens per block B")->check(CLI::Range(1, 512))->capture_default_str();
   app.add_option("--local", local, "Local blocks: the diagonal block and local - 1 before it")
@@ -186,10 +186,18 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 4096))
       ->capture_default_str();
   app.add_option("--head-dim", head_dim, "Head dimension d")->check(CLI::Range(1, 256))->capture_default_str();
-  app.add_option("--seed", seed, "Seed of the random inputs")->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for the figure data (patterns.dat, mechanisms.dat)");
+  app.add_option("--seed", seed, "Seed of the random inputs")->check(af::seed_value())->capture_default_str();
+  app.add_option("--out", out_dir, "Directory for the figure data (patterns.dat, mechanisms.dat)")
+      ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
+    // The needle measurement runs 400 attentions of T x d at every half block of the T positions: about
+    // 400 T^2 d / (B / 2) steps, kept within seconds.
+    const std::int64_t needle_work = seq_len * seq_len * head_dim / std::max<std::int64_t>(1, block / 2);
+    af::require(needle_work <= (1 << 18),
+                "--seq-len {0} x --seq-len {0} x --head-dim {1} / max(1, --block {2} / 2) = {3} is above {4}, the "
+                "largest this program runs in seconds (lower one of them)",
+                seq_len, head_dim, block, needle_work, 1 << 18);
     const Pattern p{block, local, global, stride};
     const std::int64_t T = seq_len, d = head_dim, blocks = (T + block - 1) / block;
     af::Rng rng(seed);
@@ -405,44 +413,46 @@ int main(int argc, char** argv) {
                        invisible_zero && visible_positive);
 
     if (!out_dir.empty()) {
-      std::filesystem::create_directories(out_dir);
+      const std::filesystem::path dir = af::make_output_directory(out_dir);
       // The four caches against context: stored bytes, then cached entries read per decode step (per layer).
-      auto mech = fmt::output_file((std::filesystem::path(out_dir) / "mechanisms.dat").string());
-      mech.print("context");
-      for (const std::string& label : labels) mech.print(" \"{}\"", label);  // stored bytes
-      for (const std::string& label : labels) mech.print(" \"{}\"", label);  // entries read
-      mech.print("\n");
-      for (const std::int64_t t : contexts_fig) {
-        mech.print("{}", t);
-        for (const af::ModelCache& m : caches) mech.print(" {}", m.bytes_stored(t));
-        for (const af::ModelCache& m : caches) mech.print(" {}", entries_read(m, t));
+      af::write_output_file(dir / "mechanisms.dat", [&](af::OutputFile& mech) {
+        mech.print("context");
+        for (const std::string& label : labels) mech.print(" \"{}\"", label);  // stored bytes
+        for (const std::string& label : labels) mech.print(" \"{}\"", label);  // entries read
         mech.print("\n");
-      }
+        for (const std::int64_t t : contexts_fig) {
+          mech.print("{}", t);
+          for (const af::ModelCache& m : caches) mech.print(" {}", m.bytes_stored(t));
+          for (const af::ModelCache& m : caches) mech.print(" {}", entries_read(m, t));
+          mech.print("\n");
+        }
+      });
       // Element-level masks of the four sparse patterns, one gnuplot index each: "query key allowed".
-      auto file = fmt::output_file((std::filesystem::path(out_dir) / "patterns.dat").string());
-      file.print(
-          "# block {} tokens {}; one index per pattern: query key allowed (1 full block, 0.5 partial block "
-          "element allowed, 0 masked, NaN not visited)\n",
-          block, T);
-      for (std::size_t n = 0; n + 1 < patterns.size(); ++n) {
-        const Tables tn = build_tables(patterns[n].p, T);
-        file.print("# pattern \"{}\"\n", patterns[n].name);
-        for (std::int64_t i = 0; i < T; ++i) {
-          for (std::int64_t j = 0; j < T; ++j) {
-            const std::size_t row = static_cast<std::size_t>(i / block);
-            const auto& idx = tn.kv_indices[row];
-            const auto it = std::ranges::find(idx, j / block);
-            std::string value = "NaN";
-            if (it != idx.end())
-              value = tn.full[row][static_cast<std::size_t>(it - idx.begin())] ? "1"
-                      : patterns[n].p.allows(i, j)                             ? "0.5"
-                                                                               : "0";
-            file.print("{} {} {}\n", i, j, value);
+      af::write_output_file(dir / "patterns.dat", [&](af::OutputFile& file) {
+        file.print(
+            "# block {} tokens {}; one index per pattern: query key allowed (1 full block, 0.5 partial block "
+            "element allowed, 0 masked, NaN not visited)\n",
+            block, T);
+        for (std::size_t n = 0; n + 1 < patterns.size(); ++n) {
+          const Tables tn = build_tables(patterns[n].p, T);
+          file.print("# pattern \"{}\"\n", patterns[n].name);
+          for (std::int64_t i = 0; i < T; ++i) {
+            for (std::int64_t j = 0; j < T; ++j) {
+              const std::size_t row = static_cast<std::size_t>(i / block);
+              const auto& idx = tn.kv_indices[row];
+              const auto it = std::ranges::find(idx, j / block);
+              std::string value = "NaN";
+              if (it != idx.end())
+                value = tn.full[row][static_cast<std::size_t>(it - idx.begin())] ? "1"
+                        : patterns[n].p.allows(i, j)                             ? "0.5"
+                                                                                 : "0";
+              file.print("{} {} {}\n", i, j, value);
+            }
+            file.print("\n");
           }
           file.print("\n");
         }
-        file.print("\n");
-      }
+      });
     }
     return checks.all_passed();
   });

@@ -22,7 +22,6 @@
 #include "af/sparse_attention.hpp"
 
 #include <fmt/format.h>
-#include <fmt/os.h>
 
 #include <algorithm>
 #include <cmath>
@@ -433,23 +432,32 @@ int main(int argc, char** argv) {
   std::uint64_t seed = 11;
   std::string out_dir;
   app.add_option("--seq-len", seq_len, "Tokens of the checked layer (half prefill, half decode)")
-      ->check(CLI::Range(2, 2048))
+      ->check(CLI::Range(2, 512))
       ->capture_default_str();
   app.add_option("--top-k", k, "Tokens each query attends to (index_topk)")
-      ->check(CLI::Range(1, 2048))
+      ->check(CLI::Range(1, 512))
       ->capture_default_str();
   app.add_option("--index-heads", index_heads, "Indexer query heads (index_n_heads)")
-      ->check(CLI::Range(1, 64))
+      ->check(CLI::Range(1, 16))
       ->capture_default_str();
   app.add_option("--context", context, "Context of the selection measurements (a power of two)")
-      ->check(CLI::Range(256, 65536))
+      ->check(CLI::Range(256, 8192))
       ->capture_default_str();
-  app.add_option("--seed", seed, "Seed of the random inputs and weights")->capture_default_str();
+  app.add_option("--seed", seed, "Seed of the random inputs and weights")
+      ->check(af::seed_value())
+      ->capture_default_str();
   app.add_option("--out", out_dir,
                  "Directory for the figure data (index_scores.dat, decode_reads.dat, cache_bytes.dat, "
-                 "captured_mass.dat)");
+                 "captured_mass.dat)")
+      ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
+    // The selection measurements score every token of the context with every indexer head, the layer check
+    // every pair of its T tokens: each stays within seconds.
+    af::require_product_within({{"--context", context}, {"--index-heads", index_heads}}, 8192 * 8);
+    af::require_product_within({{"--seq-len", seq_len}, {"--seq-len", seq_len}, {"--index-heads", index_heads}},
+                               512 * 512 * 8);
+    af::require_product_within({{"--seq-len", seq_len}, {"--top-k", k}}, 512 * 128);
     af::require((context & (context - 1)) == 0, "--context {} (expected a power of two)", context);
     af::Rng rng(seed);
     const Layer l = random_layer(rng, index_heads, k);
@@ -639,42 +647,45 @@ int main(int argc, char** argv) {
                  mass[2][b], mass[3][b], mass[4][b]);
 
     if (!out_dir.empty()) {
-      std::filesystem::create_directories(out_dir);
-      const auto path = [&](const char* name) { return (std::filesystem::path(out_dir) / name).string(); };
-      auto f = fmt::output_file(path("index_scores.dat"));
-      f.print("# one decode query, context {}, k = 64: position index_score selected dense_mass (mean over heads)\n",
-              context);
-      for (const Context* ctx : {&figure_needle, &figure_repeated}) {
-        f.print("# {}\n", ctx == &figure_needle ? "needle" : "repeated");
-        const std::vector<float> scores = context_scores(l, *ctx, {});
-        const std::vector<std::int64_t> chosen = sorted(top_k(scores, 64));
-        const auto dense = dense_weights(l, *ctx, scale);
-        for (std::int64_t j = 0; j < context; ++j) {
-          double m = 0.0;
-          for (const auto& head : dense) m += head[static_cast<std::size_t>(j)] / static_cast<double>(dense.size());
-          f.print("{} {:.6e} {} {:.6e}\n", j, scores[static_cast<std::size_t>(j)],
-                  std::ranges::binary_search(chosen, j) ? 1 : 0, m);
+      const std::filesystem::path dir = af::make_output_directory(out_dir);
+      af::write_output_file(dir / "index_scores.dat", [&](af::OutputFile& f) {
+        f.print("# one decode query, context {}, k = 64: position index_score selected dense_mass (mean over heads)\n",
+                context);
+        for (const Context* ctx : {&figure_needle, &figure_repeated}) {
+          f.print("# {}\n", ctx == &figure_needle ? "needle" : "repeated");
+          const std::vector<float> scores = context_scores(l, *ctx, {});
+          const std::vector<std::int64_t> chosen = sorted(top_k(scores, 64));
+          const auto dense = dense_weights(l, *ctx, scale);
+          for (std::int64_t j = 0; j < context; ++j) {
+            double m = 0.0;
+            for (const auto& head : dense) m += head[static_cast<std::size_t>(j)] / static_cast<double>(dense.size());
+            f.print("{} {:.6e} {} {:.6e}\n", j, scores[static_cast<std::size_t>(j)],
+                    std::ranges::binary_search(chosen, j) ? 1 : 0, m);
+          }
+          f.print("\n\n");
         }
-        f.print("\n\n");
-      }
-      auto g = fmt::output_file(path("decode_reads.dat"));
-      g.print(
-          "# one decode step, whole model (61 layers): context dense_MLA_entries DSA_attention_entries "
-          "dense_MLA_bytes DSA_indexer_bytes DSA_attention_bytes DSA_total_bytes\n");
-      for (std::int64_t t = 1024; t <= 131072; t *= 2)
-        g.print("{} {} {} {} {} {} {}\n", t, t, v32.card.decode_reads(t)[1].entries, v3.bytes_read(t),
-                61 * v32.card.decode_reads(t)[0].bytes, 61 * v32.card.decode_reads(t)[1].bytes, v32.bytes_read(t));
-      auto h = fmt::output_file(path("cache_bytes.dat"));
-      h.print("# cache bytes per token, whole model: label bytes\n");
-      h.print("\"Llama-3.1-70B (GQA)\" {}\n", llama.bytes_per_token());
-      h.print("\"DeepSeek-V3 (MLA)\" {}\n", v3.bytes_per_token());
-      h.print("\"V3.2 (DSA, FP8 index keys)\" {}\n", v32.bytes_per_token());
-      h.print("\"V3.2 in HF (K/V expanded)\" {}\n", 61 * (128 * (192 + 128) * 2 + 128 * 2));
-      auto m = fmt::output_file(path("captured_mass.dat"));
-      m.print("# context {}: k random needle needle_indexer_blind repeated32 window_on_needle\n", context);
-      for (std::size_t b = 0; b < ks.size(); ++b)
-        m.print("{} {:.6f} {:.6f} {:.6f} {:.6f} {:.6f}\n", ks[b], mass[0][b], mass[1][b], mass[2][b], mass[3][b],
-                mass[4][b]);
+      });
+      af::write_output_file(dir / "decode_reads.dat", [&](af::OutputFile& g) {
+        g.print(
+            "# one decode step, whole model (61 layers): context dense_MLA_entries DSA_attention_entries "
+            "dense_MLA_bytes DSA_indexer_bytes DSA_attention_bytes DSA_total_bytes\n");
+        for (std::int64_t t = 1024; t <= 131072; t *= 2)
+          g.print("{} {} {} {} {} {} {}\n", t, t, v32.card.decode_reads(t)[1].entries, v3.bytes_read(t),
+                  61 * v32.card.decode_reads(t)[0].bytes, 61 * v32.card.decode_reads(t)[1].bytes, v32.bytes_read(t));
+      });
+      af::write_output_file(dir / "cache_bytes.dat", [&](af::OutputFile& h) {
+        h.print("# cache bytes per token, whole model: label bytes\n");
+        h.print("\"Llama-3.1-70B (GQA)\" {}\n", llama.bytes_per_token());
+        h.print("\"DeepSeek-V3 (MLA)\" {}\n", v3.bytes_per_token());
+        h.print("\"V3.2 (DSA, FP8 index keys)\" {}\n", v32.bytes_per_token());
+        h.print("\"V3.2 in HF (K/V expanded)\" {}\n", 61 * (128 * (192 + 128) * 2 + 128 * 2));
+      });
+      af::write_output_file(dir / "captured_mass.dat", [&](af::OutputFile& m) {
+        m.print("# context {}: k random needle needle_indexer_blind repeated32 window_on_needle\n", context);
+        for (std::size_t b = 0; b < ks.size(); ++b)
+          m.print("{} {:.6f} {:.6f} {:.6f} {:.6f} {:.6f}\n", ks[b], mass[0][b], mass[1][b], mass[2][b], mass[3][b],
+                  mass[4][b]);
+      });
     }
     return checks.all_passed();
   });

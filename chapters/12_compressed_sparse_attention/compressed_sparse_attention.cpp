@@ -20,7 +20,6 @@
 #include "af/sparse_attention.hpp"
 
 #include <fmt/format.h>
-#include <fmt/os.h>
 
 #include <algorithm>
 #include <cmath>
@@ -464,15 +463,18 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 2048))
       ->capture_default_str();
   app.add_option("--context", context, "Context of the selection measurements (multiple of 128)")
-      ->check(CLI::Range(256, 16384))
+      ->check(CLI::Range(256, 1024))
       ->capture_default_str();
   app.add_option("--sharpness", sharpness, "Factor on the logits of the selection measurements (see the chapter)")
-      ->check(CLI::Range(0.1, 100.0))
+      ->check(af::finite_range(0.1, 100.0))
       ->capture_default_str();
-  app.add_option("--seed", seed, "Seed of the random weights and inputs")->capture_default_str();
+  app.add_option("--seed", seed, "Seed of the random weights and inputs")
+      ->check(af::seed_value())
+      ->capture_default_str();
   app.add_option(
       "--out", out_dir,
-      "Directory for the figure data (index_scores.dat, decode_reads.dat, cache_bytes.dat, captured_mass.dat)");
+      "Directory for the figure data (index_scores.dat, decode_reads.dat, cache_bytes.dat, captured_mass.dat)")
+      ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
     af::require(prefill <= seq_len, "--prefill {} is longer than --seq-len {}", prefill, seq_len);
@@ -649,13 +651,9 @@ int main(int argc, char** argv) {
 
     // ---- 4. figure data -------------------------------------------------------------------------------------
     if (!out_dir.empty()) {
-      std::filesystem::create_directories(out_dir);
-      {
-        auto f = fmt::output_file((std::filesystem::path(out_dir) / "captured_mass.dat").string());
-        f.print("{}", mass_data);
-      }
-      {
-        auto f = fmt::output_file((std::filesystem::path(out_dir) / "index_scores.dat").string());
+      const std::filesystem::path dir = af::make_output_directory(out_dir);
+      af::write_output_file(dir / "captured_mass.dat", [&](af::OutputFile& f) { f.print("{}", mass_data); });
+      af::write_output_file(dir / "index_scores.dat", [&](af::OutputFile& f) {
         f.print(
             "# entry first_token aligned_score aligned_selected random_score random_selected (needle input, m = 4, "
             "k = 8, last query; selected: the score, else NaN)\n");
@@ -667,32 +665,32 @@ int main(int argc, char** argv) {
                   in_a ? fmt::format("{:.6g}", aligned_scores[e]) : "NaN", random_scores[e],
                   in_b ? fmt::format("{:.6g}", random_scores[e]) : "NaN");
         }
-      }
-      {
-        const af::V4LayerCard csa = af::v4_layer_card(af::deepseek_v4_flash_shape(af::V4LayerKind::csa));
-        const af::V4LayerCard hca = af::v4_layer_card(af::deepseek_v4_flash_shape(af::V4LayerKind::hca));
-        const af::V4LayerCard win = af::v4_layer_card(af::deepseek_v4_flash_shape(af::V4LayerKind::sliding));
-        auto f = fmt::output_file((std::filesystem::path(out_dir) / "decode_reads.dat").string());
-        auto g = fmt::output_file((std::filesystem::path(out_dir) / "cache_bytes.dat").string());
+      });
+      const af::V4LayerCard csa = af::v4_layer_card(af::deepseek_v4_flash_shape(af::V4LayerKind::csa));
+      const af::V4LayerCard hca = af::v4_layer_card(af::deepseek_v4_flash_shape(af::V4LayerKind::hca));
+      const af::V4LayerCard win = af::v4_layer_card(af::deepseek_v4_flash_shape(af::V4LayerKind::sliding));
+      const auto entries = [](const af::CacheCard& card, std::int64_t t) {
+        std::int64_t n = 0;
+        for (const af::DecodeRead& r : card.decode_reads(t)) n += r.entries;
+        return n;
+      };
+      af::write_output_file(dir / "decode_reads.dat", [&](af::OutputFile& f) {
         f.print(
             "# context, then entries and bytes read by one decode query of one layer: MLA (V3), DSA (V3.2), "
             "CSA, HCA, sliding (V4-Flash), bf16\n");
-        g.print(
-            "# context, then bytes one layer holds for one sequence: MLA (V3), DSA (V3.2), CSA, HCA, sliding "
-            "(V4-Flash), bf16\n");
-        const auto entries = [](const af::CacheCard& card, std::int64_t t) {
-          std::int64_t n = 0;
-          for (const af::DecodeRead& r : card.decode_reads(t)) n += r.entries;
-          return n;
-        };
-        for (std::int64_t t = 1024; t <= (1 << 20); t *= 2) {
+        for (std::int64_t t = 1024; t <= (1 << 20); t *= 2)
           f.print("{} {} {} {} {} {} {} {} {} {} {}\n", t, entries(v3.card, t), v3.card.bytes_read(t),
                   entries(v32.card, t), v32.card.bytes_read(t), csa.entries_read(t), csa.bytes_read(t),
                   hca.entries_read(t), hca.bytes_read(t), win.entries_read(t), win.bytes_read(t));
+      });
+      af::write_output_file(dir / "cache_bytes.dat", [&](af::OutputFile& g) {
+        g.print(
+            "# context, then bytes one layer holds for one sequence: MLA (V3), DSA (V3.2), CSA, HCA, sliding "
+            "(V4-Flash), bf16\n");
+        for (std::int64_t t = 1024; t <= (1 << 20); t *= 2)
           g.print("{} {} {} {} {} {}\n", t, v3.card.bytes_stored(t), v32.card.bytes_stored(t), csa.bytes_stored(t),
                   hca.bytes_stored(t), win.bytes_stored(t));
-        }
-      }
+      });
       fmt::print("figure data written to {}\n", out_dir);
     }
     return checks.all_passed();

@@ -19,7 +19,6 @@
 #include "af/random.hpp"
 
 #include <fmt/format.h>
-#include <fmt/os.h>
 
 #include <algorithm>
 #include <cmath>
@@ -247,12 +246,12 @@ int main(int argc, char** argv) {
   std::int64_t recall_dim = 64, max_pairs = 1024, trials = 3;
   std::uint64_t seed = 13;
   std::string out_dir;
-  app.add_option("--seq-len", seq_len, "Prefill tokens T")->check(CLI::Range(1, 8192))->capture_default_str();
+  app.add_option("--seq-len", seq_len, "Prefill tokens T")->check(CLI::Range(1, 2048))->capture_default_str();
   app.add_option("--decode-steps", decode_steps, "Tokens decoded through the state after the prefill")
       ->check(CLI::Range(0, 1024))
       ->capture_default_str();
-  app.add_option("--heads", heads, "Heads H")->check(CLI::Range(1, 64))->capture_default_str();
-  app.add_option("--head-dim", head_dim, "Head dimension d")->check(CLI::Range(1, 256))->capture_default_str();
+  app.add_option("--heads", heads, "Heads H")->check(CLI::Range(1, 16))->capture_default_str();
+  app.add_option("--head-dim", head_dim, "Head dimension d")->check(CLI::Range(1, 64))->capture_default_str();
   app.add_option("--block", block, "Block size B of the blocked prefill (MiniMax: 256)")
       ->check(CLI::Range(1, 4096))
       ->capture_default_str();
@@ -263,19 +262,36 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 1024))
       ->capture_default_str();
   app.add_option("--recall-dim", recall_dim, "Key and value dimension d of the recall experiment")
-      ->check(CLI::Range(2, 512))
+      ->check(CLI::Range(64, 128))
       ->capture_default_str();
   app.add_option("--max-pairs", max_pairs, "Largest number of key -> value pairs in the recall sweep")
-      ->check(CLI::Range(4, 65536))
+      ->check(CLI::Range(1024, 4096))
       ->capture_default_str();
   app.add_option("--trials", trials, "Random inputs per point of the recall sweep")
-      ->check(CLI::Range(1, 100))
+      ->check(CLI::Range(1, 12))
       ->capture_default_str();
-  app.add_option("--seed", seed, "Seed of the random weights and inputs")->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for the figure data (cache_bytes.dat, recall.dat)");
+  app.add_option("--seed", seed, "Seed of the random weights and inputs")
+      ->check(af::seed_value())
+      ->capture_default_str();
+  app.add_option("--out", out_dir, "Directory for the figure data (cache_bytes.dat, recall.dat)")
+      ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
     af::require(layer < layers, "--layer {} is not below --layers {}", layer, layers);
+    // The recall sweep claims two things that hold only in a regime: softmax keeps recall >= 0.9 (its keys stay
+    // apart while n << e^sqrt(d): d >= 64 for n up to 4096), and linear attention's d x d state has lost most
+    // pairs by the end of the sweep (recall < 0.5 near n = 8 d, so the sweep must reach 16 d).
+    af::require(max_pairs >= 16 * recall_dim,
+                "--max-pairs {} is below 16 x --recall-dim {} = {} (expected a sweep long enough for the d x d state "
+                "of linear attention to lose its pairs)",
+                max_pairs, recall_dim, 16 * recall_dim);
+    af::require_product_within({{"--trials", trials}, {"--max-pairs", max_pairs}, {"--recall-dim", recall_dim}},
+                               3 * 4096 * 128);
+    // hidden = H x d: the projections cost T x (H d)^2, the masked form and the float64 reference T x T x H x d.
+    const std::int64_t width = heads * head_dim;
+    af::require_product_within({{"--seq-len", seq_len}, {"(--heads x --head-dim)^2", width * width}}, 1 << 26);
+    af::require_product_within(
+        {{"--seq-len", seq_len}, {"--seq-len", seq_len}, {"--heads", heads}, {"--head-dim", head_dim}}, 1 << 28);
     const std::int64_t d = head_dim, hd = heads * d, hidden = hd;
     af::Rng rng(seed);
     const double in = 1.0 / std::sqrt(static_cast<double>(hidden));
@@ -464,19 +480,21 @@ int main(int argc, char** argv) {
                        cross > 0);
 
     if (!out_dir.empty()) {
-      std::filesystem::create_directories(out_dir);
-      auto bytes = fmt::output_file((std::filesystem::path(out_dir) / "cache_bytes.dat").string());
-      bytes.print("# context \"{} (states + KV)\" \"{} states only\" \"{} KV only\" \"{}\" \"{}\" \"{}\"\n", m1.model,
-                  m1.model, m1.model, llama70.model, deepseek.model, m2.model);
-      for (std::int64_t t = 1024; t <= (std::int64_t{1} << 22); t *= 2)
-        bytes.print("{} {} {} {} {} {} {}\n", t, m1.bytes_stored(t), m1.state_bytes(), m1.softmax.bytes_stored(t),
-                    llama70.bytes_stored(t), deepseek.bytes_stored(t), m2.bytes_stored(t));
-      auto rec = fmt::output_file((std::filesystem::path(out_dir) / "recall.dat").string());
-      rec.print("# d = {}, trials {}, decay slope {:.6g}; crossover (linear < 0.5) at {}\n", recall_dim, trials,
-                recall_slope, cross);
-      rec.print("pairs softmax linear \"linear SiLU\" \"linear decay\"\n");
-      for (const auto& row : curve)
-        rec.print("{} {:.4f} {:.4f} {:.4f} {:.4f}\n", row[0], row[1], row[2], row[3], row[4]);
+      const std::filesystem::path dir = af::make_output_directory(out_dir);
+      af::write_output_file(dir / "cache_bytes.dat", [&](af::OutputFile& bytes) {
+        bytes.print("# context \"{} (states + KV)\" \"{} states only\" \"{} KV only\" \"{}\" \"{}\" \"{}\"\n", m1.model,
+                    m1.model, m1.model, llama70.model, deepseek.model, m2.model);
+        for (std::int64_t t = 1024; t <= (std::int64_t{1} << 22); t *= 2)
+          bytes.print("{} {} {} {} {} {} {}\n", t, m1.bytes_stored(t), m1.state_bytes(), m1.softmax.bytes_stored(t),
+                      llama70.bytes_stored(t), deepseek.bytes_stored(t), m2.bytes_stored(t));
+      });
+      af::write_output_file(dir / "recall.dat", [&](af::OutputFile& rec) {
+        rec.print("# d = {}, trials {}, decay slope {:.6g}; crossover (linear < 0.5) at {}\n", recall_dim, trials,
+                  recall_slope, cross);
+        rec.print("pairs softmax linear \"linear SiLU\" \"linear decay\"\n");
+        for (const auto& row : curve)
+          rec.print("{} {:.4f} {:.4f} {:.4f} {:.4f}\n", row[0], row[1], row[2], row[3], row[4]);
+      });
     }
     return checks.all_passed();
   });

@@ -344,7 +344,7 @@ int main(int argc, char** argv) {
                  "Longest context: the table's last column (beside 4K and 128K when shorter) and the figure's end")
       ->check(CLI::Range(std::int64_t{1024}, std::int64_t{1} << 22))
       ->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for the figure data (decode_reads.dat)");
+  app.add_option("--out", out_dir, "Directory for the figure data (decode_reads.dat)")->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
     std::vector<std::int64_t> contexts;
@@ -444,21 +444,22 @@ int main(int argc, char** argv) {
     // [/checks]
 
     if (!out_dir.empty()) {
-      std::filesystem::create_directories(out_dir);
-      auto data = fmt::output_file((std::filesystem::path(out_dir) / "decode_reads.dat").string());
-      data.print("# Bytes one decode step reads (one sequence, all layers) against context; one column per row of\n");
-      data.print("# the chapter's table, in its order. Written by ch19_choosing_a_cache.\n");
-      data.print("context");
-      for (std::size_t i = 0; i < table.size(); ++i)
-        data.print(" \"{}  {}: {}{}\"", i + 1, table[i].model,
-                   table[i].mechanism.substr(0, table[i].mechanism.rfind(" (")), table[i].hypothetical ? " *" : "");
-      data.print("\n");
-      for (double x = 1024; x <= static_cast<double>(seq_len) * 1.0001; x *= std::sqrt(2.0)) {
-        const auto t = static_cast<std::int64_t>(std::llround(x));
-        data.print("{}", t);
-        for (const Row& r : table) data.print(" {}", r.lib.read(t));
+      const std::filesystem::path dir = af::make_output_directory(out_dir);
+      af::write_output_file(dir / "decode_reads.dat", [&](af::OutputFile& data) {
+        data.print("# Bytes one decode step reads (one sequence, all layers) against context; one column per row of\n");
+        data.print("# the chapter's table, in its order. Written by ch19_choosing_a_cache.\n");
+        data.print("context");
+        for (std::size_t i = 0; i < table.size(); ++i)
+          data.print(" \"{}  {}: {}{}\"", i + 1, table[i].model,
+                     table[i].mechanism.substr(0, table[i].mechanism.rfind(" (")), table[i].hypothetical ? " *" : "");
         data.print("\n");
-      }
+        for (double x = 1024; x <= static_cast<double>(seq_len) * 1.0001; x *= std::sqrt(2.0)) {
+          const auto t = static_cast<std::int64_t>(std::llround(x));
+          data.print("{}", t);
+          for (const Row& r : table) data.print(" {}", r.lib.read(t));
+          data.print("\n");
+        }
+      });
     }
     return checks.all_passed();
   });

@@ -1,20 +1,75 @@
 #pragma once
 /// @file program.hpp
-/// What every chapter program shares: flag parsing with CLI11, the exit status contract (0 all checks
-/// passed, 1 a check failed, 2 bad flags or arguments), and the report of each check against its tolerance.
+/// What every chapter program shares: flag parsing with CLI11, the checks of flag values CLI11 lacks (finite
+/// numbers, 64-bit seeds, an output directory), the exit status contract (0 all checks passed, 1 a check
+/// failed, 2 bad flags, arguments or environment), writing the figure data, and the report of each check
+/// against its tolerance.
 
+#include <fmt/format.h>
 #include <CLI/CLI.hpp>
 
+#include <cstdint>
+#include <filesystem>
 #include <functional>
+#include <initializer_list>
+#include <iterator>
 #include <string>
 #include <string_view>
+#include <utility>
 
 namespace af {
 
 /// Parses `argv` into `app`, then runs `body`, which returns whether every check passed.
-/// `--help` prints the flags and returns 0; a bad flag or value, or an af::Error thrown by `body`,
-/// prints what is wrong and returns 2; a failed check returns 1.
+/// `--help` prints the flags and returns 0; a bad flag or value, or any exception thrown by `body` (an
+/// af::Error, a file that cannot be written, memory that runs out), prints what is wrong and returns 2;
+/// a failed check returns 1.
 int run_program(CLI::App& app, int argc, char** argv, const std::function<bool()>& body);
+
+/// The check of a floating-point flag: a finite number in [lo, hi]. Use it instead of CLI::Range, which
+/// lets "nan" through (every comparison with NaN is false) and says nothing of infinity.
+CLI::Validator finite_range(double lo, double hi);
+
+/// A size flag and its value, for require_product_within.
+struct FlagValue {
+  std::string_view flag;
+  std::int64_t value;
+};
+
+/// The combined check of size flags whose product sets a program's time or memory: throws af::Error unless
+/// the product of the values is at most `limit`, naming each flag, its value, the product and the limit.
+/// Each flag's own range keeps a run short with the others at their defaults; this keeps the combinations short.
+void require_product_within(std::initializer_list<FlagValue> flags, double limit);
+
+/// The check of a seed flag (std::uint64_t): a decimal integer in [0, 2^64 - 1], without a sign or leading
+/// zeros. CLI11 alone reads "-1" as 2^64 - 1, an overflowing value as 2^64 - 1, and "010" as octal 8.
+CLI::Validator seed_value();
+
+/// The check of an --out flag, before anything runs: an existing directory, or a new one whose parent
+/// exists (only the last component is ever created), writable either way.
+CLI::Validator output_directory();
+
+/// Creates the --out directory `dir` if it is missing (only its last component: its parent must exist)
+/// and returns it. Throws af::Error naming `dir` when it is not a directory or cannot be created.
+std::filesystem::path make_output_directory(const std::string& dir);
+
+/// The text of one output file, gathered by `write_output_file`'s writer with fmt-style `print`.
+class OutputFile {
+ public:
+  template <class... Args>
+  void print(fmt::format_string<Args...> format, Args&&... args) {
+    fmt::format_to(std::back_inserter(text_), format, std::forward<Args>(args)...);
+  }
+  const std::string& text() const { return text_; }
+
+ private:
+  std::string text_;
+};
+
+/// Writes the file `path`: `writer` prints its text into an OutputFile, then the text is written and the
+/// file closed, each step checked. Throws af::Error naming the file and the reason (no such directory,
+/// permission denied, no space left on the device) when any step fails; nothing is written if `writer`
+/// throws.
+void write_output_file(const std::filesystem::path& path, const std::function<void(OutputFile&)>& writer);
 
 /// Prints one line per check (what was compared, the error, the tolerance, PASS or FAIL) and remembers
 /// whether all passed. A NaN or infinite error or tolerance fails (af::within_tolerance).
