@@ -3,8 +3,8 @@
 #   CTest test (its self-checks), and, for the book, runs it with --out build/generated/FOLDER, capturing
 #   its standard output in build/generated/FOLDER/output.txt. OUTPUTS names the data files the run writes
 #   there (the figures depend on them). A .cu chapter (a kernel chapter) is built when nvcc is present; its
-#   self-check carries the label gpu and is skipped (exit 77) without a GPU; its book outputs are the
-#   measured results committed beside it, not a run of the build machine.
+#   self-check carries the label gpu and is skipped (exit 77) without a GPU, its flag tests (label cpu) run
+#   anywhere; its book outputs are the measured results committed beside it, not a run of the build machine.
 set(AF_CHAPTER_OUTPUTS "" CACHE INTERNAL "Every generated chapter file the book depends on")
 
 function(af_add_chapter folder)
@@ -27,6 +27,20 @@ function(af_add_chapter folder)
     # A kernel chapter's program exits 77 when the machine has no GPU: CTest reports it as skipped.
     target_link_libraries(${target} PRIVATE af::kernels)
     set_tests_properties(${target}.self_check PROPERTIES LABELS "gpu;chapter" SKIP_RETURN_CODE 77)
+    # Its flags are parsed before it looks for a GPU, so the flag contract holds on any machine (label cpu).
+    foreach(case IN ITEMS "help|0|--help|--seed" "unknown|2|--no-such-flag|no-such-flag"
+                          "negative_seed|2|--seed,-1|--seed" "overflowing_seed|2|--seed,18446744073709551616|--seed")
+      string(REPLACE "|" ";" fields "${case}")
+      list(GET fields 0 name)
+      list(GET fields 1 expected)
+      list(GET fields 2 args)
+      list(GET fields 3 message)
+      string(REPLACE "," ";" args "${args}")
+      add_test(NAME ${target}.flags_${name}
+               COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:${target}> "-DARGS=${args}" -DEXPECTED=${expected}
+                       -DMESSAGE=${message} -P ${PROJECT_SOURCE_DIR}/cmake/expect_exit.cmake)
+      set_tests_properties(${target}.flags_${name} PROPERTIES LABELS "cpu;chapter")
+    endforeach()
   else()
     set_tests_properties(${target}.self_check PROPERTIES LABELS "cpu;chapter")
     # The flag contract every chapter keeps: --help and --out work; a bad value or flag exits 2 and says why.
