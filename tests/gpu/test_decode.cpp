@@ -66,7 +66,7 @@ std::vector<std::uint16_t> random_bf16(std::size_t count, af::Rng& rng, float fa
 // standard deviation 1; 4 and 2 give logits q . k of standard deviation 8 sqrt(head_dim) (about 90 at head_dim
 // 128: +-80 is typical, the largest reach +-300) before the 1 / sqrt(head_dim) scale, so one or two keys take
 // almost all the weight and the running maximum of the online softmax jumps by tens, rescaling what came before
-// by factors near exp(-20).
+// by factors as small as exp(-20).
 DecodeProblem make_problem(const DecodeShape& s, std::uint64_t seed, float q_factor = 1.0f, float k_factor = 1.0f) {
   af::Rng rng(seed);
   DecodeProblem p;
