@@ -3,10 +3,10 @@
 #   CTest test (its self-checks), and, for the book, runs it with --out build/generated/FOLDER, capturing
 #   its standard output in build/generated/FOLDER/output.txt. OUTPUTS names the data files the run writes
 #   there (the figures depend on them). A .cu chapter (a kernel chapter) is built when nvcc is present; its
-#   self-check carries the label gpu and is skipped (exit 77) without a GPU; its book outputs are the
-#   measured results committed beside it, not a run of the build machine. FLOAT_FLAGS names the chapter's
-#   floating-point flags, each tested to refuse nan and inf; NO_SEED marks a program that draws nothing at
-#   random (no --seed flag to test).
+#   self-check carries the label gpu and is skipped (exit 77) without a GPU, while its flag tests (label cpu) run
+#   anywhere; its book outputs are the measured results committed beside it, not a run of the build machine.
+#   FLOAT_FLAGS names the chapter's floating-point flags, each tested to refuse nan and inf; NO_SEED marks a
+#   program that draws nothing at random (no --seed flag to test).
 set(AF_CHAPTER_OUTPUTS "" CACHE INTERNAL "Every generated chapter file the book depends on")
 
 function(af_add_chapter folder)
@@ -25,41 +25,46 @@ function(af_add_chapter folder)
   add_executable(${target} ${sources})
   target_link_libraries(${target} PRIVATE af::af)
   add_test(NAME ${target}.self_check COMMAND ${target} ${arg_ARGS})
+  # The flag contract every chapter keeps, kernel chapters included (they parse their flags before they look
+  # for a GPU): --help works; a bad flag or value exits 2 and says why, before anything runs; a seed that would
+  # wrap (-1, above 2^64 - 1) is refused; for the CPU chapters also --out that is a file, inside a file
+  # (/dev/full/x) or two levels below anything that exists (and nothing is created), and nan or inf for a float.
+  set(missing ${CMAKE_CURRENT_BINARY_DIR}/${target}_flag_tests/missing)
+  set(cases "unknown|2|--no-such-flag|no-such-flag")
+  if(NOT arg_NO_SEED)
+    list(APPEND cases "seed_negative|2|--seed,-1|-1 is not a seed"
+         "seed_overflow|2|--seed,99999999999999999999999|not a seed")
+  endif()
   if(sources MATCHES "\\.cu$")
     # A kernel chapter's program exits 77 when the machine has no GPU: CTest reports it as skipped.
     target_link_libraries(${target} PRIVATE af::kernels)
     set_tests_properties(${target}.self_check PROPERTIES LABELS "gpu;chapter" SKIP_RETURN_CODE 77)
+    list(APPEND cases "help|0|--help|--seed")
   else()
     set_tests_properties(${target}.self_check PROPERTIES LABELS "cpu;chapter")
-    # The flag contract every chapter keeps: --help and --out work; a bad value or flag exits 2 and says why,
-    # before anything runs: an --out that is a file, inside a file (/dev/full/x) or two levels below anything
-    # that exists (and nothing is created); a seed that would wrap (-1, above 2^64 - 1); nan or inf for a float.
-    set(missing ${CMAKE_CURRENT_BINARY_DIR}/${target}_flag_tests/missing)
-    set(cases "help|0|--help|--out" "zero|2|--seq-len,0|--seq-len" "unknown|2|--no-such-flag|no-such-flag"
-              "out_is_a_file|2|--out,${PROJECT_SOURCE_DIR}/CMakeLists.txt|is not a directory"
-              "out_in_a_device|2|--out,/dev/full/x|/dev/full is not an existing directory"
-              "out_missing_parent|2|--out,${missing}/child|${missing} is not an existing directory")
-    if(NOT arg_NO_SEED)
-      list(APPEND cases "seed_negative|2|--seed,-1|-1 is not a seed"
-           "seed_overflow|2|--seed,99999999999999999999999|not a seed")
-    endif()
+    list(APPEND cases "help|0|--help|--out" "zero|2|--seq-len,0|--seq-len"
+         "out_is_a_file|2|--out,${PROJECT_SOURCE_DIR}/CMakeLists.txt|is not a directory"
+         "out_in_a_device|2|--out,/dev/full/x|/dev/full is not an existing directory"
+         "out_missing_parent|2|--out,${missing}/child|${missing} is not an existing directory")
     foreach(flag IN LISTS arg_FLOAT_FLAGS)
       string(REGEX REPLACE "^--" "" name "${flag}")
       string(REPLACE "-" "_" name "${name}")
       list(APPEND cases "${name}_nan|2|${flag},nan|nan is not finite" "${name}_inf|2|${flag},inf|inf is not finite")
     endforeach()
-    foreach(case IN LISTS cases)
-      string(REPLACE "|" ";" fields "${case}")
-      list(GET fields 0 name)
-      list(GET fields 1 expected)
-      list(GET fields 2 args)
-      list(GET fields 3 message)
-      string(REPLACE "," ";" args "${args}")
-      add_test(NAME ${target}.flags_${name}
-               COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:${target}> "-DARGS=${args}" -DEXPECTED=${expected}
-                       -DMESSAGE=${message} -DABSENT=${missing} -P ${PROJECT_SOURCE_DIR}/cmake/expect_exit.cmake)
-      set_tests_properties(${target}.flags_${name} PROPERTIES LABELS "cpu;chapter")
-    endforeach()
+  endif()
+  foreach(case IN LISTS cases)
+    string(REPLACE "|" ";" fields "${case}")
+    list(GET fields 0 name)
+    list(GET fields 1 expected)
+    list(GET fields 2 args)
+    list(GET fields 3 message)
+    string(REPLACE "," ";" args "${args}")
+    add_test(NAME ${target}.flags_${name}
+             COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:${target}> "-DARGS=${args}" -DEXPECTED=${expected}
+                     -DMESSAGE=${message} -DABSENT=${missing} -P ${PROJECT_SOURCE_DIR}/cmake/expect_exit.cmake)
+    set_tests_properties(${target}.flags_${name} PROPERTIES LABELS "cpu;chapter")
+  endforeach()
+  if(sources MATCHES "\\.cpp$")
     # Exit status 1: one check made to fail on purpose (af::Checks reads AF_PERTURB_CHECK) fails the program.
     add_test(NAME ${target}.failed_check_exits_1
              COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:${target}> "-DARGS=${arg_ARGS}" -DEXPECTED=1

@@ -5,7 +5,9 @@
 #include "af/error.hpp"
 #include "af/numeric.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace af::kernels {
 
@@ -42,6 +44,42 @@ std::vector<float> reference_decode(const DecodeShape& s, std::span<const std::u
       const af::ConstMatrix km{keys, s.seq_len, d, d}, vm{values, s.seq_len, d, d};
       const af::Tensor o = af::attention(qm, km, vm, options);
       std::copy(o.data(), o.data() + d, out.data() + head * d);
+    }
+  return out;
+}
+
+std::vector<double> reference_decode_f64(const DecodeShape& s, std::span<const std::uint16_t> q,
+                                         std::span<const std::uint16_t> k, std::span<const std::uint16_t> v,
+                                         double scale) {
+  const auto d = s.head_dim, cache = s.seq_len * d;
+  require(static_cast<std::int64_t>(q.size()) == s.batch * s.q_heads * d,
+          "reference_decode_f64: q holds {} values (expected {})", q.size(), s.batch * s.q_heads * d);
+  require(static_cast<std::int64_t>(k.size()) == s.batch * s.kv_heads * cache && k.size() == v.size(),
+          "reference_decode_f64: k holds {} values, v {} (expected {} each)", k.size(), v.size(),
+          s.batch * s.kv_heads * cache);
+  const auto qf = bf16_to_floats(q), kf = bf16_to_floats(k), vf = bf16_to_floats(v);
+  std::vector<double> out(q.size(), 0.0), weights(static_cast<std::size_t>(s.seq_len));
+  for (std::int64_t b = 0; b < s.batch; ++b)
+    for (std::int64_t h = 0; h < s.q_heads; ++h) {
+      const std::int64_t head = b * s.q_heads + h;
+      const float* query = qf.data() + head * d;
+      const float* keys = kf.data() + (b * s.kv_heads + h / s.group()) * cache;
+      const float* values = vf.data() + (b * s.kv_heads + h / s.group()) * cache;
+      // The scaled scores, then exp(score - max score): the largest weight is exactly 1 and nothing overflows.
+      // (A NaN input makes its score NaN, which the sum below carries into every output of the head.)
+      double max_score = -std::numeric_limits<double>::infinity();
+      for (std::int64_t j = 0; j < s.seq_len; ++j) {
+        double dot = 0.0;
+        for (std::int64_t c = 0; c < d; ++c) dot += static_cast<double>(query[c]) * keys[j * d + c];
+        weights[static_cast<std::size_t>(j)] = dot * scale;
+        max_score = std::max(max_score, dot * scale);
+      }
+      double sum = 0.0;
+      for (double& w : weights) sum += (w = std::exp(w - max_score));
+      double* o = out.data() + head * d;
+      for (std::int64_t j = 0; j < s.seq_len; ++j)
+        for (std::int64_t c = 0; c < d; ++c) o[c] += weights[static_cast<std::size_t>(j)] * values[j * d + c];
+      for (std::int64_t c = 0; c < d; ++c) o[c] /= sum;
     }
   return out;
 }

@@ -12,6 +12,7 @@
 
 #include "af/kernels/blocks.hpp"
 #include "af/kernels/device_buffer.hpp"
+#include "af/kernels/gpu_program.hpp"
 #include "af/kernels/timing.hpp"
 #include "af/linalg.hpp"
 #include "af/program.hpp"
@@ -21,17 +22,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <string_view>
 
 namespace {
 
 using af::kernels::DeviceBuffer;
-
-bool wants_help(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i)
-    if (std::string_view(argv[i]) == "--help" || std::string_view(argv[i]) == "-h") return true;
-  return false;
-}
 
 // [check-dot]
 // The GPU sums in a different order than the CPU (per thread, then per warp, then atomically), so the two
@@ -100,7 +94,8 @@ void bench_dot(af::Rng& rng) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"Chapter 20: CUDA building blocks (dot product, matmul, masked row softmax)"};
+  CLI::App app{"Chapter 20: CUDA building blocks (dot product, matmul, masked row softmax)",
+               "ch20_cuda_building_blocks"};
   std::int64_t n = 1000003, m = 70, k = 130, cols = 300;
   std::uint64_t seed = 20;
   bool run_bench = false;
@@ -108,13 +103,9 @@ int main(int argc, char** argv) {
   app.add_option("--m", m, "matmul rows (softmax rows too)")->check(CLI::Range(1, 4096));
   app.add_option("--k", k, "matmul inner dimension")->check(CLI::Range(1, 4096));
   app.add_option("--cols", cols, "matmul columns and softmax keys (at least --m)")->check(CLI::Range(1, 1 << 16));
-  app.add_option("--seed", seed, "random seed");
+  app.add_option("--seed", seed, "random seed")->check(af::seed_value());
   app.add_flag("--bench", run_bench, "also time the dot product on 2 GiB of input");
-  if (!af::kernels::cuda_device_present() && !wants_help(argc, argv)) {
-    std::puts("ch20_cuda_building_blocks: no CUDA device: skipping (exit 77)");
-    return 77;
-  }
-  return af::run_program(app, argc, argv, [&] {
+  return af::kernels::run_gpu_program(app, argc, argv, [&] {
     af::Rng rng(seed);
     af::Checks checks;
     check_dot(checks, n, rng);

@@ -5,8 +5,12 @@
 /// failed, 2 bad flags, arguments or environment), writing the figure data, and the report of each check
 /// against its tolerance.
 
-#include <fmt/format.h>
 #include <CLI/CLI.hpp>
+// nvcc 13 cannot parse fmt 9 in C++20 mode, and the kernel chapters (.cu) write no data files: they see
+// everything here but OutputFile and write_output_file.
+#ifndef __CUDACC__
+#include <fmt/format.h>
+#endif
 
 #include <cstdint>
 #include <filesystem>
@@ -52,6 +56,7 @@ CLI::Validator output_directory();
 /// and returns it. Throws af::Error naming `dir` when it is not a directory or cannot be created.
 std::filesystem::path make_output_directory(const std::string& dir);
 
+#ifndef __CUDACC__
 /// The text of one output file, gathered by `write_output_file`'s writer with fmt-style `print`.
 class OutputFile {
  public:
@@ -70,6 +75,7 @@ class OutputFile {
 /// permission denied, no space left on the device) when any step fails; nothing is written if `writer`
 /// throws.
 void write_output_file(const std::filesystem::path& path, const std::function<void(OutputFile&)>& writer);
+#endif  // __CUDACC__
 
 /// Prints one line per check (what was compared, the error, the tolerance, PASS or FAIL) and remembers
 /// whether all passed. A NaN or infinite error or tolerance fails (af::within_tolerance).

@@ -23,6 +23,13 @@ std::vector<float> bf16_to_floats(std::span<const std::uint16_t> bits);
 std::vector<float> reference_decode(const DecodeShape& shape, std::span<const std::uint16_t> q,
                                     std::span<const std::uint16_t> k, std::span<const std::uint16_t> v);
 
+/// Decode attention in float64 from the same bf16 values, with `scale` multiplying q . k: the exact answer up
+/// to float64 rounding (about 1e-16), against which the GPU tests bound every output element of a kernel
+/// (bf16 inputs, float32 accumulation, bf16 output). Same layouts as reference_decode.
+std::vector<double> reference_decode_f64(const DecodeShape& shape, std::span<const std::uint16_t> q,
+                                         std::span<const std::uint16_t> k, std::span<const std::uint16_t> v,
+                                         double scale);
+
 /// ||a - b|| / ||b|| (Frobenius); NaN when `a` holds a NaN or an infinity.
 double relative_error(std::span<const float> a, std::span<const float> b);
 
