@@ -57,6 +57,8 @@ TEST_CASE("A bounded cache's card prints the rows it really holds", "[accounting
   const af::CacheCard sinks = af::with_kept_sinks(dense, 4, 2044);
   CHECK_THAT(af::format_cache_card(sinks, {}, contexts), Catch::Matchers::Contains("[min(T, 2048), 8, 128]"));
   CHECK(sinks.stored_tokens(100000) == 2048);
+}
+
 TEST_CASE("Attention FLOPs are counted from the shapes", "[accounting][flops]") {
   // Dense: 2 H d for the score and 2 H d for the value mix of each entry read, for every head.
   const af::CacheCard gqa = af::dense_kv_card("GQA", 32, 8, 128, af::DType::bf16);
