@@ -5,6 +5,7 @@ assembled in the build tree (build/book/src) from links to book/'s pages, to cha
 files, and the Doxygen XML folder comes in as `-D breathe_projects.af=<build>/book/doxygen/xml`.
 """
 
+import logging
 import sys
 from pathlib import Path
 
@@ -22,10 +23,11 @@ extensions = [
     "offline_mathjax",  # book/_ext: MathJax 2.7 copied from Debian, so that math renders with no network
 ]
 
-# The pages: the landing page, the API reference and one README per chapter. Other Markdown files in a
-# chapter folder (notes, results) and the generated files are not pages of their own.
+# The pages: the landing page, one opening page per part, the notation and the glossary, the API reference
+# (one page per group of headers, book/api/) and one README per chapter. Other Markdown files in a chapter
+# folder (notes, results) and the generated files are not pages of their own.
 source_suffix = {".md": "markdown"}
-include_patterns = ["index.md", "api.md", "chapters/*/README.md"]
+include_patterns = ["index.md", "part[1-4].md", "notation.md", "glossary.md", "api/*.md", "chapters/*/README.md"]
 
 # MyST: `$...$` and `$$...$$` math, amsmath environments, `:::` fences, definition lists, {attributes}.
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist", "attrs_inline"]
@@ -39,6 +41,23 @@ breathe_default_project = "af"
 breathe_domain_by_extension = {"hpp": "cpp", "h": "cpp", "cuh": "cpp"}
 breathe_default_members = ("members",)
 primary_domain = "cpp"
+
+
+# The API reference has one page per group of headers, each header rendered once by `doxygenfile`. Breathe
+# declares the enclosing namespace (`af`, `af::kernels`) again on every header's page, which the C++ domain
+# reports as a duplicate declaration; only those namespace declarations are let through, so that a real
+# entity documented twice still fails the build.
+class _NamespaceRedeclaration(logging.Filter):
+    namespaces = {"af", "kernels", "af::kernels"}
+
+    def filter(self, record):
+        args = record.args if isinstance(record.args, tuple) else ()
+        duplicate = isinstance(record.msg, str) and record.msg.startswith("Duplicate C++ declaration")
+        return not (duplicate and len(args) == 4 and str(args[3]) in self.namespaces)
+
+
+for _name in ("sphinx.sphinx.domains.cpp", "sphinx.sphinx.domains.cpp._symbol"):
+    logging.getLogger(_name).addFilter(_NamespaceRedeclaration())
 
 # One bibliography file for the whole book; each chapter lists the works it cites in its "Sources" section
 # (a `bibliography` directive with `:filter: docname in docnames`). Citations read "Vaswani et al., 2017";

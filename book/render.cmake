@@ -10,15 +10,23 @@ if(NOT EXISTS ${SPHINX_BUILD})
 endif()
 
 # The source folder: book/'s pages next to `chapters` and `generated`, so that a chapter page is the
-# document chapters/NN_slug/README and can include /generated/... files. Remaking the links is cheap and
-# drops the link of a page that no longer exists; Sphinx looks at the files behind them.
+# document chapters/NN_slug/README and can include /generated/... files (book/api/ is linked whole, as api/).
+# Remaking the links is cheap and drops the link of a page that no longer exists; Sphinx looks at the files
+# behind them.
 set(source_dir ${BOOK_DIR}/src)
 file(REMOVE_RECURSE ${source_dir})  # removes the links, never what they point to
 file(MAKE_DIRECTORY ${source_dir})
 foreach(page IN LISTS PAGES)
+  if(page STREQUAL "")  # a list written with a trailing ';'
+    continue()
+  endif()
   get_filename_component(name ${page} NAME)
   file(CREATE_LINK ${page} ${source_dir}/${name} SYMBOLIC)
 endforeach()
+# The API reference's pages live in book/api/ (one page per group of headers).
+if(IS_DIRECTORY ${CONF_DIR}/api)
+  file(CREATE_LINK ${CONF_DIR}/api ${source_dir}/api SYMBOLIC)
+endif()
 file(CREATE_LINK ${CHAPTERS_DIR} ${source_dir}/chapters SYMBOLIC)
 file(CREATE_LINK ${GENERATED_DIR} ${source_dir}/generated SYMBOLIC)
 

@@ -11,6 +11,8 @@ For each page (every .html file under --html, or only --pages, given relative to
   - math that MathJax left untypeset: once MathJax has finished, every element of class "math" must hold
     MathJax output, no MathJax error, and no raw TeX delimiters in its visible text;
   - a SEVERE message in the browser console (a script error, a file that failed to load);
+  - a broken internal link: an <a href> to a local file that does not exist, or to an #anchor that the target
+    page does not define (no element with that id or name);
   - for search.html, a search for --search WORD that finds nothing.
 --screenshot DIR saves a full-page PNG of each checked page there, for a person to look at.
 
@@ -23,6 +25,7 @@ or setup error, 77 (CTest's skip) when the book has not been rendered.
 import argparse
 import base64
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import quote, unquote, urlparse
 
@@ -71,6 +74,50 @@ for (const el of document.querySelectorAll('.math')) {
 }
 return [problems, embedded];
 """
+
+
+# The resolved href of every link of the page (the browser resolves relative links against the page).
+LINKS = "return Array.from(document.querySelectorAll('a[href]'), (a) => a.href);"
+
+
+class _Anchors(HTMLParser):
+    """Collects the id and name attributes of a page: the anchors a #fragment may point to."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchors = set()
+
+    def handle_starttag(self, tag, attrs):
+        for key, value in attrs:
+            if key in ("id", "name") and value:
+                self.anchors.add(value)
+
+
+_anchor_cache = {}
+
+
+def anchors_of(path):
+    """The anchors of the HTML file at `path` (read once)."""
+    if path not in _anchor_cache:
+        parser = _Anchors()
+        parser.feed(path.read_text(encoding="utf-8", errors="replace"))
+        _anchor_cache[path] = parser.anchors
+    return _anchor_cache[path]
+
+
+def broken_links(hrefs):
+    """The problems of a page's links to local files: a missing file, or a missing #anchor in an HTML file."""
+    problems = []
+    for href in dict.fromkeys(hrefs):  # each link once, in page order
+        url = urlparse(href)
+        if url.scheme != "file":
+            continue  # links out of the book are not checked (the book is read offline)
+        target = Path(unquote(url.path))
+        if not target.exists():
+            problems.append(f"broken link: {href} (no such file)")
+        elif url.fragment and target.suffix == ".html" and unquote(url.fragment) not in anchors_of(target):
+            problems.append(f"broken link: {href} (no #{unquote(url.fragment)} on that page)")
+    return problems
 
 
 # Waits for Sphinx's search to finish (its status line says so) and returns the number of results.
@@ -136,6 +183,7 @@ def check_page(driver, url):
         problems.append(f"MathJax did not finish within {MATHJAX_TIMEOUT_S} s")
     found, embedded = driver.execute_script(FIND_PROBLEMS)
     problems += found
+    problems += broken_links(driver.execute_script(LINKS))
     for url in embedded:
         if not (url.startswith("file://") and Path(unquote(urlparse(url).path)).is_file()):
             problems.append(f"embedded resource missing: {url}")
