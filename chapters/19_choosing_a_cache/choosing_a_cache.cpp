@@ -223,21 +223,6 @@ struct Numbers {
   std::vector<double> read, decode_flops, prefill_flops;
 };
 
-// `text` in lines of at most `width` characters, broken at spaces.
-std::vector<std::string> wrap(const std::string& text, std::size_t width) {
-  std::vector<std::string> lines(1);
-  std::size_t start = 0;
-  while (start < text.size()) {
-    std::size_t end = text.find(' ', start);
-    if (end == std::string::npos) end = text.size();
-    const std::string word = text.substr(start, end - start);
-    if (!lines.back().empty() && lines.back().size() + 1 + word.size() > width) lines.emplace_back();
-    lines.back() += (lines.back().empty() ? "" : " ") + word;
-    start = end + 1;
-  }
-  return lines;
-}
-
 std::vector<Row> rows() {
   const af::DType bf16 = af::DType::bf16;
   std::vector<Row> table;
@@ -416,7 +401,7 @@ int main(int argc, char** argv) {
       for (const auto& [field, text] :
            {std::pair{"caches", &r.caches}, {"gives up", &r.gives_up}, {"used by", &r.used_by}}) {
         bool first = true;
-        for (const std::string& line : wrap(*text, 90)) {
+        for (const std::string& line : af::wrap_words(*text, 90)) {
           fmt::print("       {:<9} {}\n", first ? field : "", line);
           first = false;
         }

@@ -167,9 +167,7 @@ std::string human_bytes(double bytes) {
   return fmt::format("{:.2f} {}", bytes, units[unit]);
 }
 
-namespace {
-// Splits `text` into lines of at most `width` characters at spaces.
-std::vector<std::string> wrap(const std::string& text, std::size_t width) {
+std::vector<std::string> wrap_words(const std::string& text, std::size_t width) {
   std::vector<std::string> lines(1);
   std::size_t start = 0;
   while (start < text.size()) {
@@ -182,7 +180,6 @@ std::vector<std::string> wrap(const std::string& text, std::size_t width) {
   }
   return lines;
 }
-}  // namespace
 
 std::string format_cache_card(const CacheCard& card, std::span<const ModelCache> models,
                               std::span<const std::int64_t> contexts) {
@@ -192,7 +189,7 @@ std::string format_cache_card(const CacheCard& card, std::span<const ModelCache>
   };
   const auto paragraph = [&line](std::string_view label, const std::string& text) {
     bool first = true;
-    for (const std::string& l : wrap(text, 72)) line(first ? label : "", l), first = false;
+    for (const std::string& l : wrap_words(text, 72)) line(first ? label : "", l), first = false;
   };
   paragraph("projected", card.projected);
   std::vector<std::string> stored, names;

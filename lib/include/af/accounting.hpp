@@ -156,4 +156,8 @@ std::string format_cache_card(const CacheCard& card, std::span<const ModelCache>
 /// A byte count with its binary unit, e.g. "128 KiB" or "1.50 GiB".
 std::string human_bytes(double bytes);
 
+/// `text` in lines of at most `width` characters, broken at spaces (a word longer than `width` keeps a line
+/// of its own), as the cards and tables print their prose.
+std::vector<std::string> wrap_words(const std::string& text, std::size_t width);
+
 }  // namespace af
