@@ -1,4 +1,4 @@
-# Chapter 22: the project's best decode kernel against the peers of the same run, per PERF.md shape, as a
+# Chapter 22: the project's best decode kernel against the peers of the same run, per benchmark shape, as a
 # percentage of the read-only bandwidth (kernels/results/decode_h100.csv, read from figures/).
 load 'style.gp'
 if (!exists("csv")) csv = '../kernels/results/decode_h100.csv'

@@ -1,4 +1,4 @@
-# Chapter 22: every decode kernel version on every PERF.md shape, as a percentage of the read-only bandwidth
+# Chapter 22: every decode kernel version on every benchmark shape, as a percentage of the read-only bandwidth
 # measured in the same run: the committed result file kernels/results/decode_h100.csv (read from figures/).
 load 'style.gp'
 if (!exists("csv")) csv = '../kernels/results/decode_h100.csv'

@@ -409,7 +409,7 @@ TEST_CASE("Bad V4 shapes and weights throw, naming the value", "[compressed]") {
 }
 
 TEST_CASE("The V4 cards give the published models' derived bytes", "[compressed]") {
-  // shared MODELS.md §3 (derived from the configs, bf16 as the reference's tensors): CSA grows by
+  // Derived from DeepSeek-V4-Flash's config.json (bf16, as the reference code's tensors): CSA grows by
   // (512 + 128) / 4 x 2 = 320 B per token and layer, HCA by 512 / 128 x 2 = 8 B; the window is 128 x 512 x 2.
   const af::V4LayerCard csa = af::v4_layer_card(af::deepseek_v4_flash_shape(af::V4LayerKind::csa));
   const af::V4LayerCard hca = af::v4_layer_card(af::deepseek_v4_flash_shape(af::V4LayerKind::hca));

@@ -365,7 +365,8 @@ TEST_CASE("emulated FP8 indexer: the Hadamard rotation keeps dot products, E4M3 
 }
 
 TEST_CASE("DSA cache card: DeepSeek-V3.2's bytes per token and the split decode reads", "[dsa][accounting]") {
-  // 61 layers; MLA c_KV 512 + k_rope 64 in bf16; index key 128 in FP8 with one float32 scale (MODELS.md section 2).
+  // 61 layers; MLA c_KV 512 + k_rope 64 in bf16; index key 128 in FP8 with one float32 scale per 128 values
+  // (deepseek-ai/DeepSeek-V3.2-Exp, inference/config_671B_v3.2.json and inference/model.py, class Indexer).
   const af::CacheCard card = af::dsa_card(128, 512, 64, af::DType::bf16, 64, 128, af::DType::fp8_e4m3, 1, 2048);
   CHECK(card.bytes_per_token() == 1152 + 128 + 4);
   CHECK(61 * card.bytes_per_token() == 78324);

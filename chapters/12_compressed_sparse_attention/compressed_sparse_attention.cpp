@@ -550,7 +550,7 @@ int main(int argc, char** argv) {
     // baseline (GQA with 8 KV heads of 128 and V4-Flash's 43 layers). V4: windows, compressed entries,
     // indexer keys and pending blocks per layer kind.
     const af::ModelCache v3 = af::model_preset("DeepSeek-V3").cache(af::DType::bf16);
-    const af::ModelCache v32{"DeepSeek-V3.2", "MODELS.md §2", 61,
+    const af::ModelCache v32{"DeepSeek-V3.2", "deepseek-ai/DeepSeek-V3.2-Exp config_671B_v3.2.json", 61,
                              af::dsa_card(128, 512, 64, af::DType::bf16, 64, 128, af::DType::fp8_e4m3, 1, 2048)};
     const af::ModelCache llama = af::dense_model("Llama-3.1-70B").cache(af::DType::bf16);
     const af::ModelCache gqa8{"GQA8-d128 x 43 (V4 report baseline)", "V4 report §2.3.4", 43,
@@ -584,9 +584,9 @@ int main(int argc, char** argv) {
         "of V3.2's\n  (V4 entries and V3.2's latents in bf16, V3.2's index keys in FP8; the report's 7% / 10% "
         "compare its mixed FP8 / BF16 / FP4 format with V3.2 in FP8, its 2% with a bf16 GQA8 baseline)\n\n",
         100 * flash_vs_v32, 100 * flash_vs_gqa, 100 * pro_vs_v32);
-    checks.expect_true("V4-Flash grows by 6,880 B per token in bf16 (MODELS.md §3)", rows[4].per_token == 6880.0);
-    checks.expect_true("V4-Pro grows by 9,848 B per token in bf16 (MODELS.md §3)", rows[5].per_token == 9848.0);
-    checks.expect_true("DeepSeek-V3.2 stores 78,324 B per token (MODELS.md §2)", v32.bytes_per_token() == 78324);
+    checks.expect_true("V4-Flash grows by 6,880 B per token in bf16 (21 x 320 + 20 x 8)", rows[4].per_token == 6880.0);
+    checks.expect_true("V4-Pro grows by 9,848 B per token in bf16 (30 x 320 + 31 x 8)", rows[5].per_token == 9848.0);
+    checks.expect_true("DeepSeek-V3.2 stores 78,324 B per token (61 x (1152 + 132))", v32.bytes_per_token() == 78324);
 
     // ---- 3. selection, measured -----------------------------------------------------------------------------
     af::V4Shape ps = tiny_shape(af::V4LayerKind::csa);

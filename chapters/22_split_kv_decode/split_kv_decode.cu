@@ -1,7 +1,7 @@
 // Chapter 22 — split-KV decode: the cache split across blocks, partial results with their log-sum-exp, and a
 // combine step.
 //
-// Prints, for each decode shape of shared/PERF.md, the split count the plan chooses from the shape and the
+// Prints, for each decode shape of the benchmark (kernels/bench/bench_decode.py), the split count the plan chooses from the shape and the
 // multiprocessor count; runs v3_split (CUDA cores), v4_mma (tensor cores) and v5_pipelined (v4 with the next
 // tile's loads in flight) with the chosen and with forced split counts on fresh random bf16 inputs, checks
 // each against the CPU reference, and with --bench times them on a long cache of one sequence.
@@ -42,7 +42,7 @@ int sm_count() {
 std::string name(DecodeVersion v) { return std::string(af::kernels::name_of(v)); }
 
 // [print-plans]
-// What the plan chooses for the shapes of shared/PERF.md: a batch that fills the machine keeps one split;
+// What the plan chooses for the benchmark's decode shapes: a batch that fills the machine keeps one split;
 // one long sequence is cut into as many splits as fill the resident blocks once.
 void print_plans() {
   struct Named {

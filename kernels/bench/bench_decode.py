@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Decode-attention benchmark: the project's kernel versions and the peers, on every shape of PERF.md, in one
-process and one GPU run, with one timer.
+"""Decode-attention benchmark: the project's kernel versions and the peers, on every decode shape of SHAPES
+(below), in one process and one GPU run, with one timer.
 
 The project's kernels come in through ctypes from build/lib/libaf_kernels_capi.so (target af_kernels_capi), so
 that they and the peers (cuDNN SDPA, SDPA's FlashAttention, FlexAttention compiled, eager grouped bmm, and
@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-SHAPES = [  # name, batch, cached tokens, q heads, kv heads, head dim (PERF.md)
+SHAPES = [  # name, batch, cached tokens, q heads, kv heads, head dim (the serving shapes timed)
     ("llama3-8b", 256, 4096, 32, 8, 128),
     ("qwen3-30b-a3b", 256, 4096, 32, 4, 128),
     ("qwen3-235b-a22b", 256, 4096, 64, 4, 128),
@@ -265,7 +265,7 @@ def main():
     ap.add_argument("--lib", default="build/lib/libaf_kernels_capi.so")
     ap.add_argument("--out", default="decode_h100.csv")
     ap.add_argument("--commit", default="unknown")
-    ap.add_argument("--shapes", default="all", help="comma-separated names from PERF.md, or all")
+    ap.add_argument("--shapes", default="all", help="comma-separated names from SHAPES, or all")
     ap.add_argument("--versions", default=",".join(VERSIONS))
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--sweep", default="", help="e.g. 'v4_mma:1,2,4': also time these forced split counts")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Runs one PERF.md decode shape through the project's best kernel and through the peers, a few calls each,
+"""Runs one decode shape of bench_decode.py's SHAPES through the project's best kernel and through the peers, a few calls each,
 so that Nsight Compute can profile the kernels side by side (kernels/NOTES.md, "Where the last percent goes"):
 
   ncu --clock-control none -k regex:'decode_mma|sdpa|fmha|flash' --launch-skip 4 --launch-count 6 \

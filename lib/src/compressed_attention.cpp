@@ -517,7 +517,7 @@ std::string format_v4_layer_card(const V4LayerCard& card, std::span<const std::i
 namespace {
 // V4-Flash and V4-Pro: config.json of deepseek-ai/DeepSeek-V4-Flash (GitHub mirror yafengge/DeepSeek-V4-Flash,
 // up to commit 553034d) and the V4 report §4.2.1 for Pro; counts of compress_ratios entries 0 / 4 / 128 over the
-// main layers (the last entry is the MTP layer, not counted). See shared MODELS.md §3.
+// main layers (the last entry is the MTP layer, not counted).
 V4Shape v4_shape(V4LayerKind kind, std::int64_t hidden, std::int64_t heads, std::int64_t q_lora, std::int64_t topk,
                  std::int64_t groups) {
   V4Shape s;

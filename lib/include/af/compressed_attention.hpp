@@ -227,7 +227,7 @@ std::string format_v4_layer_card(const V4LayerCard& card, std::span<const std::i
 
 /// DeepSeek-V4-Flash (43 layers: 2 sliding, 21 CSA, 20 HCA; H 64, c 512, rope 64, W 128, m 4 / 128,
 /// top-k 512, H_I 64, c_I 128) and V4-Pro (61 layers: 0 / 30 / 31; H 128, top-k 1024), from their config.json
-/// and the V4 report (see shared MODELS.md §3).
+/// (deepseek-ai/DeepSeek-V4-Flash) and the DeepSeek-V4 report.
 InterleavedModel deepseek_v4_flash(DType dtype = DType::bf16);
 InterleavedModel deepseek_v4_pro(DType dtype = DType::bf16);
 /// The V4-Flash shape of one layer kind (published sizes).

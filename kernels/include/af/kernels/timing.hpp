@@ -1,6 +1,6 @@
 #pragma once
 /// @file timing.hpp
-/// Timing as shared/PERF.md says: CUDA events around each call, warm-up calls first, the median and the 95th
+/// How the book times a kernel: CUDA events around each call, warm-up calls first, the median and the 95th
 /// percentile of the timed calls. The caller rotates its inputs (the call gets the iteration number) so that
 /// the working set exceeds the L2 cache.
 
