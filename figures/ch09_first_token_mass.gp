@@ -1,11 +1,11 @@
 # Chapter 09: attention mass on token 0 per query position, measured in the chapter's program: random
 # queries and keys, the constructed case (token 0's key aligned with a direction all queries share), and the
-# constructed case with a learned sink logit.
+# constructed case with a learned sink logit; each curve the mean over the program's draws.
 # Data: 09_sink_tokens/first_token_mass.dat, a header row of labels, then "query mass mass mass".
 load 'style.gp'
 
 data = datadir.'/09_sink_tokens/first_token_mass.dat'
-set title 'Attention mass on token 0 (one head, full causal attention)'
+set title 'Attention mass on token 0 (one head, full causal attention; mean of 32 draws)'
 set xlabel 'query position t'
 set ylabel 'weight on token 0'
 set yrange [0 : 1]

@@ -414,51 +414,80 @@ int main(int argc, char** argv) {
 
     // Why attention piles onto early tokens: measured in a constructed situation.
     const std::int64_t n = std::max<std::int64_t>(seq_len, 2);
-    af::Rng crng(seed + 1);
-    const Constructed plain = construct(crng, n, head_dim, 2.0, 0.0);
-    af::Rng crng2(seed + 1);
-    const Constructed aligned = construct(crng2, n, head_dim, 2.0, 3.0);
+    // One draw of random vectors is an anecdote: every number below is a mean over `draws` independent draws
+    // (seeds seed + 1, seed + 2, ...), given with a 95 % interval (mean +- 1.96 standard errors).
+    constexpr int draws = 32;
     const auto all = [](std::int64_t, std::int64_t) { return true; };
     const double no_sink = -std::numeric_limits<double>::infinity(), learned_logit = 3.0;
-    fmt::print("\nAttention mass on token 0 (one head, d = {}, causal, no window), mean over queries t >= 1:\n",
-               head_dim);
-    double mass_plain = 0.0, mass_aligned = 0.0, mass_learned = 0.0, uniform = 0.0;
-    std::array<double, 4> err{};  // mean |output - full|: {plain, aligned} x {window only, sink 0 + window}
-    std::vector<std::array<double, 4>> curve;
-    for (std::int64_t t = 1; t < n; ++t) {
-      const auto [m_plain, o_plain] = attend_one(plain, t, all, no_sink);
-      const auto [m_aligned, o_full] = attend_one(aligned, t, all, no_sink);
-      const auto [m_learned, o_learned] = attend_one(aligned, t, all, learned_logit);
-      mass_plain += m_plain / static_cast<double>(n - 1);
-      mass_aligned += m_aligned / static_cast<double>(n - 1);
-      mass_learned += m_learned / static_cast<double>(n - 1);
-      uniform += 1.0 / static_cast<double>((t + 1) * (n - 1));
-      curve.push_back({static_cast<double>(t), m_plain, m_aligned, m_learned});
-      // [evict]
-      // A window cache evicts token 0 once t >= W; a kept-sink cache (S = 1 here) keeps it. Each is compared
-      // with full causal attention, in the plain and in the constructed case.
-      const auto window_only = [&](std::int64_t q, std::int64_t j) { return sees(q, j, 0, window); };
-      const auto sink_and_window = [&](std::int64_t q, std::int64_t j) { return sees(q, j, 1, window); };
-      const double per = 1.0 / static_cast<double>(n - 1);
-      err[0] += per * distance(attend_one(plain, t, window_only, no_sink).second, o_plain);
-      err[1] += per * distance(attend_one(plain, t, sink_and_window, no_sink).second, o_plain);
-      err[2] += per * distance(attend_one(aligned, t, window_only, no_sink).second, o_full);
-      err[3] += per * distance(attend_one(aligned, t, sink_and_window, no_sink).second, o_full);
-      // [/evict]
-    }
-    fmt::print("  random queries and keys (nothing constructed)            {:.4f}  (uniform would be ~ {:.4f})\n",
-               mass_plain, uniform);
-    fmt::print("  queries share a direction u, token 0's key = 3 u + noise  {:.4f}\n", mass_aligned);
     fmt::print(
-        "  same, plus a learned sink logit of {:.1f} (no value)         {:.4f}  (mass on the sink column is the "
-        "rest)\n",
-        learned_logit, mass_learned);
-    fmt::print("\nEvicting token 0: mean over queries of max |output - full causal attention|, window W = {}\n",
-               window);
-    fmt::print("  {:<34} {:>14} {:>18}\n", "", "window only", "token 0 + window");
-    fmt::print("  {:<34} {:>14.4f} {:>18.4f}\n", "random (nothing constructed)", err[0], err[1]);
-    fmt::print("  {:<34} {:>14.4f} {:>18.4f}\n", "constructed: key 0 aligned", err[2], err[3]);
-    checks.expect_true("the constructed direction moves attention onto token 0", mass_aligned > mass_plain);
+        "\nAttention mass on token 0 (one head, d = {}, causal, no window), mean over queries t >= 1; mean "
+        "and 95 % interval over {} draws:\n",
+        head_dim, draws);
+    // Per draw: mass on token 0 {plain, aligned, learned sink}, then mean |output - full| of
+    // {plain, aligned} x {window only, sink 0 + window}.
+    std::vector<std::array<double, 7>> per_draw;
+    std::vector<std::array<double, 4>> curve(static_cast<std::size_t>(n - 1), std::array<double, 4>{});
+    double uniform = 0.0;
+    for (std::int64_t t = 1; t < n; ++t) uniform += 1.0 / static_cast<double>((t + 1) * (n - 1));
+    for (int draw = 0; draw < draws; ++draw) {
+      af::Rng crng(seed + 1 + static_cast<std::uint64_t>(draw));
+      const Constructed plain = construct(crng, n, head_dim, 2.0, 0.0);
+      af::Rng crng2(seed + 1 + static_cast<std::uint64_t>(draw));
+      const Constructed aligned = construct(crng2, n, head_dim, 2.0, 3.0);
+      std::array<double, 7> m{};
+      for (std::int64_t t = 1; t < n; ++t) {
+        const auto [m_plain, o_plain] = attend_one(plain, t, all, no_sink);
+        const auto [m_aligned, o_full] = attend_one(aligned, t, all, no_sink);
+        const auto [m_learned, o_learned] = attend_one(aligned, t, all, learned_logit);
+        const double per = 1.0 / static_cast<double>(n - 1);
+        m[0] += per * m_plain, m[1] += per * m_aligned, m[2] += per * m_learned;
+        const auto at = static_cast<std::size_t>(t - 1);
+        curve[at] = {static_cast<double>(t), curve[at][1] + m_plain / draws, curve[at][2] + m_aligned / draws,
+                     curve[at][3] + m_learned / draws};
+        // [evict]
+        // A window cache evicts token 0 once t >= W; a kept-sink cache (S = 1 here) keeps it. Each is compared
+        // with full causal attention, in the plain and in the constructed case.
+        const auto window_only = [&](std::int64_t q, std::int64_t j) { return sees(q, j, 0, window); };
+        const auto sink_and_window = [&](std::int64_t q, std::int64_t j) { return sees(q, j, 1, window); };
+        m[3] += per * distance(attend_one(plain, t, window_only, no_sink).second, o_plain);
+        m[4] += per * distance(attend_one(plain, t, sink_and_window, no_sink).second, o_plain);
+        m[5] += per * distance(attend_one(aligned, t, window_only, no_sink).second, o_full);
+        m[6] += per * distance(attend_one(aligned, t, sink_and_window, no_sink).second, o_full);
+        // [/evict]
+      }
+      per_draw.push_back(m);
+    }
+    // Mean and half-width of the 95 % interval of column `c` over the draws.
+    const auto interval = [&](std::size_t c) {
+      double mean = 0.0, square = 0.0;
+      for (const auto& m : per_draw) mean += m[c] / draws;
+      for (const auto& m : per_draw) square += (m[c] - mean) * (m[c] - mean) / (draws - 1);
+      return std::pair{mean, 1.96 * std::sqrt(square / draws)};
+    };
+    const auto shown = [&](std::size_t c) {
+      const auto [mean, half] = interval(c);
+      return fmt::format("{:.4f} +- {:.4f}", mean, half);
+    };
+    int aligned_wins = 0;
+    for (const auto& m : per_draw) aligned_wins += m[1] > m[0] ? 1 : 0;
+    fmt::print("  random queries and keys (nothing constructed)            {}  (uniform would be ~ {:.4f})\n", shown(0),
+               uniform);
+    fmt::print("  queries share a direction u, token 0's key = 3 u + noise  {}  (above random in {} of {} draws)\n",
+               shown(1), aligned_wins, draws);
+    fmt::print(
+        "  same, plus a learned sink logit of {:.1f} (no value)         {}  (mass on the sink column is the rest)\n",
+        learned_logit, shown(2));
+    fmt::print(
+        "\nEvicting token 0: mean over queries of max |output - full causal attention|, window W = {}; mean and "
+        "95 % interval over {} draws\n",
+        window, draws);
+    fmt::print("  {:<34} {:>18} {:>18}\n", "", "window only", "token 0 + window");
+    fmt::print("  {:<34} {:>18} {:>18}\n", "random (nothing constructed)", shown(3), shown(4));
+    fmt::print("  {:<34} {:>18} {:>18}\n", "constructed: key 0 aligned", shown(5), shown(6));
+    const auto [plain_mass, plain_half] = interval(0);
+    const auto [aligned_mass, aligned_half] = interval(1);
+    checks.expect_true("the constructed direction moves attention onto token 0 (95 % intervals apart)",
+                       aligned_mass - aligned_half > plain_mass + plain_half);
 
     // [retrieval]
     // A retrieval whose answer sits at position P of n tokens: visible to the window only when P is among the
