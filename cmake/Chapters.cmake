@@ -69,7 +69,9 @@ function(af_add_chapter folder)
     add_test(NAME ${target}.failed_check_exits_1
              COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:${target}> "-DARGS=${arg_ARGS}" -DEXPECTED=1
                      "-DMESSAGE=FAIL  .perturbed by AF_PERTURB_CHECK" -P ${PROJECT_SOURCE_DIR}/cmake/expect_exit.cmake)
-    set_tests_properties(${target}.failed_check_exits_1 PROPERTIES LABELS "cpu;chapter" ENVIRONMENT
+    # It runs the whole program again, so it stays out of the sanitizer run (label cpu): the self-check covers
+    # the same code there.
+    set_tests_properties(${target}.failed_check_exits_1 PROPERTIES LABELS "chapter" ENVIRONMENT
                                                                    "AF_PERTURB_CHECK=*")
     # Every flag at its minimum and at its maximum, the others at their defaults: each runs, passes its checks
     # and finishes in seconds (tests/chapter_flags/flag_extremes.cmake). Minutes for all chapters, so only with
@@ -88,7 +90,7 @@ function(af_add_chapter folder)
 endfunction()
 
 # af_add_flag_test(FOLDER NAME EXPECTED MESSAGE ARG...)
-#   One more flag test of a chapter (label cpu;chapter): runs it with the ARGs and expects exit status EXPECTED
+#   One more flag test of a chapter (label chapter; cpu too for a refusal): runs it with the ARGs and expects exit status EXPECTED
 #   and, unless MESSAGE is empty, output matching the regular expression MESSAGE.
 function(af_add_flag_test folder name expected message)
   set(target ch${folder})
@@ -98,7 +100,13 @@ function(af_add_flag_test folder name expected message)
   add_test(NAME ${target}.flags_${name}
            COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:${target}> "-DARGS=${ARGN}" -DEXPECTED=${expected}
                    "-DMESSAGE=${message}" -P ${PROJECT_SOURCE_DIR}/cmake/expect_exit.cmake)
-  set_tests_properties(${target}.flags_${name} PROPERTIES LABELS "cpu;chapter")
+  # A run that must pass at a flag's maximum is a full, heavy run: not repeated under the sanitizers (label cpu);
+  # a refusal (exit 2) is cheap and stays there.
+  if(expected EQUAL 0)
+    set_tests_properties(${target}.flags_${name} PROPERTIES LABELS "chapter")
+  else()
+    set_tests_properties(${target}.flags_${name} PROPERTIES LABELS "cpu;chapter")
+  endif()
 endfunction()
 
 # af_add_book_run(TARGET FOLDER [ARGS arg...] [OUTPUTS file...])
