@@ -23,14 +23,22 @@ std::vector<float> bf16_to_floats(std::span<const std::uint16_t> bits) {
   return values;
 }
 
+namespace {
+// The sizes a decode reference needs: q of [batch, q_heads, head_dim], k and v of [batch, kv_heads, seq_len,
+// head_dim].
+void require_decode_sizes(const char* who, const DecodeShape& s, std::size_t q, std::size_t k, std::size_t v) {
+  const std::int64_t d = s.head_dim;
+  require(static_cast<std::int64_t>(q) == s.batch * s.q_heads * d, "{}: q holds {} values (expected {})", who, q,
+          s.batch * s.q_heads * d);
+  require(static_cast<std::int64_t>(k) == s.batch * s.kv_heads * s.seq_len * d && k == v,
+          "{}: k holds {} values, v {} (expected {} each)", who, k, v, s.batch * s.kv_heads * s.seq_len * d);
+}
+}  // namespace
+
 std::vector<float> reference_decode(const DecodeShape& s, std::span<const std::uint16_t> q,
                                     std::span<const std::uint16_t> k, std::span<const std::uint16_t> v) {
   const auto d = s.head_dim, cache = s.seq_len * d;
-  require(static_cast<std::int64_t>(q.size()) == s.batch * s.q_heads * d,
-          "reference_decode: q holds {} values (expected {})", q.size(), s.batch * s.q_heads * d);
-  require(static_cast<std::int64_t>(k.size()) == s.batch * s.kv_heads * cache && k.size() == v.size(),
-          "reference_decode: k holds {} values, v {} (expected {} each)", k.size(), v.size(),
-          s.batch * s.kv_heads * cache);
+  require_decode_sizes("reference_decode", s, q.size(), k.size(), v.size());
   const auto qf = bf16_to_floats(q), kf = bf16_to_floats(k), vf = bf16_to_floats(v);
   std::vector<float> out(q.size());
   af::AttentionOptions options;
@@ -52,11 +60,7 @@ std::vector<double> reference_decode_f64(const DecodeShape& s, std::span<const s
                                          std::span<const std::uint16_t> k, std::span<const std::uint16_t> v,
                                          double scale) {
   const auto d = s.head_dim, cache = s.seq_len * d;
-  require(static_cast<std::int64_t>(q.size()) == s.batch * s.q_heads * d,
-          "reference_decode_f64: q holds {} values (expected {})", q.size(), s.batch * s.q_heads * d);
-  require(static_cast<std::int64_t>(k.size()) == s.batch * s.kv_heads * cache && k.size() == v.size(),
-          "reference_decode_f64: k holds {} values, v {} (expected {} each)", k.size(), v.size(),
-          s.batch * s.kv_heads * cache);
+  require_decode_sizes("reference_decode_f64", s, q.size(), k.size(), v.size());
   const auto qf = bf16_to_floats(q), kf = bf16_to_floats(k), vf = bf16_to_floats(v);
   std::vector<double> out(q.size(), 0.0), weights(static_cast<std::size_t>(s.seq_len));
   for (std::int64_t b = 0; b < s.batch; ++b)

@@ -169,42 +169,6 @@ nlohmann::json parse_bounded(std::istream& in, const std::string& where) {
   }
 }
 
-// The safetensors header is JSON too, and af::SafetensorsFile::read handles it recursively (it dumps metadata
-// values): refuse a header nested deeper than max_json_depth before the library sees it. Scans the bytes of the
-// header (strings and their escapes skipped); a header whose length is not plausible is left to the library.
-void check_header_nesting(const std::filesystem::path& path, const std::string& case_name) {
-  std::ifstream in(path, std::ios::binary);
-  unsigned char length_bytes[8] = {};
-  if (!in.read(reinterpret_cast<char*>(length_bytes), sizeof length_bytes)) return;
-  std::uint64_t length = 0;
-  for (int i = 7; i >= 0; --i) length = (length << 8) | length_bytes[i];  // little-endian
-  std::error_code error;
-  const auto size = std::filesystem::file_size(path, error);
-  if (error || length > size - sizeof length_bytes) return;
-  std::string header(static_cast<std::size_t>(length), '\0');
-  if (!in.read(header.data(), static_cast<std::streamsize>(length))) return;
-  int depth = 0;
-  bool in_string = false;
-  for (std::size_t i = 0; i < header.size(); ++i) {
-    const char ch = header[i];
-    if (in_string) {
-      if (ch == '\\')
-        ++i;
-      else if (ch == '"')
-        in_string = false;
-    } else if (ch == '"') {
-      in_string = true;
-    } else if (ch == '{' || ch == '[') {
-      if (++depth > max_json_depth)
-        throw CaseError(
-            fmt::format("{}: tensors.safetensors: the header nests objects and arrays deeper than {} levels", case_name,
-                        max_json_depth));
-    } else if (ch == '}' || ch == ']') {
-      --depth;
-    }
-  }
-}
-
 }  // namespace
 
 Case read_case(const std::filesystem::path& dir) {
@@ -259,7 +223,6 @@ Case read_case(const std::filesystem::path& dir) {
     throw CaseError(fmt::format("{} is {} (expected a number or an object with max_abs and relative_to)",
                                 fields.label("tolerance"), tolerance.dump()));
   }
-  check_header_nesting(dir / "tensors.safetensors", c.name);
   try {
     c.tensors = CaseTensors(af::SafetensorsFile::read(dir / "tensors.safetensors"));
   } catch (const af::Error& e) {
