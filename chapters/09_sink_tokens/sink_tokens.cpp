@@ -420,11 +420,12 @@ int main(int argc, char** argv) {
     const auto all = [](std::int64_t, std::int64_t) { return true; };
     const double no_sink = -std::numeric_limits<double>::infinity(), learned_logit = 3.0;
     fmt::print(
-        "\nAttention mass on token 0 (one head, d = {}, causal, no window), mean over queries t >= 1; mean "
-        "and 95 % interval over {} draws:\n",
+        "\nAttention mass on token 0 (one head, d = {}, causal, no window), mean over queries t >= 1;\n"
+        "mean and 95 % interval over {} draws:\n",
         head_dim, draws);
-    // Per draw: mass on token 0 {plain, aligned, learned sink}, then mean |output - full| of
-    // {plain, aligned} x {window only, sink 0 + window}.
+    // Per draw: the mass on token 0 (random, aligned, aligned with a learned sink), then the mean |output - full|
+    // of the random and the aligned head under a window only and under token 0 + window.
+    enum Measure { mass_plain, mass_aligned, mass_learned, window_plain, sinks_plain, window_aligned, sinks_aligned };
     std::vector<std::array<double, 7>> per_draw;
     std::vector<std::array<double, 4>> curve(static_cast<std::size_t>(n - 1), std::array<double, 4>{});
     double uniform = 0.0;
@@ -440,7 +441,7 @@ int main(int argc, char** argv) {
         const auto [m_aligned, o_full] = attend_one(aligned, t, all, no_sink);
         const auto [m_learned, o_learned] = attend_one(aligned, t, all, learned_logit);
         const double per = 1.0 / static_cast<double>(n - 1);
-        m[0] += per * m_plain, m[1] += per * m_aligned, m[2] += per * m_learned;
+        m[mass_plain] += per * m_plain, m[mass_aligned] += per * m_aligned, m[mass_learned] += per * m_learned;
         const auto at = static_cast<std::size_t>(t - 1);
         curve[at] = {static_cast<double>(t), curve[at][1] + m_plain / draws, curve[at][2] + m_aligned / draws,
                      curve[at][3] + m_learned / draws};
@@ -449,10 +450,10 @@ int main(int argc, char** argv) {
         // with full causal attention, in the plain and in the constructed case.
         const auto window_only = [&](std::int64_t q, std::int64_t j) { return sees(q, j, 0, window); };
         const auto sink_and_window = [&](std::int64_t q, std::int64_t j) { return sees(q, j, 1, window); };
-        m[3] += per * distance(attend_one(plain, t, window_only, no_sink).second, o_plain);
-        m[4] += per * distance(attend_one(plain, t, sink_and_window, no_sink).second, o_plain);
-        m[5] += per * distance(attend_one(aligned, t, window_only, no_sink).second, o_full);
-        m[6] += per * distance(attend_one(aligned, t, sink_and_window, no_sink).second, o_full);
+        m[window_plain] += per * distance(attend_one(plain, t, window_only, no_sink).second, o_plain);
+        m[sinks_plain] += per * distance(attend_one(plain, t, sink_and_window, no_sink).second, o_plain);
+        m[window_aligned] += per * distance(attend_one(aligned, t, window_only, no_sink).second, o_full);
+        m[sinks_aligned] += per * distance(attend_one(aligned, t, sink_and_window, no_sink).second, o_full);
         // [/evict]
       }
       per_draw.push_back(m);
@@ -469,23 +470,23 @@ int main(int argc, char** argv) {
       return fmt::format("{:.4f} +- {:.4f}", mean, half);
     };
     int aligned_wins = 0;
-    for (const auto& m : per_draw) aligned_wins += m[1] > m[0] ? 1 : 0;
-    fmt::print("  random queries and keys (nothing constructed)            {}  (uniform would be ~ {:.4f})\n", shown(0),
-               uniform);
+    for (const auto& m : per_draw) aligned_wins += m[mass_aligned] > m[mass_plain] ? 1 : 0;
+    fmt::print("  random queries and keys (nothing constructed)            {}  (uniform would be ~ {:.4f})\n",
+               shown(mass_plain), uniform);
     fmt::print("  queries share a direction u, token 0's key = 3 u + noise  {}  (above random in {} of {} draws)\n",
-               shown(1), aligned_wins, draws);
+               shown(mass_aligned), aligned_wins, draws);
     fmt::print(
         "  same, plus a learned sink logit of {:.1f} (no value)         {}  (mass on the sink column is the rest)\n",
-        learned_logit, shown(2));
+        learned_logit, shown(mass_learned));
     fmt::print(
-        "\nEvicting token 0: mean over queries of max |output - full causal attention|, window W = {}; mean and "
-        "95 % interval over {} draws\n",
+        "\nEvicting token 0: mean over queries of max |output - full causal attention|, window W = {};\n"
+        "mean and 95 % interval over {} draws\n",
         window, draws);
     fmt::print("  {:<34} {:>18} {:>18}\n", "", "window only", "token 0 + window");
-    fmt::print("  {:<34} {:>18} {:>18}\n", "random (nothing constructed)", shown(3), shown(4));
-    fmt::print("  {:<34} {:>18} {:>18}\n", "constructed: key 0 aligned", shown(5), shown(6));
-    const auto [plain_mass, plain_half] = interval(0);
-    const auto [aligned_mass, aligned_half] = interval(1);
+    fmt::print("  {:<34} {:>18} {:>18}\n", "random (nothing constructed)", shown(window_plain), shown(sinks_plain));
+    fmt::print("  {:<34} {:>18} {:>18}\n", "constructed: key 0 aligned", shown(window_aligned), shown(sinks_aligned));
+    const auto [plain_mass, plain_half] = interval(mass_plain);
+    const auto [aligned_mass, aligned_half] = interval(mass_aligned);
     checks.expect_true("the constructed direction moves attention onto token 0 (95 % intervals apart)",
                        aligned_mass - aligned_half > plain_mass + plain_half);
 
@@ -498,7 +499,7 @@ int main(int argc, char** argv) {
     std::sort(needle_positions.begin(), needle_positions.end());
     needle_positions.erase(std::unique(needle_positions.begin(), needle_positions.end()), needle_positions.end());
     fmt::print(
-        "\nNeedle recall: weight the last query (position {}) gives a planted matching key at position P, "
+        "\nNeedle recall: weight the last query (position {}) gives a planted matching key at position P,\n"
         "mean of 200 inputs (S = {}, W = {})\n",
         last, sinks, window);
     fmt::print("  {:>5} {:<10} {:>12} {:>15} {:>10}\n", "P", "P lies in", "window only", "sinks + window", "dense");
