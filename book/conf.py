@@ -21,6 +21,7 @@ extensions = [
     "breathe",
     "sphinxcontrib.bibtex",
     "offline_mathjax",  # book/_ext: MathJax 2.7 copied from Debian, so that math renders with no network
+    "book_numbers",  # book/_ext: the numbers the programs computed in this build, as {{ chNN_name }}
 ]
 
 # The pages: the landing page, one opening page per part, the notation and the glossary, the API reference
@@ -29,8 +30,9 @@ extensions = [
 source_suffix = {".md": "markdown"}
 include_patterns = ["index.md", "part[1-4].md", "notation.md", "glossary.md", "api/*.md", "chapters/*/README.md"]
 
-# MyST: `$...$` and `$$...$$` math, amsmath environments, `:::` fences, definition lists, {attributes}.
-myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist", "attrs_inline"]
+# MyST: `$...$` and `$$...$$` math, amsmath environments, `:::` fences, definition lists, {attributes} and
+# `{{ name }}` substitutions (filled by book/_ext/book_numbers.py).
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist", "attrs_inline", "substitution"]
 myst_heading_anchors = 3
 # MyST would write a MathJax 3/4 configuration; the book configures MathJax 2.7 itself (offline_mathjax).
 myst_update_mathjax = False

@@ -18,7 +18,9 @@ template <int D>
 __global__ void __launch_bounds__(combine_threads) decode_combine_kernel(DecodeArgs a) {
   constexpr int quads = D / 4;                    // threads along the head dimension, 4 floats each
   constexpr int lanes = combine_threads / quads;  // threads along the splits
+#if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;");  // launched early (programmatic dependent launch): wait for the partials
+#endif
   const std::int64_t head = blockIdx.x;  // b * q_heads + h
   const int quad = threadIdx.x % quads, lane = threadIdx.x / quads;
   const float* lse = a.partial_lse + head * a.splits;
@@ -68,22 +70,19 @@ void launch_decode_combine(const DecodeArgs& a, cudaStream_t stream) {
   config.gridDim = dim3(static_cast<unsigned>(a.batch * a.q_heads));
   config.blockDim = dim3(combine_threads);
   config.stream = stream;
+  void (*kernel)(DecodeArgs) = a.head_dim == 64    ? decode_combine_kernel<64>
+                               : a.head_dim == 128 ? decode_combine_kernel<128>
+                                                   : decode_combine_kernel<256>;
+  // Only code built for sm_90 or later waits in griddepcontrol.wait; a kernel built for sm_80/sm_89 (the
+  // AF_CUDA_ARCHITECTURES option) is launched in plain stream order, even on a Hopper GPU.
+  cudaFuncAttributes compiled{};
+  CUDA_CHECK(cudaFuncGetAttributes(&compiled, kernel));
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
   config.attrs = &attribute;
-  config.numAttrs = 1;
-  switch (a.head_dim) {
-    case 64:
-      CUDA_CHECK(cudaLaunchKernelEx(&config, decode_combine_kernel<64>, a));
-      break;
-    case 128:
-      CUDA_CHECK(cudaLaunchKernelEx(&config, decode_combine_kernel<128>, a));
-      break;
-    default:
-      CUDA_CHECK(cudaLaunchKernelEx(&config, decode_combine_kernel<256>, a));
-      break;
-  }
+  config.numAttrs = compiled.binaryVersion >= 90 ? 1 : 0;
+  CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, a));
   AF_CHECK_LAUNCH();
 }
 // [/launch-combine]

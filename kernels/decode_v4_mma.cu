@@ -213,7 +213,9 @@ __global__ void __launch_bounds__(mma_warps * 32, Pipelined ? 2 : 3) decode_mma_
 
   // The combine kernel (launched as a programmatic dependent) may start its launch now; it waits for this
   // grid's memory before reading the partials.
+#if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;");
+#endif
   // The 4 lanes of a row each summed their own keys.
 #pragma unroll
   for (int r = 0; r < 2; ++r) {

@@ -113,6 +113,21 @@ TEST_CASE("write_output_file writes the text, or throws af::Error naming the fil
   CHECK_FALSE(fs::exists(dir / "never.dat"));
 }
 
+TEST_CASE("BookNumbers writes named numbers as JSON and refuses bad or repeated names", "[program][files]") {
+  const fs::path dir = scratch_dir("numbers");
+  af::BookNumbers numbers;
+  numbers.print("speedup", "{:.2f}", 3.14159);
+  numbers.set("a_quote", "say \"2\" \\ 1");
+  CHECK(numbers.values().at("speedup") == "3.14");
+  numbers.write(dir);
+  std::ifstream in(dir / "numbers.json");
+  CHECK(std::string(std::istreambuf_iterator<char>(in), {}) ==
+        "{\n  \"a_quote\": \"say \\\"2\\\" \\\\ 1\",\n  \"speedup\": \"3.14\"\n}\n");
+  CHECK_THROWS_WITH(numbers.set("speedup", "1"), Contains("'speedup' is set twice"));
+  for (const char* bad : {"", "Upper", "9lives", "has-dash", "has space"})
+    CHECK_THROWS_WITH(numbers.set(bad, "1"), Contains("expected lower-case letters"));
+}
+
 TEST_CASE("run_program turns every exception into exit status 2 and a failed check into 1", "[program]") {
   CHECK(run_body([] { return true; }) == 0);
   CHECK(run_body([] { return false; }) == 1);

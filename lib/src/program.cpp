@@ -5,15 +5,17 @@
 
 #include <fmt/format.h>
 #include <unistd.h>
+#include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cerrno>
 #include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <limits>
 #include <cstring>
+#include <limits>
 #include <new>
 #include <stdexcept>
 #include <system_error>
@@ -131,6 +133,22 @@ void write_output_file(const fs::path& path, const std::function<void(OutputFile
   if (error != 0) fail("cannot write {} ({})", path.string(), std::strerror(error));
 }
 
+void BookNumbers::set(std::string_view name, std::string value) {
+  const bool starts_with_letter = !name.empty() && name.front() >= 'a' && name.front() <= 'z';
+  const bool word = std::all_of(name.begin(), name.end(),
+                                [](char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_'; });
+  if (!starts_with_letter || !word)
+    fail("book number name '{}': expected lower-case letters, digits and underscores, starting with a letter", name);
+  if (!values_.emplace(std::string(name), std::move(value)).second)
+    fail("book number '{}' is set twice (expected each name once)", name);
+}
+
+void BookNumbers::write(const fs::path& directory) const {
+  nlohmann::ordered_json object = nlohmann::ordered_json::object();
+  for (const auto& [name, value] : values_) object[name] = value;
+  write_output_file(directory / "numbers.json", [&](OutputFile& file) { file.print("{}\n", object.dump(2)); });
+}
+
 int run_program(CLI::App& app, int argc, char** argv, const std::function<bool()>& body) {
   try {
     app.parse(argc, argv);
@@ -182,7 +200,8 @@ bool Checks::expect_true(std::string_view what, bool condition) {
   const bool perturb = perturbed(what);
   if (perturb) condition = false;
   if (!condition) ++failures_;
-  fmt::print("check  {:<48} {}{}\n", what, condition ? "PASS" : "FAIL", perturb ? "  (perturbed by AF_PERTURB_CHECK)" : "");
+  fmt::print("check  {:<48} {}{}\n", what, condition ? "PASS" : "FAIL",
+             perturb ? "  (perturbed by AF_PERTURB_CHECK)" : "");
   return condition;
 }
 

@@ -17,6 +17,7 @@
 #include <functional>
 #include <initializer_list>
 #include <iterator>
+#include <map>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -75,6 +76,32 @@ class OutputFile {
 /// permission denied, no space left on the device) when any step fails; nothing is written if `writer`
 /// throws.
 void write_output_file(const std::filesystem::path& path, const std::function<void(OutputFile&)>& writer);
+
+/// The numbers a chapter's text quotes, each under a name, so that no number the program computes is typed
+/// into the prose by hand. `write` puts them in `numbers.json` in the --out directory; the book build reads
+/// every chapter's file and offers each number to the chapter's Markdown as the MyST substitution
+/// `{{ chNN_name }}` (NN the chapter's number), so the page shows what this build's run printed. A name the
+/// page uses and the program did not write fails the book build.
+class BookNumbers {
+ public:
+  /// Records `value` (already formatted as the page should show it) under `name`: lower-case letters,
+  /// digits and underscores, starting with a letter. Throws af::Error on a bad or repeated name.
+  void set(std::string_view name, std::string value);
+
+  /// Records the fmt-formatted text under `name`, e.g. `numbers.print("speedup", "{:.2f}", ratio)`.
+  template <class... Args>
+  void print(std::string_view name, fmt::format_string<Args...> format, Args&&... args) {
+    set(name, fmt::format(format, std::forward<Args>(args)...));
+  }
+
+  /// Writes `numbers.json` (one JSON object of strings, names sorted) into `directory`.
+  void write(const std::filesystem::path& directory) const;
+
+  const std::map<std::string, std::string, std::less<>>& values() const { return values_; }
+
+ private:
+  std::map<std::string, std::string, std::less<>> values_;
+};
 #endif  // __CUDACC__
 
 /// Prints one line per check (what was compared, the error, the tolerance, PASS or FAIL) and remembers
