@@ -21,6 +21,14 @@ void matmul(const float* a, const float* b, float* c, std::int64_t m, std::int64
   detail::launch_matmul(a, b, c, static_cast<int>(m), static_cast<int>(k), static_cast<int>(n), stream);
 }
 
+void transpose(const float* in, float* out, std::int64_t rows, std::int64_t cols, bool padded, cudaStream_t stream) {
+  constexpr std::int64_t limit = std::int64_t{1} << 20;  // the grid's y dimension holds rows / 32 blocks
+  require(rows >= 1 && rows <= limit, "transpose: rows is {} (expected 1..{})", rows, limit);
+  require(cols >= 1 && cols <= limit, "transpose: cols is {} (expected 1..{})", cols, limit);
+  require(in != nullptr && out != nullptr, "transpose: a null pointer (expected device pointers)");
+  detail::launch_transpose(in, out, static_cast<int>(rows), static_cast<int>(cols), padded, stream);
+}
+
 void softmax_rows(float* scores, std::int64_t rows, std::int64_t cols, RowMask mask, cudaStream_t stream) {
   require(rows >= 1 && rows <= (std::int64_t{1} << 31), "softmax_rows: rows is {} (expected 1..2^31)", rows);
   require(cols >= 1, "softmax_rows: cols is {} (expected at least 1)", cols);

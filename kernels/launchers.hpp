@@ -14,6 +14,7 @@ namespace af::kernels::detail {
 
 void launch_dot(const float* a, const float* b, std::int64_t n, float* result, cudaStream_t stream);
 void launch_matmul(const float* a, const float* b, float* c, int m, int k, int n, cudaStream_t stream);
+void launch_transpose(const float* in, float* out, int rows, int cols, bool padded, cudaStream_t stream);
 void launch_softmax_rows(float* scores, std::int64_t rows, std::int64_t cols, const RowMask& mask, cudaStream_t stream);
 
 struct DecodeArgs {

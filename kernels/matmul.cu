@@ -12,8 +12,8 @@ constexpr int tile = 16;
 // [matmul-kernel]
 __global__ void matmul_kernel(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ c, int m,
                               int k, int n) {
-  __shared__ float a_tile[tile][tile];      // a [row, i]
-  __shared__ float b_tile[tile][tile + 1];  // b [i, col]; +1 keeps column reads off one bank
+  __shared__ float a_tile[tile][tile];  // a [row, i]
+  __shared__ float b_tile[tile][tile];  // b [i, col]
   const int row = blockIdx.y * tile + threadIdx.y, col = blockIdx.x * tile + threadIdx.x;
   float sum = 0.0f;
   for (int i0 = 0; i0 < k; i0 += tile) {

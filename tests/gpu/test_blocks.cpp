@@ -72,6 +72,27 @@ TEST_CASE("matmul equals a float64 matmul, element by element, for sizes that ar
   }
 }
 
+TEST_CASE("transpose, padded and unpadded, moves every element exactly, for sizes that are not multiples of the tile",
+          "[blocks]") {
+  af::Rng rng(22);
+  for (int trial = 0; trial < 12; ++trial) {
+    const std::int64_t rows = 1 + rng.below(150), cols = 1 + rng.below(150);
+    const af::Tensor a = af::random_normal(af::Shape{rows, cols}, rng);
+    DeviceBuffer<float> in{a.values()}, out(static_cast<std::size_t>(rows * cols));
+    for (const bool padded : {false, true}) {
+      out.fill_bytes(0xFF);  // NaN: an element the kernel does not write fails
+      af::kernels::transpose(in.data(), out.data(), rows, cols, padded, nullptr);
+      const auto got = out.download();
+      std::int64_t wrong = 0;
+      for (std::int64_t r = 0; r < rows; ++r)
+        for (std::int64_t c = 0; c < cols; ++c)
+          wrong += !(got[static_cast<std::size_t>(c * rows + r)] == a.data()[r * cols + c]);  // NaN counts
+      INFO(rows << " x " << cols << (padded ? ", padded" : ", unpadded") << ": " << wrong << " elements differ");
+      REQUIRE(wrong == 0);
+    }
+  }
+}
+
 TEST_CASE("masked row softmax equals a float64 softmax, element by element, fully masked rows included", "[blocks]") {
   af::Rng rng(22);
   for (int trial = 0; trial < 10; ++trial) {
@@ -112,4 +133,5 @@ TEST_CASE("the building blocks reject bad sizes with an af::Error naming the val
   REQUIRE_THROWS_WITH(af::kernels::dot(nullptr, nullptr, 0, nullptr, nullptr), Catch::Contains("n is 0"));
   REQUIRE_THROWS_WITH(af::kernels::matmul(nullptr, nullptr, nullptr, 4, -1, 4, nullptr), Catch::Contains("k is -1"));
   REQUIRE_THROWS_AS(af::kernels::softmax_rows(nullptr, 0, 4, {}, nullptr), af::Error);
+  REQUIRE_THROWS_WITH(af::kernels::transpose(nullptr, nullptr, 3, 0, true, nullptr), Catch::Contains("cols is 0"));
 }

@@ -1,7 +1,7 @@
 #pragma once
 /// @file blocks.hpp
-/// The CUDA building blocks of attention (chapter 20): a dot product, a small matrix multiply and a masked
-/// row softmax, all float32. Plain device pointers and sizes plus a stream; nothing is allocated; a bad
+/// The CUDA building blocks of attention (chapter 20): a dot product, a small matrix multiply, a transpose and
+/// a masked row softmax, all float32. Plain device pointers and sizes plus a stream; nothing is allocated; a bad
 /// size throws af::Error naming it; a failed launch throws af::kernels::CudaError.
 
 #include <cuda_runtime.h>
@@ -17,6 +17,10 @@ void dot(const float* a, const float* b, std::int64_t n, float* result, cudaStre
 /// `c [m, n] = a [m, k] @ b [k, n]`, row-major, through 16 x 16 tiles in shared memory.
 void matmul(const float* a, const float* b, float* c, std::int64_t m, std::int64_t k, std::int64_t n,
             cudaStream_t stream);
+
+/// `out [cols, rows]` = the transpose of `in [rows, cols]`, row-major, through 32 x 32 tiles in shared
+/// memory; `padded` adds one float to each tile row (the bank-conflict example of chapter 20).
+void transpose(const float* in, float* out, std::int64_t rows, std::int64_t cols, bool padded, cudaStream_t stream);
 
 /// How `softmax_rows` masks: none, or causal with the queries at positions `first_query_position + row`.
 struct RowMask {
