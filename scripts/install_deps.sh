@@ -10,7 +10,7 @@ build_dir=${BUILD_DIR:-$repo/build}
 
 debian_packages=(
   cmake make g++ ninja-build pkg-config
-  catch2 libfmt-dev libcli11-dev nlohmann-json3-dev
+  catch2 libfmt-dev libcli11-dev nlohmann-json3-dev libopenblas-dev
   clang libclang-rt-14-dev
   doxygen gnuplot-nox
   python3 python3-venv

@@ -1,0 +1,188 @@
+#include "af/quant_matmul.hpp"
+
+#include "af/error.hpp"
+#include "af/numeric.hpp"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace af::gguf {
+
+namespace {
+
+std::uint16_t load_u16(const std::byte* at) {
+  return static_cast<std::uint16_t>(std::to_integer<unsigned>(at[0]) | (std::to_integer<unsigned>(at[1]) << 8));
+}
+
+float load_f32(const std::byte* at) {
+  float value;
+  std::memcpy(&value, at, sizeof value);
+  return value;
+}
+
+// The row kernels. Each block's 32 weights are dequantized into registers exactly as the block format
+// defines them (one rounding per operation; the build does not contract a * b + c into an FMA), then
+// multiplied by x and added into 8 running sums, which a compiler maps onto one 8-wide vector register.
+// target_clones builds an AVX2 version beside the generic one and picks it at load time where the CPU has it.
+#define AF_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+
+AF_VECTOR_CLONES float dot_q4_1(const std::byte* row, const float* x, std::int64_t cols) {
+  float sums[8] = {};
+  for (std::int64_t b = 0; b < cols / 32; ++b, row += q4_1_block_bytes, x += 32) {
+    const float d = fp16_to_float(load_u16(row)), m = fp16_to_float(load_u16(row + 2));
+    float w[32];
+    for (int j = 0; j < 16; ++j) {
+      const unsigned packed = std::to_integer<unsigned>(row[4 + j]);
+      w[j] = d * static_cast<float>(packed & 0xFu) + m;
+      w[j + 16] = d * static_cast<float>(packed >> 4) + m;
+    }
+    for (int i = 0; i < 32; i += 8)
+      for (int k = 0; k < 8; ++k) sums[k] += w[i + k] * x[i + k];
+  }
+  return ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]));
+}
+
+AF_VECTOR_CLONES float dot_q4_0(const std::byte* row, const float* x, std::int64_t cols) {
+  float sums[8] = {};
+  for (std::int64_t b = 0; b < cols / 32; ++b, row += q4_0_block_bytes, x += 32) {
+    const float d = fp16_to_float(load_u16(row));
+    float w[32];
+    for (int j = 0; j < 16; ++j) {
+      const unsigned packed = std::to_integer<unsigned>(row[2 + j]);
+      w[j] = static_cast<float>(static_cast<int>(packed & 0xFu) - 8) * d;
+      w[j + 16] = static_cast<float>(static_cast<int>(packed >> 4) - 8) * d;
+    }
+    for (int i = 0; i < 32; i += 8)
+      for (int k = 0; k < 8; ++k) sums[k] += w[i + k] * x[i + k];
+  }
+  return ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]));
+}
+
+AF_VECTOR_CLONES float dot_q8_0(const std::byte* row, const float* x, std::int64_t cols) {
+  float sums[8] = {};
+  for (std::int64_t b = 0; b < cols / 32; ++b, row += q8_0_block_bytes, x += 32) {
+    const float d = fp16_to_float(load_u16(row));
+    float w[32];
+    for (int j = 0; j < 32; ++j) w[j] = d * static_cast<float>(static_cast<std::int8_t>(row[2 + j]));
+    for (int i = 0; i < 32; i += 8)
+      for (int k = 0; k < 8; ++k) sums[k] += w[i + k] * x[i + k];
+  }
+  return ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]));
+}
+
+AF_VECTOR_CLONES float dot_f32(const std::byte* row, const float* x, std::int64_t cols) {
+  float sums[8] = {};
+  std::int64_t i = 0;
+  for (; i + 8 <= cols; i += 8)
+    for (int k = 0; k < 8; ++k) sums[k] += load_f32(row + 4 * (i + k)) * x[i + k];
+  for (; i < cols; ++i) sums[0] += load_f32(row + 4 * i) * x[i];
+  return ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]));
+}
+
+float dot_f16(const std::byte* row, const float* x, std::int64_t cols) {
+  float sum = 0.0f;
+  for (std::int64_t i = 0; i < cols; ++i) sum += fp16_to_float(load_u16(row + 2 * i)) * x[i];
+  return sum;
+}
+
+}  // namespace
+
+QuantMatrix::QuantMatrix(const File& file, const TensorInfo& tensor) {
+  if (tensor.dims.size() != 2)
+    fail("{}: tensor {} has {} dimensions (expected a matrix, 2)", file.source(), tensor.name, tensor.dims.size());
+  type_ = tensor.type;
+  switch (type_) {
+    case GgmlType::f32:
+    case GgmlType::f16:
+    case GgmlType::q8_0:
+    case GgmlType::q4_0:
+    case GgmlType::q4_1:
+      break;
+    default:
+      fail("{}: tensor {} is {} (expected F32, F16, Q8_0, Q4_0 or Q4_1)", file.source(), tensor.name, name_of(type_));
+  }
+  cols_ = static_cast<std::int64_t>(tensor.dims[0]);
+  rows_ = static_cast<std::int64_t>(tensor.dims[1]);
+  const BlockLayout layout = layout_of(type_);
+  row_bytes_ = static_cast<std::size_t>(tensor.dims[0] / layout.block_elements * layout.block_bytes);
+  bytes_ = file.data(tensor);
+}
+
+float QuantMatrix::dot_row(std::int64_t r, const float* x) const {
+  const std::byte* row = bytes_.data() + static_cast<std::size_t>(r) * row_bytes_;
+  switch (type_) {
+    case GgmlType::q4_1:
+      return dot_q4_1(row, x, cols_);
+    case GgmlType::q4_0:
+      return dot_q4_0(row, x, cols_);
+    case GgmlType::q8_0:
+      return dot_q8_0(row, x, cols_);
+    case GgmlType::f16:
+      return dot_f16(row, x, cols_);
+    default:
+      return dot_f32(row, x, cols_);
+  }
+}
+
+void QuantMatrix::dequantize_rows(std::int64_t first, std::int64_t count, std::span<float> out) const {
+  require(first >= 0 && count >= 0 && first + count <= rows_ && out.size() == static_cast<std::size_t>(count * cols_),
+          "dequantize_rows: rows {}..{} into {} values (expected rows within {} and {} values)", first, first + count,
+          out.size(), rows_, count * cols_);
+  const std::span<const std::byte> rows =
+      bytes_.subspan(static_cast<std::size_t>(first) * row_bytes_, static_cast<std::size_t>(count) * row_bytes_);
+  switch (type_) {
+    case GgmlType::q4_1:
+      dequantize_q4_1(rows, out);
+      break;
+    case GgmlType::q4_0:
+      dequantize_q4_0(rows, out);
+      break;
+    case GgmlType::q8_0:
+      dequantize_q8_0(rows, out);
+      break;
+    case GgmlType::f16:
+      for (std::size_t i = 0; i < out.size(); ++i) out[i] = fp16_to_float(load_u16(rows.data() + 2 * i));
+      break;
+    default:
+      for (std::size_t i = 0; i < out.size(); ++i) out[i] = load_f32(rows.data() + 4 * i);
+      break;
+  }
+}
+
+void matvec(const QuantMatrix& w, std::span<const float> x, std::span<float> y) {
+  require(x.size() == static_cast<std::size_t>(w.cols()) && y.size() == static_cast<std::size_t>(w.rows()),
+          "matvec: x has {} values and y {} (expected {} and {} for a [{}, {}] matrix)", x.size(), y.size(), w.cols(),
+          w.rows(), w.rows(), w.cols());
+  const std::int64_t rows = w.rows();
+#pragma omp parallel for schedule(static)
+  for (std::int64_t r = 0; r < rows; ++r) y[static_cast<std::size_t>(r)] = w.dot_row(r, x.data());
+}
+
+void matmul(const QuantMatrix& w, ConstMatrix x, Matrix y) {
+  require(
+      x.cols == w.cols() && y.rows == x.rows && y.cols == w.rows() && x.row_stride == x.cols && y.row_stride == y.cols,
+      "matmul: x is [{}, {}] and y [{}, {}] (expected contiguous [T, {}] and [T, {}])", x.rows, x.cols, y.rows, y.cols,
+      w.cols(), w.rows());
+  if (x.rows < 4) {  // a decode step (or nearly): read the blocks once per token
+    for (std::int64_t t = 0; t < x.rows; ++t)
+      matvec(w, std::span<const float>(x.data + t * x.cols, static_cast<std::size_t>(x.cols)),
+             std::span<float>(y.data + t * y.cols, static_cast<std::size_t>(y.cols)));
+    return;
+  }
+  // Panels of rows small enough to stay in the last-level cache while sgemm multiplies them by all of X.
+  const std::int64_t panel = std::max<std::int64_t>(1, (std::int64_t{1} << 20) / w.cols());
+  std::vector<float> weights(static_cast<std::size_t>(std::min(panel, w.rows()) * w.cols()));
+  for (std::int64_t first = 0; first < w.rows(); first += panel) {
+    const std::int64_t count = std::min(panel, w.rows() - first);
+    const std::span<float> values(weights.data(), static_cast<std::size_t>(count * w.cols()));
+    w.dequantize_rows(first, count, values);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(x.rows), static_cast<int>(count),
+                static_cast<int>(x.cols), 1.0f, x.data, static_cast<int>(x.cols), values.data(),
+                static_cast<int>(w.cols()), 0.0f, y.data + first, static_cast<int>(y.cols));
+  }
+}
+
+}  // namespace af::gguf
