@@ -5,6 +5,7 @@
 #include "af/softmax.hpp"
 
 #include <algorithm>
+#include <array>
 #include <limits>
 #include <vector>
 
@@ -76,7 +77,6 @@ Tensor grouped_attend(ConstMatrix q, const GroupedShape& shape, const GroupedKvC
   require(queries <= keys, "grouped_attend: {} queries over {} cached tokens (expected the queries to be cached)",
           queries, keys);
   const float scale = static_cast<float>(options.scale.value_or(default_scale(d)));
-  const Mask causal = Mask::causal(queries, keys, keys - queries);
 
   // The queries head by head: row h * Tq + i is query head h of token i, so the queries of KV head g's group
   // are the consecutive rows [g * group * Tq, (g + 1) * group * Tq).
@@ -90,27 +90,43 @@ Tensor grouped_attend(ConstMatrix q, const GroupedShape& shape, const GroupedKvC
   for (std::int64_t g = 0; g < shape.kv_heads; ++g)
     k_heads.push_back(cache.keys(g)), v_heads.push_back(cache.values(g));
 
-  // One pass over the keys in cache order: token k's G key heads lie side by side, and each is loaded once and
-  // scored against the queries of its group.
+  // The rows of each group are cut into pieces that the threads share; every piece walks the cache once, in
+  // storage order, scoring each key against its rows, and skips the keys a causal mask hides from a row
+  // (query i sees the keys up to keys - queries + i). The order of every sum is the same whatever the number
+  // of threads, so is the result.
+  const std::int64_t pieces_per_group = std::max<std::int64_t>(1, std::min<std::int64_t>(rows_per_group, 8));
+  const std::int64_t pieces = shape.kv_heads * pieces_per_group;
+  const auto piece_rows = [&](std::int64_t piece) {
+    const std::int64_t g = piece / pieces_per_group, p = piece % pieces_per_group;
+    const std::int64_t first = g * rows_per_group + p * rows_per_group / pieces_per_group;
+    const std::int64_t last = g * rows_per_group + (p + 1) * rows_per_group / pieces_per_group;
+    return std::array<std::int64_t, 3>{g, first, last};
+  };
+  const auto last_key = [&](std::int64_t r) { return options.causal ? keys - queries + r % queries : keys - 1; };
+
   Tensor weights(Shape{rows, keys});
-  for (std::int64_t k = 0; k < keys; ++k)
-    for (std::int64_t g = 0; g < shape.kv_heads; ++g)
-      for (std::int64_t r = g * rows_per_group; r < (g + 1) * rows_per_group; ++r)
-        weights.data()[r * keys + k] =
-            dot(stacked.matrix().row(r), k_heads[static_cast<std::size_t>(g)].row(k)) * scale;
-  for (std::int64_t r = 0; r < rows; ++r) {
-    std::span<float> row = weights.matrix().row(r);
-    if (options.causal)
-      for (std::int64_t k = 0; k < keys; ++k)
-        if (!causal.allows(r % queries, k)) row[static_cast<std::size_t>(k)] = -std::numeric_limits<float>::infinity();
-    softmax(row);
+  std::ranges::fill(weights.values(), -std::numeric_limits<float>::infinity());  // what the mask hides
+#pragma omp parallel for schedule(dynamic)
+  for (std::int64_t piece = 0; piece < pieces; ++piece) {
+    const auto [g, first, last] = piece_rows(piece);
+    for (std::int64_t k = 0; k < keys; ++k)
+      for (std::int64_t r = first; r < last; ++r)
+        if (k <= last_key(r))
+          weights.data()[r * keys + k] =
+              dot(stacked.matrix().row(r), k_heads[static_cast<std::size_t>(g)].row(k)) * scale;
   }
-  // One pass over the values in cache order: each value row is loaded once and mixed into its group's outputs.
+#pragma omp parallel for schedule(static)
+  for (std::int64_t r = 0; r < rows; ++r) softmax(weights.matrix().row(r));
+  // One pass over the values in cache order per piece: each value row is mixed into the piece's outputs.
   Tensor context(Shape{rows, d});
-  for (std::int64_t k = 0; k < keys; ++k)
-    for (std::int64_t g = 0; g < shape.kv_heads; ++g)
-      for (std::int64_t r = g * rows_per_group; r < (g + 1) * rows_per_group; ++r)
-        axpy(weights.data()[r * keys + k], v_heads[static_cast<std::size_t>(g)].row(k), context.matrix().row(r));
+#pragma omp parallel for schedule(dynamic)
+  for (std::int64_t piece = 0; piece < pieces; ++piece) {
+    const auto [g, first, last] = piece_rows(piece);
+    for (std::int64_t k = 0; k < keys; ++k)
+      for (std::int64_t r = first; r < last; ++r)
+        if (k <= last_key(r))
+          axpy(weights.data()[r * keys + k], v_heads[static_cast<std::size_t>(g)].row(k), context.matrix().row(r));
+  }
 
   Tensor out(Shape{queries, shape.heads * d});  // back to token-major: [Tq, H * d]
   for (std::int64_t h = 0; h < shape.heads; ++h)

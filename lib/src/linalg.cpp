@@ -4,7 +4,9 @@
 
 namespace af {
 
-float dot(std::span<const float> a, std::span<const float> b) {
+// dot and axpy are built twice, for AVX2 and for any x86-64, and the loader picks the one the CPU runs
+// (target_clones). The operations and their order are the same in both, so are the results, bit for bit.
+__attribute__((target_clones("avx2", "default"))) float dot(std::span<const float> a, std::span<const float> b) {
   require(a.size() == b.size(), "dot: vectors of length {} and {} (expected equal lengths)", a.size(), b.size());
   // Eight independent partial sums: the compiler can keep them in one vector register, and the summation
   // order (hence the rounding) is fixed and documented rather than left to the optimiser.
@@ -17,7 +19,7 @@ float dot(std::span<const float> a, std::span<const float> b) {
          ((partial[2] + partial[6]) + (partial[3] + partial[7]));
 }
 
-void axpy(float a, std::span<const float> x, std::span<float> y) {
+__attribute__((target_clones("avx2", "default"))) void axpy(float a, std::span<const float> x, std::span<float> y) {
   require(x.size() == y.size(), "axpy: vectors of length {} and {} (expected equal lengths)", x.size(), y.size());
   // Blocks of eight through local copies: the compiler cannot assume that x and y do not overlap, and the
   // copies let it use vector registers anyway.

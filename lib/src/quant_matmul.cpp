@@ -5,6 +5,10 @@
 
 #include <cblas.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -23,13 +27,17 @@ float load_f32(const std::byte* at) {
   return value;
 }
 
-// The row kernels. Each block's 32 weights are dequantized into registers exactly as the block format
-// defines them (one rounding per operation; the build does not contract a * b + c into an FMA), then
-// multiplied by x and added into 8 running sums, which a compiler maps onto one 8-wide vector register.
-// target_clones builds an AVX2 version beside the generic one and picks it at load time where the CPU has it.
+// The row kernels. Each block's 32 weights are dequantized in registers exactly as the block format defines
+// them (d * q + m: one rounding for the product and one for the sum; the build never contracts them into an
+// FMA), multiplied by x and added into 8 running sums (one 8-wide vector). The AVX2 versions do the same
+// operations on 8 lanes at once; the portable versions are the fallback where the CPU lacks AVX2.
 #define AF_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
 
-AF_VECTOR_CLONES float dot_q4_1(const std::byte* row, const float* x, std::int64_t cols) {
+float sum_lanes(const float* sums) {
+  return ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]));
+}
+
+float dot_q4_1_portable(const std::byte* row, const float* x, std::int64_t cols) {
   float sums[8] = {};
   for (std::int64_t b = 0; b < cols / 32; ++b, row += q4_1_block_bytes, x += 32) {
     const float d = fp16_to_float(load_u16(row)), m = fp16_to_float(load_u16(row + 2));
@@ -42,7 +50,70 @@ AF_VECTOR_CLONES float dot_q4_1(const std::byte* row, const float* x, std::int64
     for (int i = 0; i < 32; i += 8)
       for (int k = 0; k < 8; ++k) sums[k] += w[i + k] * x[i + k];
   }
-  return ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]));
+  return sum_lanes(sums);
+}
+
+float dot_q8_0_portable(const std::byte* row, const float* x, std::int64_t cols) {
+  float sums[8] = {};
+  for (std::int64_t b = 0; b < cols / 32; ++b, row += q8_0_block_bytes, x += 32) {
+    const float d = fp16_to_float(load_u16(row));
+    for (int i = 0; i < 32; i += 8)
+      for (int k = 0; k < 8; ++k)
+        sums[k] += d * static_cast<float>(static_cast<std::int8_t>(row[2 + i + k])) * x[i + k];
+  }
+  return sum_lanes(sums);
+}
+
+#if defined(__x86_64__)
+// 8 nibbles or bytes widened to 8 int32 lanes, converted to float.
+__attribute__((target("avx2,f16c"))) float dot_q4_1_avx2(const std::byte* row, const float* x, std::int64_t cols) {
+  __m256 sums = _mm256_setzero_ps();
+  const __m128i low_mask = _mm_set1_epi8(0x0F);
+  for (std::int64_t b = 0; b < cols / 32; ++b, row += q4_1_block_bytes, x += 32) {
+    const __m256 d = _mm256_set1_ps(_cvtsh_ss(load_u16(row))), m = _mm256_set1_ps(_cvtsh_ss(load_u16(row + 2)));
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 4));
+    const __m128i low = _mm_and_si128(packed, low_mask);                      // elements 0..15
+    const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), low_mask);  // elements 16..31
+    const __m128i parts[4] = {low, _mm_srli_si128(low, 8), high, _mm_srli_si128(high, 8)};
+    for (int p = 0; p < 4; ++p) {
+      const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[p]));
+      const __m256 w = _mm256_add_ps(_mm256_mul_ps(d, q), m);
+      sums = _mm256_add_ps(sums, _mm256_mul_ps(w, _mm256_loadu_ps(x + 8 * p)));
+    }
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, sums);
+  return sum_lanes(lanes);
+}
+
+__attribute__((target("avx2,f16c"))) float dot_q8_0_avx2(const std::byte* row, const float* x, std::int64_t cols) {
+  __m256 sums = _mm256_setzero_ps();
+  for (std::int64_t b = 0; b < cols / 32; ++b, row += q8_0_block_bytes, x += 32) {
+    const __m256 d = _mm256_set1_ps(_cvtsh_ss(load_u16(row)));
+    for (int p = 0; p < 4; ++p) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 2 + 8 * p));
+      const __m256 w = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
+      sums = _mm256_add_ps(sums, _mm256_mul_ps(w, _mm256_loadu_ps(x + 8 * p)));
+    }
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, sums);
+  return sum_lanes(lanes);
+}
+
+const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+#else
+constexpr bool has_avx2 = false;
+float dot_q4_1_avx2(const std::byte* row, const float* x, std::int64_t cols) { return dot_q4_1_portable(row, x, cols); }
+float dot_q8_0_avx2(const std::byte* row, const float* x, std::int64_t cols) { return dot_q8_0_portable(row, x, cols); }
+#endif
+
+float dot_q4_1(const std::byte* row, const float* x, std::int64_t cols) {
+  return has_avx2 ? dot_q4_1_avx2(row, x, cols) : dot_q4_1_portable(row, x, cols);
+}
+
+float dot_q8_0(const std::byte* row, const float* x, std::int64_t cols) {
+  return has_avx2 ? dot_q8_0_avx2(row, x, cols) : dot_q8_0_portable(row, x, cols);
 }
 
 AF_VECTOR_CLONES float dot_q4_0(const std::byte* row, const float* x, std::int64_t cols) {
@@ -58,19 +129,7 @@ AF_VECTOR_CLONES float dot_q4_0(const std::byte* row, const float* x, std::int64
     for (int i = 0; i < 32; i += 8)
       for (int k = 0; k < 8; ++k) sums[k] += w[i + k] * x[i + k];
   }
-  return ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]));
-}
-
-AF_VECTOR_CLONES float dot_q8_0(const std::byte* row, const float* x, std::int64_t cols) {
-  float sums[8] = {};
-  for (std::int64_t b = 0; b < cols / 32; ++b, row += q8_0_block_bytes, x += 32) {
-    const float d = fp16_to_float(load_u16(row));
-    float w[32];
-    for (int j = 0; j < 32; ++j) w[j] = d * static_cast<float>(static_cast<std::int8_t>(row[2 + j]));
-    for (int i = 0; i < 32; i += 8)
-      for (int k = 0; k < 8; ++k) sums[k] += w[i + k] * x[i + k];
-  }
-  return ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]));
+  return sum_lanes(sums);
 }
 
 AF_VECTOR_CLONES float dot_f32(const std::byte* row, const float* x, std::int64_t cols) {
@@ -79,7 +138,7 @@ AF_VECTOR_CLONES float dot_f32(const std::byte* row, const float* x, std::int64_
   for (; i + 8 <= cols; i += 8)
     for (int k = 0; k < 8; ++k) sums[k] += load_f32(row + 4 * (i + k)) * x[i + k];
   for (; i < cols; ++i) sums[0] += load_f32(row + 4 * i) * x[i];
-  return ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]));
+  return sum_lanes(sums);
 }
 
 float dot_f16(const std::byte* row, const float* x, std::int64_t cols) {
