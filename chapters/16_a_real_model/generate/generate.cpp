@@ -9,6 +9,7 @@
 // chat template (a user message after the template's default system message). --print-token-ids ends the
 // output with one line "token_ids: ..." of the generated ids, for scripts.
 // Exit status: 0 done, 2 a bad flag or a bad model file.
+#include "af/error.hpp"
 #include "af/gguf.hpp"
 #include "af/llama.hpp"
 #include "af/program.hpp"
