@@ -28,7 +28,7 @@ extensions = [
 # (one page per group of headers, book/api/) and one README per chapter. Other Markdown files in a chapter
 # folder (notes, results) and the generated files are not pages of their own.
 source_suffix = {".md": "markdown"}
-include_patterns = ["index.md", "part[1-4].md", "notation.md", "glossary.md", "api/*.md", "chapters/*/README.md"]
+include_patterns = ["index.md", "part[1-5].md", "notation.md", "glossary.md", "api/*.md", "chapters/*/README.md"]
 
 # MyST: `$...$` and `$$...$$` math, amsmath environments, `:::` fences, definition lists, {attributes} and
 # `{{ name }}` substitutions (filled by book/_ext/book_numbers.py).
