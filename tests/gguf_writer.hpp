@@ -128,7 +128,8 @@ class GgufWriter {
       where.data_start = w.bytes.size();
       w.bytes.resize(where.data_start + next);
       for (std::size_t i = 0; i < tensors_.size(); ++i)
-        std::memcpy(w.bytes.data() + where.data_start + offsets[i], tensors_[i].data.data(), tensors_[i].data.size());
+        if (!tensors_[i].data.empty())
+          std::memcpy(w.bytes.data() + where.data_start + offsets[i], tensors_[i].data.data(), tensors_[i].data.size());
     }
     if (layout != nullptr) *layout = where;
     return w.bytes;

@@ -558,6 +558,15 @@ TEST_CASE("gguf: duplicates, deep nesting, absurd dims and bad alignment values 
     w.add("general.name", text("empty"));
     CHECK(af::gguf::File::from_bytes(w.bytes()).tensors().empty());
   }
+  {  // empty tensors, one of them at the end of the file
+    GgufWriter w;
+    w.add_tensor("empty", {0, 3}, GgmlType::f32, {});
+    w.add_tensor("also_empty", {32, 0}, GgmlType::q4_1, {});
+    const af::gguf::File file = af::gguf::File::from_bytes(w.bytes());
+    CHECK(file.dequantize(file.tensor("empty")).empty());
+    CHECK(file.dequantize(file.tensor("also_empty")).empty());
+    CHECK(file.tensor("also_empty").rows() == 0);
+  }
   {  // unknown-to-dequantize types are read but not dequantized
     GgufWriter w;
     w.add_tensor("k", {256}, GgmlType::q6_k, std::vector<std::byte>(210));

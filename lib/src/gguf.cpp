@@ -475,6 +475,7 @@ std::span<const std::byte> File::data(const TensorInfo& tensor) const {
 std::vector<float> File::dequantize(const TensorInfo& tensor) const {
   const std::span<const std::byte> stored = data(tensor);
   const auto n = static_cast<std::size_t>(tensor.elements);
+  if (n == 0) return {};  // an empty tensor may sit at the very end of the file, where no byte is left
   auto load_u16 = [&](std::size_t i) {
     std::uint16_t bits;
     std::memcpy(&bits, stored.data() + 2 * i, 2);

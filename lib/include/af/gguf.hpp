@@ -26,7 +26,7 @@ namespace af::gguf {
 
 /// The largest file File::open reads (64 GiB); it is read whole into memory.
 inline constexpr std::uint64_t max_file_bytes = std::uint64_t{1} << 36;
-/// The longest key, tensor name or string value accepted (the format's limit for keys is 65535 bytes).
+/// The longest key, tensor name or string value accepted (16 MiB: a chat template takes a few KiB).
 inline constexpr std::uint64_t max_string_bytes = std::uint64_t{1} << 24;
 /// The deepest nesting of arrays accepted (an array of arrays is depth 2).
 inline constexpr int max_array_depth = 8;
@@ -97,7 +97,8 @@ class File {
   /// duplicate key or tensor name, a general.alignment that is not a power of two, more than max_dims
   /// dimensions, dims whose product exceeds max_elements or a row length that is not a whole number of
   /// blocks, and a tensor offset that is unaligned, past the end of the file, or overlaps another tensor.
-  /// Nothing else leaves it.
+  /// Nothing else leaves it. What it allocates is bounded by a small multiple of the file's size: every
+  /// count is checked against the bytes left divided by the fewest bytes one of its elements can take.
   static File from_bytes(std::vector<std::byte> bytes, std::string source = "<memory>");
 
   std::uint32_t version() const { return version_; }
