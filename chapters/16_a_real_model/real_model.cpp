@@ -147,17 +147,16 @@ int main(int argc, char** argv) {
     print_file_layout(model.file(), numbers);
 
     fmt::print("== The model ==\n");
-    fmt::print(
-        "llama: {} layers, hidden D = {}, H = {} query heads and G = {} KV heads of d = {}, SwiGLU {}, "
-        "vocabulary {}, context {}, RoPE base {}, RMSNorm eps {}, output head {}\n",
-        c.layers, c.hidden, c.heads, c.kv_heads, c.head_dim, c.ffn, c.vocab, c.context, c.rope_base, c.rms_eps,
-        c.tied_output ? "tied to the embedding" : "its own matrix");
+    fmt::print("llama: {} layers, hidden D = {}, H = {} query heads and G = {} KV heads of d = {},\n", c.layers,
+               c.hidden, c.heads, c.kv_heads, c.head_dim);
+    fmt::print("       SwiGLU {}, vocabulary {}, context {}, RoPE base {}, RMSNorm eps {:.3g},\n", c.ffn, c.vocab,
+               c.context, c.rope_base, c.rms_eps);
+    fmt::print("       output head {}\n", c.tied_output ? "tied to the embedding" : "its own matrix");
     const std::int64_t bf16_per_token = c.layers * 2 * c.kv_heads * c.head_dim * 2;
-    fmt::print(
-        "KV cache per token: {} layers x 2 x {} heads x {} x 2 B = {} B in bf16 ({} B as float32 here); "
-        "{:.0f} MiB (bf16) for the full {} tokens\n",
-        c.layers, c.kv_heads, c.head_dim, bf16_per_token, c.cache_bytes_per_token(),
-        static_cast<double>(bf16_per_token * c.context) / (1 << 20), c.context);
+    fmt::print("KV cache per token: {} layers x 2 x {} heads x {} x 2 B = {} B in bf16 ({} B as float32 here);\n",
+               c.layers, c.kv_heads, c.head_dim, bf16_per_token, c.cache_bytes_per_token());
+    fmt::print("  {:.0f} MiB (bf16) for the full {} tokens\n",
+               static_cast<double>(bf16_per_token * c.context) / (1 << 20), c.context);
     fmt::print("weights one token reads: {:.1f} MiB\n\n", static_cast<double>(model.weight_bytes()) / (1 << 20));
     numbers.print("kv_bytes_bf16", "{}", bf16_per_token);
     numbers.print("kv_bytes_f32", "{}", c.cache_bytes_per_token());
