@@ -5,9 +5,13 @@
 #include "af/sampling.hpp"
 
 #include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <fstream>
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace {
@@ -122,4 +126,77 @@ TEST_CASE("temperature 0 is greedy, after the repetition penalty", "[sampling]")
   greedy.repetition_penalty = 2.0;
   const std::vector<std::int32_t> previous = {1};
   CHECK(af::sample_token(logits, previous, greedy, rng) == 2);  // 3.0 / 2 < 2.5
+}
+
+namespace {
+
+float case_float(const nlohmann::json& value) {
+  if (value.is_string()) return value.get<std::string>() == "-inf" ? neg_inf : std::nanf("");
+  return value.get<float>();
+}
+
+// Applies one recorded step to `logits`.
+void apply_step(std::vector<float>& logits, const nlohmann::json& step, const std::vector<std::int32_t>& previous) {
+  const std::string op = step.at("op").get<std::string>();
+  const std::int64_t keep = step.value("min_tokens_to_keep", std::int64_t{1});
+  if (op == "temperature")
+    af::apply_temperature(logits, step.at("temperature").get<double>());
+  else if (op == "top_k")
+    af::apply_top_k(logits, step.at("top_k").get<std::int64_t>(), keep);
+  else if (op == "top_p")
+    af::apply_top_p(logits, step.at("top_p").get<double>(), keep);
+  else if (op == "min_p")
+    af::apply_min_p(logits, step.at("min_p").get<double>(), keep);
+  else if (op == "repetition_penalty")
+    af::apply_repetition_penalty(logits, previous, step.at("repetition_penalty").get<double>());
+  else
+    FAIL("unknown step " << op);
+}
+
+}  // namespace
+
+TEST_CASE("the filters reproduce Hugging Face's logits processors on the recorded cases", "[sampling]") {
+  // tests/real_model/sampling_cases.json: each case's steps applied by transformers 5.17's processors in
+  // float32. Kept entries must equal the reference's to float32 rounding (a division by the temperature or
+  // the penalty is one rounding on both sides: 1 ulp of slack), removed ones must be -inf; where a tie sits at
+  // a top-p cut the reference's choice among equal values follows torch's sort, so only the number kept and
+  // the multiset of kept values are compared there.
+  std::ifstream in(std::string(AF_REAL_MODEL_CASES) + "/sampling_cases.json");
+  REQUIRE(in.good());
+  const nlohmann::json cases = nlohmann::json::parse(in);
+  int compared = 0;
+  for (const char* group : {"single", "chains"}) {
+    for (const nlohmann::json& c : cases.at(group)) {
+      std::vector<float> logits, want;
+      for (const auto& v : c.at("input")) logits.push_back(case_float(v));
+      for (const auto& v : c.at("output")) want.push_back(case_float(v));
+      const auto previous = c.at("previous_ids").get<std::vector<std::int32_t>>();
+      for (const auto& step : c.at("steps")) apply_step(logits, step, previous);
+      const std::string name = c.at("name").get<std::string>();
+      REQUIRE(logits.size() == want.size());
+      std::vector<float> kept_got, kept_want;
+      for (std::size_t i = 0; i < logits.size(); ++i) {
+        if (logits[i] != neg_inf) kept_got.push_back(logits[i]);
+        if (want[i] != neg_inf) kept_want.push_back(want[i]);
+      }
+      INFO(name << ": " << kept_got.size() << " kept, reference " << c.at("n_kept"));
+      REQUIRE(static_cast<std::int64_t>(kept_got.size()) == c.at("n_kept").get<std::int64_t>());
+      if (c.at("tie_at_cutoff").get<bool>()) {
+        std::ranges::sort(kept_got);
+        std::ranges::sort(kept_want);
+        for (std::size_t i = 0; i < kept_got.size(); ++i)
+          REQUIRE(std::abs(kept_got[i] - kept_want[i]) <= 1.2e-7f * std::abs(kept_want[i]));
+      } else {
+        for (std::size_t i = 0; i < logits.size(); ++i) {
+          INFO("entry " << i << ": " << logits[i] << ", reference " << want[i]);
+          if (want[i] == neg_inf)
+            REQUIRE(logits[i] == neg_inf);
+          else
+            REQUIRE(std::abs(logits[i] - want[i]) <= 1.2e-7f * std::abs(want[i]));
+        }
+      }
+      ++compared;
+    }
+  }
+  CHECK(compared > 100);
 }

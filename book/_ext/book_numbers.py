@@ -15,7 +15,9 @@ the GPU, driver, CUDA version, date, commit and command of their run:
   table's first row) from its timing table (the lines under a header starting with "version"),
   `{{ chNN_gpu_plan_<shape>_splits }}`, `_blocks` and `_keys_per_split` from a split plan's lines,
   `{{ chNN_gpu_<name>_ms }}` and `{{ chNN_gpu_<name>_<word>_gbps }}` from lines such as
-  "dot over ...: median 0.738 ms, ..., 2908 GB/s read", and `{{ chNN_gpu }}` / `{{ chNN_gpu_date }}`.
+  "dot over ...: median 0.738 ms, ..., 2908 GB/s read", and `{{ chNN_gpu }}` / `{{ chNN_gpu_date }}`;
+- a chapter's committed `results/numbers.json` (a measurement the build cannot repeat, written by the script
+  that made it) gives `{{ chNN_<name> }}`.
 
 A page that names a number nobody wrote fails the build (MyST's undefined-substitution warning, and warnings
 are errors), so prose cannot quote a number that neither the build nor a committed result produced.
@@ -58,6 +60,16 @@ def _collect(app, config):
         number = re.match(r"(\d\d)_", path.parent.parent.name)
         if number:
             substitutions.update(_gpu_chapter_numbers(path, f"ch{number.group(1)}"))
+    # A committed measurement the build cannot repeat (chapter 16's speed against llama.cpp) is written by
+    # its script as results/numbers.json beside the results it comes from, with the same provenance.
+    for path in sorted(chapters.glob("*/results/numbers.json")):
+        number = re.match(r"(\d\d)_", path.parent.parent.name)
+        if number:
+            for name, value in _read(path).items():
+                key = f"ch{number.group(1)}_{name}"
+                if key in substitutions:
+                    raise ValueError(f"{path}: {key} is also written by the build")
+                substitutions[key] = value
     for path in sorted(chapters.glob("*/kernels/results/*.csv")):
         substitutions.update(_benchmark_csv_numbers(path))
     config.myst_substitutions = substitutions
