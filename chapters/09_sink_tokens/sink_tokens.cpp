@@ -263,7 +263,8 @@ int main(int argc, char** argv) {
   app.add_option("--seed", seed, "Seed of the random weights and inputs")
       ->check(af::seed_value())
       ->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for the figure data (sink_mask.dat, first_token_mass.dat)")
+  app.add_option("--out", out_dir,
+                 "Directory for the figure data (sink_mask.dat, first_token_mass.dat) and numbers.json")
       ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
@@ -406,8 +407,14 @@ int main(int argc, char** argv) {
     const af::InterleavedModel gpt_oss = af::gpt_oss_120b();
     fmt::print("\n{}", af::format_cache_card(gpt_oss.parts[0].card, gpt_oss.parts, contexts));
     // [/cache-cards]
-    fmt::print("  learned sinks of gpt-oss-120b: 36 layers x 64 heads = 2304 parameters ({}), no cache bytes:\n",
-               af::human_bytes(2304.0 * 2));
+    const std::int64_t gpt_oss_layers = gpt_oss.parts[0].layers + gpt_oss.parts[1].layers, gpt_oss_heads = 64;
+    const std::int64_t sink_parameters = gpt_oss_layers * gpt_oss_heads;
+    fmt::print("  learned sinks of gpt-oss-120b: {} layers x {} heads = {} parameters ({}), no cache bytes:\n",
+               gpt_oss_layers, gpt_oss_heads, sink_parameters,
+               af::human_bytes(static_cast<double>(sink_parameters) * 2));
+    af::BookNumbers numbers;
+    numbers.print("gpt_oss_sink_parameters", "{},{:03}", sink_parameters / 1000, sink_parameters % 1000);
+    numbers.print("card_rows", "{},{:03}", (card_sinks + card_window) / 1000, (card_sinks + card_window) % 1000);
     for (const std::int64_t t : contexts)
       fmt::print("    context {:>6}: cache {} (banded + dense layers, the same with or without sinks)\n", t,
                  af::human_bytes(static_cast<double>(gpt_oss.bytes_stored(t))));
@@ -527,6 +534,7 @@ int main(int argc, char** argv) {
 
     if (!out_dir.empty()) {
       const std::filesystem::path dir = af::make_output_directory(out_dir);
+      numbers.write(dir);
       af::write_output_file(dir / "sink_mask.dat", [&](af::OutputFile& mask) {
         const std::int64_t m = std::min<std::int64_t>(seq_len, 32);
         mask.print("# query key visible(1) or masked(NaN); S = {}, W = {}\n", sinks, window);
