@@ -26,6 +26,7 @@
 #include <filesystem>
 #include <limits>
 #include <numeric>
+#include <string>
 #include <vector>
 
 namespace {
@@ -472,8 +473,9 @@ int main(int argc, char** argv) {
       ->check(af::seed_value())
       ->capture_default_str();
   app.add_option(
-      "--out", out_dir,
-      "Directory for the figure data (index_scores.dat, decode_reads.dat, cache_bytes.dat, captured_mass.dat)")
+         "--out", out_dir,
+         "Directory for the figure data (index_scores.dat, decode_reads.dat, cache_bytes.dat, captured_mass.dat) "
+         "and numbers.json")
       ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
@@ -588,6 +590,46 @@ int main(int argc, char** argv) {
     checks.expect_true("V4-Pro grows by 9,848 B per token in bf16 (30 x 320 + 31 x 8)", rows[5].per_token == 9848.0);
     checks.expect_true("DeepSeek-V3.2 stores 78,324 B per token (61 x (1152 + 132))", v32.bytes_per_token() == 78324);
 
+    // The numbers the text quotes, from the same accounting.
+    const auto thousands = [](std::int64_t n) {  // 6880 -> "6,880", as the text writes counts
+      std::string digits = std::to_string(n);
+      for (auto i = static_cast<std::ptrdiff_t>(digits.size()) - 3; i > 0; i -= 3)
+        digits.insert(static_cast<std::size_t>(i), ",");
+      return digits;
+    };
+    af::BookNumbers numbers;
+    const af::V4LayerCard csa_card = af::v4_layer_card(af::deepseek_v4_flash_shape(af::V4LayerKind::csa));
+    const af::V4LayerCard hca_card = af::v4_layer_card(af::deepseek_v4_flash_shape(af::V4LayerKind::hca));
+    numbers.print("csa_growth_per_token", "{:.0f}", csa_card.growth_per_token());
+    numbers.print("hca_growth_per_token", "{:.0f}", hca_card.growth_per_token());
+    // HCA's pending block at its largest (m' - 1 tokens of raw kv and gate) against its full window.
+    std::int64_t hca_pending = 0, hca_window = 0;
+    for (const af::CacheCard& part : hca_card.parts) {
+      if (part.mechanism == "pending block") hca_pending = part.bytes_per_token() * (hca_card.shape.ratio - 1);
+      if (part.mechanism == "window") hca_window = part.bytes_per_token() * hca_card.shape.window;
+    }
+    numbers.print("hca_pending_tokens", "{}", hca_card.shape.ratio - 1);
+    numbers.set("hca_pending_bytes", af::human_bytes(double(hca_pending)));
+    numbers.print("hca_pending_over_window", "{:.0f}", double(hca_pending) / double(hca_window));
+    // V4-Flash at 1M tokens: the indexer keys one decode step reads, of everything it reads. And the growth per
+    // token in the report's format: entries of 576 B (448 FP8 values, 64 RoPE values in BF16), index keys
+    // assumed in FP4 (0.5 B per value); m of each part from the entries it keeps at 1M tokens.
+    std::int64_t index_key_reads = 0;
+    double report_per_token = 0.0;
+    const double index_width = static_cast<double>(csa_card.shape.index_head_dim);
+    for (const af::ModelCache& part : flash.parts) {
+      const double m = double(contexts[1]) / double(std::max<std::int64_t>(1, part.card.stored_tokens(contexts[1])));
+      if (part.card.mechanism == "indexer keys") {
+        index_key_reads += part.bytes_read(contexts[1]);
+        report_per_token += double(part.layers) * 0.5 * index_width / m;
+      }
+      if (part.card.mechanism == "compressed entries") report_per_token += double(part.layers) * 576.0 / m;
+    }
+    numbers.set("flash_index_key_reads_1m", af::human_bytes(double(index_key_reads)));
+    numbers.set("flash_reads_1m", af::human_bytes(double(flash.bytes_read(contexts[1]))));
+    numbers.set("flash_report_format_per_token", thousands(std::llround(report_per_token)));
+    numbers.set("flash_per_token", thousands(std::llround(rows[4].per_token)));
+
     // ---- 3. selection, measured -----------------------------------------------------------------------------
     af::V4Shape ps = tiny_shape(af::V4LayerKind::csa);
     ps.hidden = 64, ps.head_dim = 32, ps.window = 16, ps.index_head_dim = 32;
@@ -624,6 +666,8 @@ int main(int argc, char** argv) {
         for (std::int64_t k : ks) {
           const double aligned = mean_captured(p, m, k, true), random = mean_captured(p, m, k, false);
           fmt::print(" {:>5.3f}/{:<5.3f}", aligned, random);
+          if (input == "random" && m == 4 && (k == 16 || k == 64))
+            numbers.print(fmt::format("random_aligned_percent_k{}", k), "{:.0f}", 100 * aligned);
           mass_data += fmt::format("{} {} {} {:.6f} {:.6f}\n", input, m, k, aligned, random);
         }
         fmt::print("\n");
@@ -642,6 +686,8 @@ int main(int argc, char** argv) {
               "{:.3f} of the entries' mass\n",
               needle_at, m, e, aligned.size(), rank_of(aligned), rank_of(random), captured_mass(p, last, m, {e}));
           if (m == 4) needle_probe = p;
+          numbers.print(fmt::format("needle_rank_m{}", m), "{}", rank_of(aligned));
+          numbers.print(fmt::format("needle_mass_m{}", m), "{:.3f}", captured_mass(p, last, m, {e}));
         }
       }
     fmt::print("{}\n", needle_lines);
@@ -652,6 +698,7 @@ int main(int argc, char** argv) {
     // ---- 4. figure data -------------------------------------------------------------------------------------
     if (!out_dir.empty()) {
       const std::filesystem::path dir = af::make_output_directory(out_dir);
+      numbers.write(dir);
       af::write_output_file(dir / "captured_mass.dat", [&](af::OutputFile& f) { f.print("{}", mass_data); });
       af::write_output_file(dir / "index_scores.dat", [&](af::OutputFile& f) {
         f.print(
