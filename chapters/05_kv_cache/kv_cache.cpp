@@ -362,7 +362,7 @@ int main(int argc, char** argv) {
       worst_contiguous = af::worse(worst_contiguous, af::max_abs_diff(lib.values(), want.values()));
       top = af::worse(top, af::max_abs(want.values()));
     }
-    fmt::print("Paged: {} sequences of {} tokens in {} pages of {}; block tables:", lengths.size(),
+    fmt::print("Paged: {} sequences of {} tokens in {} pages of {}; block tables:\n ", lengths.size(),
                fmt::join(lengths, ", "), pages_needed, page_size);
     for (const PagedSequence& s : seqs) fmt::print(" [{}]", fmt::join(s.block_table, " "));
     fmt::print("\n");

@@ -204,8 +204,8 @@ int main(int argc, char** argv) {
     const Tensor q = af::random_normal(Shape{T, d}, rng), k = af::random_normal(Shape{T, d}, rng),
                  v = af::random_normal(Shape{T, d}, rng);
     fmt::print(
-        "Block-sparse attention, one head: T = {} tokens, d = {}, block B = {} ({} query and key blocks, the "
-        "last of {} tokens)\n",
+        "Block-sparse attention, one head: T = {} tokens, d = {}, block B = {}\n"
+        "  {} query and key blocks, the last of {} tokens\n",
         T, d, block, blocks, T - (blocks - 1) * block);
     fmt::print(
         "  pattern: {} local block(s), {} global block(s), stride {}; q, k, v [{}, {}]; tables [{}] and "

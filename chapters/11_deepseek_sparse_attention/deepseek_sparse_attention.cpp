@@ -563,21 +563,21 @@ int main(int argc, char** argv) {
     const af::ModelCache llama = af::dense_model("Llama-3.1-70B").cache(af::DType::bf16);
     fmt::print(
         "\nWhole model, one sequence, bf16 (FP8 index keys for V3.2): cache per token and reads per decode step\n");
-    fmt::print("  {:<34} {:>10} {:>22} {:>22} {:>22}\n", "model", "B/token", "read at 4K", "read at 32K",
+    fmt::print("  {:<34} {:>10} {:>14} {:>14} {:>14}\n", "model", "B/token", "read at 4K", "read at 32K",
                "read at 128K");
     for (const af::ModelCache* m : {&llama, &v3, &v32}) {
       std::vector<std::string> cells;
       for (std::int64_t t : {4096, 32768, 131072})
         cells.push_back(af::human_bytes(static_cast<double>(m->bytes_read(t))));
-      fmt::print("  {:<34} {:>10} {:>22} {:>22} {:>22}\n",
+      fmt::print("  {:<34} {:>10} {:>14} {:>14} {:>14}\n",
                  m->model + (m == &llama ? " (GQA)"
                              : m == &v3  ? " (MLA)"
                                          : " (DSA)"),
                  m->bytes_per_token(), cells[0], cells[1], cells[2]);
     }
     fmt::print(
-        "  DeepSeek-V3.2 per decode step and layer at 128K: indexer reads {} ({} keys), attention reads {} "
-        "({} latents)\n",
+        "  DeepSeek-V3.2 per decode step and layer at 128K: indexer reads {} ({} keys),\n"
+        "  attention reads {} ({} latents)\n",
         af::human_bytes(static_cast<double>(v32.card.decode_reads(131072)[0].bytes)),
         v32.card.decode_reads(131072)[0].entries,
         af::human_bytes(static_cast<double>(v32.card.decode_reads(131072)[1].bytes)),
