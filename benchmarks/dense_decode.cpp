@@ -5,6 +5,7 @@
 //   build/bin/bench_dense_decode [--hidden 1024] [--heads 8] [--head-dim 128] [--gqa-kv-heads 2]
 //                                [--contexts 1024,4096,16384] [--prefill 128,512] [--repeats 5] [--out DIR]
 
+#include "af/accounting.hpp"
 #include "af/error.hpp"
 #include "af/grouped_attention.hpp"
 #include "af/program.hpp"
@@ -70,7 +71,7 @@ int main(int argc, char** argv) {
   app.add_option("--repeats", repeats, "Timed repetitions (the median is reported)")
       ->check(CLI::Range(1, 1000))
       ->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for dense_decode.csv")->check(af::output_directory());
+  app.add_option("--out", out_dir, "Directory for dense_decode.csv and numbers.json")->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
     af::require(heads % gqa_kv_heads == 0, "--heads {} is not divisible by --gqa-kv-heads {}", heads, gqa_kv_heads);
@@ -114,6 +115,15 @@ int main(int argc, char** argv) {
       }
     }
     // If decode were bound by the bytes it reads, the time ratios would equal the byte ratios.
+    af::BookNumbers numbers;
+    numbers.print("dense_gqa_byte_ratio", "{}", heads / gqa_kv_heads);
+    numbers.print("dense_mqa_byte_ratio", "{}", heads);
+    numbers.print("dense_mha_over_gqa", "{:.1f}", longest_context_seconds[0] / longest_context_seconds[1]);
+    numbers.print("dense_mha_over_mqa", "{:.1f}", longest_context_seconds[0] / longest_context_seconds[2]);
+    numbers.print("dense_shortest_context", "{}", contexts.front());
+    numbers.set("dense_mha_cache_shortest",
+                af::human_bytes(static_cast<double>(2 * contexts.front() * heads * head_dim *
+                                                    static_cast<std::int64_t>(sizeof(float)))));
     fmt::print(
         "  at {} tokens: MHA takes {:.1f}x the time of GQA (reads {}x the bytes) and {:.1f}x that of MQA ({}x)\n",
         contexts.back(), longest_context_seconds[0] / longest_context_seconds[1], heads / gqa_kv_heads,
@@ -138,6 +148,7 @@ int main(int argc, char** argv) {
     if (!out_dir.empty()) {
       const std::filesystem::path dir = af::make_output_directory(out_dir);
       af::write_output_file(dir / "dense_decode.csv", [&](af::OutputFile& file) { file.print("{}", csv); });
+      numbers.write(dir);
     }
     return true;
   });

@@ -8,6 +8,7 @@
 //   build/bin/bench_kv_decode [--layers 2] [--hidden 512] [--heads 8] [--kv-heads 2] [--prompts 128,256,512]
 //                             [--contexts 512,2048,8192] [--batches 1,4,16] [--repeats 5] [--out DIR]
 
+#include "af/accounting.hpp"
 #include "af/error.hpp"
 #include "af/grouped_attention.hpp"
 #include "af/linalg.hpp"
@@ -75,7 +76,7 @@ int main(int argc, char** argv) {
   app.add_option("--repeats", repeats, "Timed repetitions (the median is reported)")
       ->check(CLI::Range(1, 1000))
       ->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for kv_decode.csv")->check(af::output_directory());
+  app.add_option("--out", out_dir, "Directory for kv_decode.csv and numbers.json")->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
     af::require(hidden % heads == 0 && heads % kv_heads == 0,
@@ -144,6 +145,14 @@ int main(int argc, char** argv) {
     if (!out_dir.empty()) {
       const std::filesystem::path dir = af::make_output_directory(out_dir);
       af::write_output_file(dir / "kv_decode.csv", [&](af::OutputFile& file) { file.print("{}", csv); });
+      // What chapter 05's text compares: the weights a step reads once, and one sequence's cache at the
+      // shortest and the longest context.
+      af::BookNumbers numbers;
+      numbers.set("weights", af::human_bytes(static_cast<double>(weight_bytes)));
+      numbers.print("shortest_context", "{}", contexts.front());
+      numbers.print("longest_context", "{}", contexts.back());
+      numbers.set("cache_longest", af::human_bytes(static_cast<double>(contexts.back() * kv_bytes_per_token)));
+      numbers.write(dir);
     }
     return true;
   });

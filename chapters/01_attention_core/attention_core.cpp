@@ -215,7 +215,7 @@ std::vector<double> reference_layer(const Head& head, const Tensor& x) {
 // Where one head fails: a key that matches the query better than every other key by a fixed margin (a
 // "needle") gets a weight of e^margin / (e^margin + T - 1) against T - 1 equally plausible keys, so its weight
 // dilutes as the context grows. Measured here on random keys rather than assumed.
-void print_dilution(af::Rng& rng, std::int64_t head_dim) {
+void print_dilution(af::Rng& rng, std::int64_t head_dim, af::BookNumbers& numbers) {
   fmt::print("\nDilution: weight on one matching key among T random keys (head_dim {}, score margin +4)\n", head_dim);
   fmt::print("  {:>8} {:>14} {:>16}\n", "T", "needle weight", "largest other");
   for (std::int64_t T : {16, 64, 256, 1024, 4096, 16384}) {
@@ -233,6 +233,8 @@ void print_dilution(af::Rng& rng, std::int64_t head_dim) {
     for (std::int64_t j = 0; j < T; ++j)
       if (j != T / 2) other = std::max(other, w.data()[j]);
     fmt::print("  {:>8} {:>14.4f} {:>16.4f}\n", T, w.data()[T / 2], other);
+    if (T == 16) numbers.print("needle_weight_16", "{:.2f}", w.data()[T / 2]);
+    if (T == 4096) numbers.print("needle_percent_4096", "{:.1f}", 100.0 * w.data()[T / 2]);
   }
 }
 
@@ -267,7 +269,8 @@ int main(int argc, char** argv) {
   app.add_option("--seed", seed, "Seed of the random inputs and weights")
       ->check(af::seed_value())
       ->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for the figure data (attention_weights.dat, cache_growth.dat)")
+  app.add_option("--out", out_dir,
+                 "Directory for the figure data (attention_weights.dat, cache_growth.dat) and numbers.json")
       ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
@@ -306,8 +309,7 @@ int main(int argc, char** argv) {
 
     af::Checks checks;
     const double tolerance = af::scaled_tolerance(1e-5, af::max_abs(prefill_out.values()));
-    checks.expect_close("prefill vs float64 reference", af::max_abs_diff(prefill_out.values(), reference),
-                        tolerance);
+    checks.expect_close("prefill vs float64 reference", af::max_abs_diff(prefill_out.values(), reference), tolerance);
     checks.expect_close("decode through the KV cache vs prefill",
                         af::max_abs_diff(decode_out.values(), prefill_out.values()), tolerance);
     checks.expect_close("from scratch vs lib/ single_head_attention",
@@ -347,8 +349,12 @@ int main(int argc, char** argv) {
     fmt::print("\n{}", af::format_cache_card(card, models, contexts));
     // [/cache-card]
 
-    print_dilution(rng, head_dim);
-    if (!out_dir.empty()) write_figure_data(out_dir, weights, card);
+    af::BookNumbers numbers;
+    print_dilution(rng, head_dim, numbers);
+    if (!out_dir.empty()) {
+      write_figure_data(out_dir, weights, card);
+      numbers.write(out_dir);
+    }
     return checks.all_passed();
   });
 }

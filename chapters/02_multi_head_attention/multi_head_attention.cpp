@@ -173,7 +173,8 @@ int main(int argc, char** argv) {
   app.add_option("--seed", seed, "Seed of the random inputs and weights")
       ->check(af::seed_value())
       ->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for the figure data (head_weights.dat)")->check(af::output_directory());
+  app.add_option("--out", out_dir, "Directory for the figure data (head_weights.dat) and numbers.json")
+      ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
     // The projections cost T x hidden x hidden, the attention T x T x hidden: each stays within seconds.
@@ -240,15 +241,22 @@ int main(int argc, char** argv) {
     // budget (what is left on an 80 GB GPU once a 7B model's bf16 weights are loaded, roughly) holds.
     const af::ModelCache llama2 = af::dense_model("Llama-2-7B").cache();
     const double budget = 64.0 * 1024 * 1024 * 1024;
+    af::BookNumbers numbers;
+    numbers.set("llama2_cache_per_token", af::human_bytes(static_cast<double>(llama2.bytes_per_token())));
     fmt::print("\nLlama-2-7B (MHA, bf16) cache per sequence, and sequences that fit in a 64 GiB cache budget\n");
     fmt::print("  {:>8} {:>14} {:>10}\n", "context", "cache", "sequences");
     for (std::int64_t t : {1024, 4096, 32768, 131072}) {
       const double bytes = static_cast<double>(llama2.layers * llama2.card.bytes_stored(t));
       fmt::print("  {:>8} {:>14} {:>10.0f}\n", t, af::human_bytes(bytes), std::floor(budget / bytes));
+      if (t == 131072) {
+        numbers.set("llama2_cache_128k", af::human_bytes(bytes));
+        numbers.print("llama2_sequences_128k", "{:.0f}", std::floor(budget / bytes));
+      }
     }
 
     if (!out_dir.empty()) {
       const std::filesystem::path dir = af::make_output_directory(out_dir);
+      numbers.write(dir);
       af::write_output_file(dir / "head_weights.dat", [&](af::OutputFile& file) {
         file.print("# Causal attention weights of every head: head query key weight (a blank line after each query)\n");
         const Tensor q = split_heads(af::linear(x.matrix(), w.w_q.matrix()), heads);

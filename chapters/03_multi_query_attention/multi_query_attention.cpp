@@ -164,7 +164,7 @@ int main(int argc, char** argv) {
   app.add_option("--seed", seed, "Seed of the random inputs and weights")
       ->check(af::seed_value())
       ->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for the data of the MHA/MQA comparison (mha_vs_mqa.csv)")
+  app.add_option("--out", out_dir, "Directory for the data of the MHA/MQA comparison (mha_vs_mqa.csv) and numbers.json")
       ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
@@ -210,8 +210,8 @@ int main(int argc, char** argv) {
 
     af::Checks checks;
     const double tolerance = af::scaled_tolerance(1e-5, af::max_abs(prefill.values()));
-    checks.expect_close("prefill vs float64 reference", af::max_abs_diff(prefill.values(), reference_layer(w, x, heads)),
-                        tolerance);
+    checks.expect_close("prefill vs float64 reference",
+                        af::max_abs_diff(prefill.values(), reference_layer(w, x, heads)), tolerance);
     checks.expect_close("decode through the shared cache vs prefill",
                         af::max_abs_diff(decoded.values(), prefill.values()), tolerance);
     checks.expect_close("from scratch vs lib/ grouped_attention (G = 1)",
@@ -235,10 +235,9 @@ int main(int argc, char** argv) {
     row("query projection FLOPs per token", 2.0 * hidden * heads * d, 2.0 * hidden * heads * d);
     row("attention FLOPs per decode step (qK and pV)", 2.0 * 2 * heads * d * t, 2.0 * 2 * heads * d * t);
     // [/what-shrinks]
-    if (!out_dir.empty()) {
-      const std::filesystem::path dir = af::make_output_directory(out_dir);
+    const std::filesystem::path dir = out_dir.empty() ? std::filesystem::path{} : af::make_output_directory(out_dir);
+    if (!out_dir.empty())
       af::write_output_file(dir / "mha_vs_mqa.csv", [&](af::OutputFile& file) { file.print("{}", csv); });
-    }
 
     af::CacheCard card = af::dense_kv_card("multi-query attention (this program's layer)", heads, 1, d, af::DType::f32);
     card.trade_offs = fmt::format(
@@ -247,6 +246,14 @@ int main(int argc, char** argv) {
         heads);
     const std::vector<af::ModelCache> models = {af::dense_model("Falcon-7B").cache()};
     fmt::print("\n{}", af::format_cache_card(card, models, std::vector<std::int64_t>{seq_len, 4096}));
+
+    // The whole-model caches per token that the text compares: Falcon-7B (MQA) against Llama-2-7B (MHA).
+    af::BookNumbers numbers;
+    const std::int64_t falcon = af::dense_model("Falcon-7B").cache().bytes_per_token();
+    const std::int64_t llama2 = af::dense_model("Llama-2-7B").cache().bytes_per_token();
+    numbers.set("falcon_cache_per_token", af::human_bytes(static_cast<double>(falcon)));
+    numbers.set("llama2_cache_per_token", af::human_bytes(static_cast<double>(llama2)));
+    numbers.print("llama2_over_falcon", "{:.0f}", static_cast<double>(llama2) / static_cast<double>(falcon));
 
     // Where it fails: an MHA layer's heads cannot all be one head. Convert MHA layers whose K/V heads differ by
     // `spread` around a shared part into MQA by mean-pooling, and measure the output error (no retraining).
@@ -263,8 +270,11 @@ int main(int argc, char** argv) {
       const Tensor got = mqa_prefill(pooled, x.matrix(), heads, mqa_cache);
       fmt::print("  {:>8.1f} {:>22.4f}\n", spread, relative_error(got, want));
       if (spread == 0.0) identical_heads_error = relative_error(got, want);
+      if (spread == 1.0) numbers.print("pooling_error_spread_1", "{:.2f}", relative_error(got, want));
+      if (spread == 3.0) numbers.print("pooling_error_spread_3", "{:.2f}", relative_error(got, want));
     }
     checks.expect_close("pooling identical heads changes nothing", identical_heads_error, 1e-5);
+    if (!out_dir.empty()) numbers.write(dir);
     return checks.all_passed();
   });
 }

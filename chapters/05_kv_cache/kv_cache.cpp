@@ -31,6 +31,7 @@
 #include <limits>
 #include <numeric>
 #include <span>
+#include <string>
 #include <vector>
 
 namespace {
@@ -214,7 +215,6 @@ std::vector<double> reference_decode(std::span<const float> q, ConstMatrix k, Co
   return out;
 }
 
-
 // The decode output of queries q [Tq, H * d] over keys and values stored in `format` and read back.
 Tensor attend_stored(ConstMatrix q, ConstMatrix k, ConstMatrix v, const af::GroupedShape& shape, af::KvFormat keys,
                      af::KvFormat values) {
@@ -287,7 +287,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 256))
       ->capture_default_str();
   app.add_option("--seed", seed, "Seed of the random inputs")->check(af::seed_value())->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for the figure data")->check(af::output_directory());
+  app.add_option("--out", out_dir, "Directory for the figure data and numbers.json")->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
     // The projections cost T x hidden x hidden, the attention T x T x hidden, for each of the caches compared:
@@ -302,6 +302,24 @@ int main(int argc, char** argv) {
     const af::GroupedShape shape{hidden, heads, kv_heads, d};
     af::Rng rng(seed);
     af::Checks checks;
+    af::BookNumbers numbers;
+
+    // The whole-model caches the text derives by hand, from the library's accounting (bf16).
+    const auto cache_of = [](const char* name) { return af::model_preset(name).cache(af::DType::bf16); };
+    const auto bytes_text = [](std::int64_t bytes) { return af::human_bytes(static_cast<double>(bytes)); };
+    const auto thousands = [](std::int64_t n) {  // 131072 -> "131,072", as the text writes counts
+      std::string digits = std::to_string(n);
+      for (auto i = static_cast<std::ptrdiff_t>(digits.size()) - 3; i > 0; i -= 3)
+        digits.insert(static_cast<std::size_t>(i), ",");
+      return digits;
+    };
+    numbers.set("llama_8b_bytes_per_token", thousands(cache_of("Llama-3.1-8B").bytes_per_token()));
+    numbers.set("llama_8b_cache_128k", bytes_text(cache_of("Llama-3.1-8B").bytes_stored(131072)));
+    numbers.set("deepseek_v3_bytes_per_token", thousands(cache_of("DeepSeek-V3").bytes_per_token()));
+    numbers.set("deepseek_v3_cache_128k", bytes_text(cache_of("DeepSeek-V3").bytes_stored(131072)));
+    numbers.set("mistral_7b_cache_cap", bytes_text(cache_of("Mistral-7B").bytes_stored(1048576)));
+    numbers.set("deepseek_v3_tp8_bytes_per_gpu", thousands(cache_of("DeepSeek-V3").bytes_per_token_per_gpu(8)));
+    numbers.set("llama_70b_tp8_bytes_per_gpu", thousands(cache_of("Llama-3.1-70B").bytes_per_token_per_gpu(8)));
     fmt::print(
         "KV cache: H = {} query heads on G = {} KV heads of d = {}; K and V [t, {}, {}] per layer; pages of {} "
         "tokens\n",
@@ -338,13 +356,13 @@ int main(int argc, char** argv) {
       contiguous.append(ks[i].matrix(), vs[i].matrix());
       const Tensor lib = af::paged_attend(q.matrix(), shape, lib_cache, lib_seqs[i], {});
       const Tensor want = af::grouped_attend(q.matrix(), shape, contiguous, {});
-      worst_ref = af::worse(worst_ref, af::max_abs_diff(got, reference_decode(q.values(), ks[i].matrix(), vs[i].matrix(),
-                                                                           heads, kv_heads, d)));
+      worst_ref = af::worse(worst_ref, af::max_abs_diff(got, reference_decode(q.values(), ks[i].matrix(),
+                                                                              vs[i].matrix(), heads, kv_heads, d)));
       worst_lib = af::worse(worst_lib, af::max_abs_diff(got, lib.values()));
       worst_contiguous = af::worse(worst_contiguous, af::max_abs_diff(lib.values(), want.values()));
       top = af::worse(top, af::max_abs(want.values()));
     }
-    fmt::print("Paged: {} sequences of {} tokens in {} pages of {}; block tables:", lengths.size(),
+    fmt::print("Paged: {} sequences of {} tokens in {} pages of {}; block tables:\n ", lengths.size(),
                fmt::join(lengths, ", "), pages_needed, page_size);
     for (const PagedSequence& s : seqs) fmt::print(" [{}]", fmt::join(s.block_table, " "));
     fmt::print("\n");
@@ -381,6 +399,9 @@ int main(int argc, char** argv) {
                100.0 * static_cast<double>(used) / static_cast<double>(reserved));
     fmt::print("  paged, 16 tokens per page:      {} token slots, {:.1f}% of them used\n", paged_slots,
                100.0 * static_cast<double>(used) / static_cast<double>(paged_slots));
+    numbers.print("preallocated_used_percent", "{:.1f}",
+                  100.0 * static_cast<double>(used) / static_cast<double>(reserved));
+    numbers.print("paged_used_percent", "{:.1f}", 100.0 * static_cast<double>(used) / static_cast<double>(paged_slots));
     const af::ModelCache llama = af::model_preset("Llama-3.1-8B").cache(af::DType::bf16);
     fmt::print("  for Llama-3.1-8B in bf16 ({} B per token): {} reserved, {} paged, {} used\n", llama.bytes_per_token(),
                af::human_bytes(static_cast<double>(reserved * llama.bytes_per_token())),
@@ -411,7 +432,7 @@ int main(int argc, char** argv) {
       const Tensor q = af::random_normal(Shape{1, heads * d}, rng);
       worst_fork =
           af::worse(worst_fork, af::max_abs_diff(af::paged_attend(q.matrix(), shape, shared, child, {}).values(),
-                                                af::grouped_attend(q.matrix(), shape, alone, {}).values()));
+                                                 af::grouped_attend(q.matrix(), shape, alone, {}).values()));
     }
     fmt::print("\nPrefix sharing: {} sequences continue one prompt of {} tokens with {} tokens each\n", branches,
                prompt, own);
@@ -596,6 +617,7 @@ int main(int argc, char** argv) {
 
     if (!out_dir.empty()) {
       const std::filesystem::path dir = af::make_output_directory(out_dir);
+      numbers.write(dir);
       af::write_output_file(dir / "cache_growth.dat", [&](af::OutputFile& growth) {
         growth.print(
             "# KV-cache bytes of one sequence against context, bf16, whole model: context then one column per "

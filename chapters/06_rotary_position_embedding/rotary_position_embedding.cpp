@@ -111,7 +111,7 @@ int main(int argc, char** argv) {
   app.add_option("--seed", seed, "Seed of the random vectors and weights")
       ->check(af::seed_value())
       ->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for the figure data (wavelengths.dat, decay.dat)")
+  app.add_option("--out", out_dir, "Directory for the figure data (wavelengths.dat, decay.dat) and numbers.json")
       ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
@@ -252,6 +252,16 @@ int main(int argc, char** argv) {
       return pairs;
     };
     // [/unseen-angles]
+    af::BookNumbers numbers;
+    int slow_pairs = 0;
+    for (double t : plain) slow_pairs += trained * t < 2 * std::numbers::pi ? 1 : 0;
+    numbers.print("slow_pairs", "{}", slow_pairs);
+    numbers.print("unseen_unscaled_16k", "{}", unseen(plain, 16384));
+    numbers.print("unseen_scaled_64k", "{}", unseen(scaled, 65536));
+    numbers.print("unseen_scaled_128k", "{}", unseen(scaled, 131072));
+    // The span of wavelengths of a 128-dim head (the figure): the fastest pair, and the slowest at base 500000.
+    numbers.print("shortest_wavelength", "{:.1f}", 2 * std::numbers::pi / plain.front());
+    numbers.print("longest_wavelength_millions", "{:.1f}", 2 * std::numbers::pi / plain.back() / 1e6);
     fmt::print(
         "\nPairs of a 128-dim head (base 500000, trained on 8K tokens) shown angles beyond their training range\n");
     fmt::print("  {:<28} {:>8} {:>8} {:>8} {:>8}\n", "context", "8K", "16K", "64K", "128K");
@@ -262,6 +272,7 @@ int main(int argc, char** argv) {
 
     if (!out_dir.empty()) {
       const std::filesystem::path dir = af::make_output_directory(out_dir);
+      numbers.write(dir);
       af::write_output_file(dir / "wavelengths.dat", [&](af::OutputFile& f) {
         f.print(
             "# wavelength (tokens per turn) of each pair of a 128-dim head: pair base10000 base500000 llama3_scaled\n");

@@ -235,8 +235,9 @@ int main(int argc, char** argv) {
   app.add_option("--seed", seed, "Seed of the random inputs and weights")
       ->check(af::seed_value())
       ->capture_default_str();
-  app.add_option("--out", out_dir,
-                 "Directory for the figure data (decode_cost.dat, cache_bytes.dat, cached_vs_rebuilt.dat)")
+  app.add_option(
+         "--out", out_dir,
+         "Directory for the figure data (decode_cost.dat, cache_bytes.dat, cached_vs_rebuilt.dat) and numbers.json")
       ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
@@ -299,7 +300,8 @@ int main(int argc, char** argv) {
     const double tolerance = af::scaled_tolerance(1e-5, af::max_abs(naive.values()));
     const double paths_differ = af::max_abs_diff(naive.values(), absorbed.values());
     checks.expect_close("naive decode vs absorbed decode", paths_differ, tolerance);
-    checks.expect_close("naive decode vs float64 textbook layer", af::max_abs_diff(naive.values(), reference), tolerance);
+    checks.expect_close("naive decode vs float64 textbook layer", af::max_abs_diff(naive.values(), reference),
+                        tolerance);
     checks.expect_close("absorbed decode vs float64 textbook layer", af::max_abs_diff(absorbed.values(), reference),
                         tolerance);
     checks.expect_close("decode vs lib/ prefill, naive path", af::max_abs_diff(naive.values(), lib_naive.values()),
@@ -332,6 +334,9 @@ int main(int argc, char** argv) {
         {"MQA: 1 KV head, K 192 + V 128", 1.0 * (192 + 128) * 2},
         {"MLA: c_KV 512 + k_pe 64", static_cast<double>(deepseek.card.bytes_per_token())},
     };
+    af::BookNumbers numbers;
+    numbers.print("mha_over_mla", "{:.0f}", rows[0].bytes_per_token_layer / rows.back().bytes_per_token_layer);
+    numbers.print("gqa_over_mla", "{:.1f}", rows[1].bytes_per_token_layer / rows.back().bytes_per_token_layer);
     fmt::print("\nDeepSeek-V3's width (61 layers, bf16): KV bytes per token\n");
     fmt::print("  {:<34} {:>12} {:>14} {:>10}\n", "attention", "per layer", "per model", "vs MLA");
     for (const Row& row : rows)
@@ -345,6 +350,11 @@ int main(int argc, char** argv) {
       const DecodeCost c = decode_cost(v3, t, 2);
       fmt::print("  {:>8.0f} {:>16.3e} {:>16.3e} {:>16.3e} {:>18.3e}\n", t, c.naive_flops, c.absorbed_flops,
                  c.latent_bytes, c.full_kv_bytes);
+      if (t == 4096.0) {
+        numbers.print("naive_over_absorbed_4k", "{:.0f}", c.naive_flops / c.absorbed_flops);
+        numbers.print("full_kv_over_latent_bytes", "{:.0f}", c.full_kv_bytes / c.latent_bytes);
+        numbers.print("absorbed_flops_per_byte", "{:.0f}", c.absorbed_flops / c.latent_bytes);
+      }
     }
 
     // [prefill-cost]
@@ -359,11 +369,14 @@ int main(int argc, char** argv) {
           2 * T * H * nope * r + 2 * H * pairs * (r + rd) + 2 * H * pairs * r + 2 * T * H * v * r;
       fmt::print("  {:>8.0f} {:>16.3e} {:>16.3e} {:>18.2f}\n", T, naive_prefill, absorbed_prefill,
                  absorbed_prefill / naive_prefill);
+      if (T == 1024.0) numbers.print("prefill_ratio_1k", "{:.1f}", absorbed_prefill / naive_prefill);
+      if (T == 32768.0) numbers.print("prefill_ratio_32k", "{:.1f}", absorbed_prefill / naive_prefill);
     }
     // [/prefill-cost]
 
     if (!out_dir.empty()) {
       const std::filesystem::path dir = af::make_output_directory(out_dir);
+      numbers.write(dir);
       af::write_output_file(dir / "decode_cost.dat", [&](af::OutputFile& f) {
         f.print(
             "# one DeepSeek-V3 layer, one decode token: context naive_flops absorbed_flops latent_bytes "

@@ -187,7 +187,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--head-dim", head_dim, "Head dimension d")->check(CLI::Range(1, 256))->capture_default_str();
   app.add_option("--seed", seed, "Seed of the random inputs")->check(af::seed_value())->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for the figure data (patterns.dat, mechanisms.dat)")
+  app.add_option("--out", out_dir, "Directory for the figure data (patterns.dat, mechanisms.dat) and numbers.json")
       ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
@@ -204,8 +204,8 @@ int main(int argc, char** argv) {
     const Tensor q = af::random_normal(Shape{T, d}, rng), k = af::random_normal(Shape{T, d}, rng),
                  v = af::random_normal(Shape{T, d}, rng);
     fmt::print(
-        "Block-sparse attention, one head: T = {} tokens, d = {}, block B = {} ({} query and key blocks, the "
-        "last of {} tokens)\n",
+        "Block-sparse attention, one head: T = {} tokens, d = {}, block B = {}\n"
+        "  {} query and key blocks, the last of {} tokens\n",
         T, d, block, blocks, T - (blocks - 1) * block);
     fmt::print(
         "  pattern: {} local block(s), {} global block(s), stride {}; q, k, v [{}, {}]; tables [{}] and "
@@ -306,6 +306,10 @@ int main(int argc, char** argv) {
                  static_cast<double>(llama.bytes_read(t)) / static_cast<double>(llama.bytes_stored(t)));
     }
     checks.expect_true("block-sparse card stores every token (layers x 2 x G x d x 2 bytes each)", stored_counted);
+    af::BookNumbers numbers;
+    numbers.set("card_stored_128k", af::human_bytes(static_cast<double>(llama.bytes_stored(131072))));
+    numbers.print("card_read_fraction_128k", "{:.3f}",
+                  static_cast<double>(llama.bytes_read(131072)) / static_cast<double>(llama.bytes_stored(131072)));
 
     // [mechanisms]
     // One model size, four caches: Llama-3.1-8B's layers (32 of them, 8 KV heads of 128, bf16) dense, with a
@@ -361,6 +365,10 @@ int main(int argc, char** argv) {
     fmt::print("  (read: cached tokens one decode step reads in each layer; bytes read, all layers = that x {})\n",
                af::human_bytes(static_cast<double>(base.bytes_per_token())));
     checks.expect_true("four caches: bytes stored and entries read equal the tokens counted directly", counted);
+    // What the figure's caption quotes: the most a window with sinks holds, in tokens per layer and in bytes.
+    numbers.print("sinks_window_tokens", "{},{:03}", (fig_sinks + fig_window) / 1000, (fig_sinks + fig_window) % 1000);
+    numbers.set("sinks_window_bytes", af::human_bytes(static_cast<double>(caches[2].bytes_stored(131072))));
+    numbers.set("window_bytes", af::human_bytes(static_cast<double>(caches[1].bytes_stored(131072))));
 
     // Work against density: pairs scored (each 2 d FLOPs for q . k, 2 d for the values) for several patterns.
     struct Named {
@@ -414,6 +422,7 @@ int main(int argc, char** argv) {
 
     if (!out_dir.empty()) {
       const std::filesystem::path dir = af::make_output_directory(out_dir);
+      numbers.write(dir);
       // The four caches against context: stored bytes, then cached entries read per decode step (per layer).
       af::write_output_file(dir / "mechanisms.dat", [&](af::OutputFile& mech) {
         mech.print("context");

@@ -27,6 +27,7 @@
 #include <cmath>
 #include <filesystem>
 #include <numeric>
+#include <string>
 #include <vector>
 
 namespace {
@@ -448,7 +449,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--out", out_dir,
                  "Directory for the figure data (index_scores.dat, decode_reads.dat, cache_bytes.dat, "
-                 "captured_mass.dat)")
+                 "captured_mass.dat) and numbers.json")
       ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
@@ -562,21 +563,21 @@ int main(int argc, char** argv) {
     const af::ModelCache llama = af::dense_model("Llama-3.1-70B").cache(af::DType::bf16);
     fmt::print(
         "\nWhole model, one sequence, bf16 (FP8 index keys for V3.2): cache per token and reads per decode step\n");
-    fmt::print("  {:<34} {:>10} {:>22} {:>22} {:>22}\n", "model", "B/token", "read at 4K", "read at 32K",
+    fmt::print("  {:<34} {:>10} {:>14} {:>14} {:>14}\n", "model", "B/token", "read at 4K", "read at 32K",
                "read at 128K");
     for (const af::ModelCache* m : {&llama, &v3, &v32}) {
       std::vector<std::string> cells;
       for (std::int64_t t : {4096, 32768, 131072})
         cells.push_back(af::human_bytes(static_cast<double>(m->bytes_read(t))));
-      fmt::print("  {:<34} {:>10} {:>22} {:>22} {:>22}\n",
+      fmt::print("  {:<34} {:>10} {:>14} {:>14} {:>14}\n",
                  m->model + (m == &llama ? " (GQA)"
                              : m == &v3  ? " (MLA)"
                                          : " (DSA)"),
                  m->bytes_per_token(), cells[0], cells[1], cells[2]);
     }
     fmt::print(
-        "  DeepSeek-V3.2 per decode step and layer at 128K: indexer reads {} ({} keys), attention reads {} "
-        "({} latents)\n",
+        "  DeepSeek-V3.2 per decode step and layer at 128K: indexer reads {} ({} keys),\n"
+        "  attention reads {} ({} latents)\n",
         af::human_bytes(static_cast<double>(v32.card.decode_reads(131072)[0].bytes)),
         v32.card.decode_reads(131072)[0].entries,
         af::human_bytes(static_cast<double>(v32.card.decode_reads(131072)[1].bytes)),
@@ -588,6 +589,26 @@ int main(int argc, char** argv) {
     const std::int64_t first_fewer = v32_k * latent / (latent - index_key) + 1;
     fmt::print("  DSA reads fewer bytes than dense MLA from t = {} tokens (t ({} - {}) > {} x {} B per layer)\n",
                first_fewer, latent, index_key, v32_k, latent);
+    const auto thousands = [](std::int64_t n) {  // 78324 -> "78,324", as the text writes counts
+      std::string digits = std::to_string(n);
+      for (auto i = static_cast<std::ptrdiff_t>(digits.size()) - 3; i > 0; i -= 3)
+        digits.insert(static_cast<std::size_t>(i), ",");
+      return digits;
+    };
+    af::BookNumbers numbers;
+    numbers.set("v3_bytes_per_token", thousands(v3.bytes_per_token()));
+    numbers.set("v32_bytes_per_token", thousands(v32.bytes_per_token()));
+    numbers.print("v32_extra_percent", "{:.0f}",
+                  100.0 * static_cast<double>(v32.bytes_per_token() - v3.bytes_per_token()) /
+                      static_cast<double>(v3.bytes_per_token()));
+    numbers.set("first_fewer", thousands(first_fewer));
+    numbers.set("v32_read_128k", af::human_bytes(static_cast<double>(v32.bytes_read(131072))));
+    numbers.set("v3_read_128k", af::human_bytes(static_cast<double>(v3.bytes_read(131072))));
+
+    struct Fp8Row {
+      double plain, rotated, lost;  // overlap with FP8, with Hadamard + FP8, mass lost with Hadamard + FP8
+    };
+    std::vector<Fp8Row> fp8_rows;
 
     // [quantized-indexer]
     // The reference stores index keys in FP8 E4M3 with one float32 scale per 128 values, after a Hadamard rotation;
@@ -611,9 +632,21 @@ int main(int argc, char** argv) {
         }
         fmt::print("  {:<24} {:>6} {:>15.1f}% {:>15.1f}% {:>18.2e}\n", input_name(input), kk, 100 * plain,
                    100 * rotated, lost);
+        fp8_rows.push_back({plain, rotated, lost});
       }
     }
     // [/quantized-indexer]
+    double swapped_min = 1.0, swapped_max = 0.0, lost_max = 0.0, rotation_change = 0.0;
+    for (const Fp8Row& row : fp8_rows) {
+      swapped_min = std::min({swapped_min, 1 - row.plain, 1 - row.rotated});
+      swapped_max = std::max({swapped_max, 1 - row.plain, 1 - row.rotated});
+      lost_max = std::max(lost_max, std::abs(row.lost));
+      rotation_change = std::max(rotation_change, std::abs(row.rotated - row.plain));
+    }
+    numbers.print("fp8_swapped_min_percent", "{:.0f}", 100 * swapped_min);
+    numbers.print("fp8_swapped_max_percent", "{:.0f}", 100 * swapped_max);
+    numbers.print("fp8_mass_lost_max", "{:.1e}", lost_max);
+    numbers.print("hadamard_overlap_change_points", "{:.0f}", 100 * rotation_change);
 
     // Captured mass against k: the measured heart of the chapter.
     std::vector<std::int64_t> ks;
@@ -648,6 +681,7 @@ int main(int argc, char** argv) {
 
     if (!out_dir.empty()) {
       const std::filesystem::path dir = af::make_output_directory(out_dir);
+      numbers.write(dir);
       af::write_output_file(dir / "index_scores.dat", [&](af::OutputFile& f) {
         f.print("# one decode query, context {}, k = 64: position index_score selected dense_mass (mean over heads)\n",
                 context);

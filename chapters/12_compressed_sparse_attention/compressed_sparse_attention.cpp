@@ -26,6 +26,7 @@
 #include <filesystem>
 #include <limits>
 #include <numeric>
+#include <string>
 #include <vector>
 
 namespace {
@@ -275,11 +276,11 @@ af::V4Shape tiny_shape(af::V4LayerKind kind) {
 
 std::string state_of(const af::V4Cache& cache, const af::V4Shape& s) {
   std::string text =
-      fmt::format("window rows {} (tokens {}..{})", cache.window_rows(), cache.window_first(), cache.seen() - 1);
+      fmt::format("window {} (tokens {}..{})", cache.window_rows(), cache.window_first(), cache.seen() - 1);
   if (s.compressed())
     text += fmt::format(", entries {}, pending {}", cache.compressor().size(), cache.compressor().pending());
   if (s.kind == af::V4LayerKind::csa)
-    text += fmt::format(", indexer keys {}, overlap held {}", cache.indexer().size(),
+    text += fmt::format(", index keys {}, overlap {}", cache.indexer().size(),
                         cache.indexer().has_overlap() ? "yes" : "no");
   return text;
 }
@@ -472,8 +473,9 @@ int main(int argc, char** argv) {
       ->check(af::seed_value())
       ->capture_default_str();
   app.add_option(
-      "--out", out_dir,
-      "Directory for the figure data (index_scores.dat, decode_reads.dat, cache_bytes.dat, captured_mass.dat)")
+         "--out", out_dir,
+         "Directory for the figure data (index_scores.dat, decode_reads.dat, cache_bytes.dat, captured_mass.dat) "
+         "and numbers.json")
       ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
@@ -485,7 +487,7 @@ int main(int argc, char** argv) {
     // ---- 1. the three layer kinds, from scratch (float64) against the library's cache (float32) ----------
     fmt::print(
         "DeepSeek-V4 attention, tiny: H = 4 heads sharing one K = V head of c = 16 (RoPE on the last 8), "
-        "window 6,\n  CSA m = 4 with top-2 of an indexer (4 heads of 16), HCA m = 8; {} tokens: a prefill of {} "
+        "window 6,\n  CSA m = 4 with top-2 of an indexer (4 heads of 16), HCA m = 8;\n  {} tokens: a prefill of {} "
         "then {} decode steps\n\n",
         seq_len, prefill, seq_len - prefill);
     for (const af::V4LayerKind kind : {af::V4LayerKind::sliding, af::V4LayerKind::csa, af::V4LayerKind::hca}) {
@@ -519,7 +521,7 @@ int main(int argc, char** argv) {
         if (at == prefill || (s.compressed() && cache.compressor().size() > entries_before && at < seq_len))
           fmt::print("  after token {:>2}: {}{}\n", at - 1, state_of(cache, s),
                      s.kind == af::V4LayerKind::csa && !trace.selected.empty()
-                         ? fmt::format("; last query picks [{}]", fmt::join(trace.selected.back(), " "))
+                         ? fmt::format("; last picks [{}]", fmt::join(trace.selected.back(), " "))
                          : "");
       }
       // [/decode-through-cache]
@@ -529,9 +531,12 @@ int main(int argc, char** argv) {
           worst = af::worse(worst, std::abs(got.at({t, j}) - want.out[t][j]));
           biggest = af::worse(biggest, std::abs(want.out[t][j]));
         }
-      checks.expect_close(
-          fmt::format("{}: cached float32 layer vs float64 from scratch (max |y| {:.2f})", af::name_of(kind), biggest),
-          worst, af::scaled_tolerance(2e-5, biggest));
+      checks.expect_close(fmt::format("{}: cached float32 vs float64 (max |y| {:.2f})",
+                                      kind == af::V4LayerKind::csa   ? "CSA"
+                                      : kind == af::V4LayerKind::hca ? "HCA"
+                                                                     : "sliding",
+                                      biggest),
+                          worst, af::scaled_tolerance(2e-5, biggest));
       if (kind == af::V4LayerKind::csa)
         checks.expect_true("compressed_sparse_attention: the indexer's picks equal the float64 top-k",
                            selected == want.selected);
@@ -581,12 +586,52 @@ int main(int argc, char** argv) {
     const double flash_vs_gqa = double(flash.bytes_stored(contexts[1])) / double(gqa8.bytes_stored(contexts[1]));
     fmt::print(
         "  at 1M: V4-Flash holds {:.1f}% of V3.2's cache and {:.1f}% of the GQA8 baseline's; V4-Pro {:.1f}% "
-        "of V3.2's\n  (V4 entries and V3.2's latents in bf16, V3.2's index keys in FP8; the report's 7% / 10% "
-        "compare its mixed FP8 / BF16 / FP4 format with V3.2 in FP8, its 2% with a bf16 GQA8 baseline)\n\n",
+        "of V3.2's\n  (V4 entries and V3.2's latents in bf16, V3.2's index keys in FP8; the report's 7% / 10%\n"
+        "  compare its mixed FP8 / BF16 / FP4 format with V3.2 in FP8, its 2% with a bf16 GQA8 baseline)\n\n",
         100 * flash_vs_v32, 100 * flash_vs_gqa, 100 * pro_vs_v32);
     checks.expect_true("V4-Flash grows by 6,880 B per token in bf16 (21 x 320 + 20 x 8)", rows[4].per_token == 6880.0);
     checks.expect_true("V4-Pro grows by 9,848 B per token in bf16 (30 x 320 + 31 x 8)", rows[5].per_token == 9848.0);
     checks.expect_true("DeepSeek-V3.2 stores 78,324 B per token (61 x (1152 + 132))", v32.bytes_per_token() == 78324);
+
+    // The numbers the text quotes, from the same accounting.
+    const auto thousands = [](std::int64_t n) {  // 6880 -> "6,880", as the text writes counts
+      std::string digits = std::to_string(n);
+      for (auto i = static_cast<std::ptrdiff_t>(digits.size()) - 3; i > 0; i -= 3)
+        digits.insert(static_cast<std::size_t>(i), ",");
+      return digits;
+    };
+    af::BookNumbers numbers;
+    const af::V4LayerCard csa_card = af::v4_layer_card(af::deepseek_v4_flash_shape(af::V4LayerKind::csa));
+    const af::V4LayerCard hca_card = af::v4_layer_card(af::deepseek_v4_flash_shape(af::V4LayerKind::hca));
+    numbers.print("csa_growth_per_token", "{:.0f}", csa_card.growth_per_token());
+    numbers.print("hca_growth_per_token", "{:.0f}", hca_card.growth_per_token());
+    // HCA's pending block at its largest (m' - 1 tokens of raw kv and gate) against its full window.
+    std::int64_t hca_pending = 0, hca_window = 0;
+    for (const af::CacheCard& part : hca_card.parts) {
+      if (part.mechanism == "pending block") hca_pending = part.bytes_per_token() * (hca_card.shape.ratio - 1);
+      if (part.mechanism == "window") hca_window = part.bytes_per_token() * hca_card.shape.window;
+    }
+    numbers.print("hca_pending_tokens", "{}", hca_card.shape.ratio - 1);
+    numbers.set("hca_pending_bytes", af::human_bytes(double(hca_pending)));
+    numbers.print("hca_pending_over_window", "{:.0f}", double(hca_pending) / double(hca_window));
+    // V4-Flash at 1M tokens: the indexer keys one decode step reads, of everything it reads. And the growth per
+    // token in the report's format: entries of 576 B (448 FP8 values, 64 RoPE values in BF16), index keys
+    // assumed in FP4 (0.5 B per value); m of each part from the entries it keeps at 1M tokens.
+    std::int64_t index_key_reads = 0;
+    double report_per_token = 0.0;
+    const double index_width = static_cast<double>(csa_card.shape.index_head_dim);
+    for (const af::ModelCache& part : flash.parts) {
+      const double m = double(contexts[1]) / double(std::max<std::int64_t>(1, part.card.stored_tokens(contexts[1])));
+      if (part.card.mechanism == "indexer keys") {
+        index_key_reads += part.bytes_read(contexts[1]);
+        report_per_token += double(part.layers) * 0.5 * index_width / m;
+      }
+      if (part.card.mechanism == "compressed entries") report_per_token += double(part.layers) * 576.0 / m;
+    }
+    numbers.set("flash_index_key_reads_1m", af::human_bytes(double(index_key_reads)));
+    numbers.set("flash_reads_1m", af::human_bytes(double(flash.bytes_read(contexts[1]))));
+    numbers.set("flash_report_format_per_token", thousands(std::llround(report_per_token)));
+    numbers.set("flash_per_token", thousands(std::llround(rows[4].per_token)));
 
     // ---- 3. selection, measured -----------------------------------------------------------------------------
     af::V4Shape ps = tiny_shape(af::V4LayerKind::csa);
@@ -596,11 +641,11 @@ int main(int argc, char** argv) {
     const std::vector<std::int64_t> ratios = {4, 16, 64};
     std::vector<std::string> inputs = {"random", "needle", "repeated"};
     fmt::print(
-        "Selection, measured: context {}, H = 4, c = 32, window 16, logits x {}, the last {} queries; share of "
-        "dense attention's\nmass over the compressed entries that the top-k entries capture (aligned indexer / "
-        "the layer's random indexer)\n",
+        "Selection, measured: context {}, H = 4, c = 32, window 16, logits x {}, the last {} queries;\n"
+        "share of dense attention's mass over the compressed entries that the top-k entries capture\n"
+        "(aligned indexer / the layer's random indexer)\n",
         context, sharpness, queries);
-    fmt::print("  {:<9} {:>3}", "input", "m");
+    fmt::print("  {:<8} {:>3}", "input", "m");
     for (std::int64_t k : ks) fmt::print(" {:>11}", fmt::format("k={}", k));
     fmt::print("\n");
     std::string mass_data = "# input m k aligned random (mean captured share of the entries' attention mass)\n";
@@ -620,10 +665,12 @@ int main(int argc, char** argv) {
         af::Rng input_rng(seed + 2000);
         const Tensor x = make_input(input, layer, context, input_rng, needle_at);
         const Probe p = probe(layer, x, queries);
-        fmt::print("  {:<9} {:>3}", input, m);
+        fmt::print("  {:<8} {:>3}", input, m);
         for (std::int64_t k : ks) {
           const double aligned = mean_captured(p, m, k, true), random = mean_captured(p, m, k, false);
           fmt::print(" {:>5.3f}/{:<5.3f}", aligned, random);
+          if (input == "random" && m == 4 && (k == 16 || k == 64))
+            numbers.print(fmt::format("random_aligned_percent_k{}", k), "{:.0f}", 100 * aligned);
           mass_data += fmt::format("{} {} {} {:.6f} {:.6f}\n", input, m, k, aligned, random);
         }
         fmt::print("\n");
@@ -638,10 +685,12 @@ int main(int argc, char** argv) {
           };
           const std::vector<float> aligned = scores_of(p, last, m, true), random = scores_of(p, last, m, false);
           needle_lines += fmt::format(
-              "  needle at token {}, m = {:>2}: entry {} of {}; rank {} by the aligned indexer, {} by the random one; "
-              "{:.3f} of the entries' mass\n",
+              "  needle at token {}, m = {:>2}: entry {} of {}; rank {} (aligned indexer), {} (random); "
+              "{:.3f} of the mass\n",
               needle_at, m, e, aligned.size(), rank_of(aligned), rank_of(random), captured_mass(p, last, m, {e}));
           if (m == 4) needle_probe = p;
+          numbers.print(fmt::format("needle_rank_m{}", m), "{}", rank_of(aligned));
+          numbers.print(fmt::format("needle_mass_m{}", m), "{:.3f}", captured_mass(p, last, m, {e}));
         }
       }
     fmt::print("{}\n", needle_lines);
@@ -652,6 +701,7 @@ int main(int argc, char** argv) {
     // ---- 4. figure data -------------------------------------------------------------------------------------
     if (!out_dir.empty()) {
       const std::filesystem::path dir = af::make_output_directory(out_dir);
+      numbers.write(dir);
       af::write_output_file(dir / "captured_mass.dat", [&](af::OutputFile& f) { f.print("{}", mass_data); });
       af::write_output_file(dir / "index_scores.dat", [&](af::OutputFile& f) {
         f.print(

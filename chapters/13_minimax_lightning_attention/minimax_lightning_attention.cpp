@@ -24,6 +24,7 @@
 #include <cmath>
 #include <filesystem>
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace {
@@ -273,7 +274,7 @@ int main(int argc, char** argv) {
   app.add_option("--seed", seed, "Seed of the random weights and inputs")
       ->check(af::seed_value())
       ->capture_default_str();
-  app.add_option("--out", out_dir, "Directory for the figure data (cache_bytes.dat, recall.dat)")
+  app.add_option("--out", out_dir, "Directory for the figure data (cache_bytes.dat, recall.dat) and numbers.json")
       ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
@@ -439,6 +440,33 @@ int main(int argc, char** argv) {
     const std::int64_t first_less = m1.state_bytes() / difference + 1;
     fmt::print("  {} stores less than {} from t = {} tokens on\n", m1.model, llama70.model, first_less);
 
+    // The numbers the text quotes, from the same accounting.
+    const auto thousands = [](std::int64_t n) {  // 40960 -> "40,960", as the text writes counts
+      std::string digits = std::to_string(n);
+      for (auto i = static_cast<std::ptrdiff_t>(digits.size()) - 3; i > 0; i -= 3)
+        digits.insert(static_cast<std::size_t>(i), ",");
+      return digits;
+    };
+    const auto bytes_text = [](std::int64_t bytes) { return af::human_bytes(static_cast<double>(bytes)); };
+    af::BookNumbers numbers;
+    numbers.print("half_life_layer0_head1", "{:.2f}", std::log(2.0) / af::lightning_slopes(m1_heads, 0, m1_layers)[0]);
+    numbers.set(
+        "half_life_deepest_slowest",
+        thousands(std::llround(std::log(2.0) / af::lightning_slopes(m1_heads, m1_layers - 2, m1_layers).back())));
+    numbers.print("deepest_layer", "{}", m1_layers - 2);
+    numbers.set("m1_states", bytes_text(m1.state_bytes()));
+    numbers.print("m1_states_percent_4k", "{:.0f}",
+                  100.0 * static_cast<double>(m1.state_bytes()) / static_cast<double>(m1.bytes_stored(4096)));
+    numbers.print("m1_states_percent_1m", "{:.1f}",
+                  100.0 * static_cast<double>(m1.state_bytes()) / static_cast<double>(m1.bytes_stored(1 << 20)));
+    numbers.set("m1_kv_1m", bytes_text(m1.softmax.bytes_stored(1 << 20)));
+    numbers.set("llama70_kv_1m", bytes_text(llama70.bytes_stored(1 << 20)));
+    numbers.set("m1_kv_per_token", thousands(m1.softmax.bytes_per_token()));
+    numbers.set("llama70_kv_per_token", thousands(llama70.bytes_per_token()));
+    numbers.print("meet", "{}", first_less - 1);
+    numbers.set("meet_bytes", bytes_text(m1.bytes_stored(first_less - 1)));
+    numbers.print("first_less", "{}", first_less);
+
     // [recall-sweep]
     const double recall_slope = af::lightning_slopes(64, 40, 80).back();
     fmt::print("\nRecall of n key -> value pairs, d = {} (mean of {} trials; queries spread over the pairs)\n",
@@ -476,11 +504,23 @@ int main(int argc, char** argv) {
     fmt::print("  SiLU-keyed linear below 0.5 at n = {}; decayed linear below 0.5 at n = {}\n", first_below(3, 0.5),
                first_below(4, 0.5));
     checks.expect_true("softmax attention keeps recall >= 0.9 over the whole sweep", softmax_min >= 0.9);
+    std::int64_t perfect = 0;  // the most pairs before linear recall first drops below 1
+    for (const auto& row : curve) {
+      if (row[2] < 1.0) break;
+      perfect = static_cast<std::int64_t>(row[0]);
+    }
+    numbers.print("recall_perfect_pairs", "{}", perfect);
+    numbers.print("recall_perfect_over_d", "{:.1f}", static_cast<double>(perfect) / static_cast<double>(recall_dim));
+    numbers.print("recall_below_90", "{}", cross90);
+    numbers.print("recall_crossover", "{}", cross);
+    numbers.print("recall_crossover_over_d", "{:.0f}", static_cast<double>(cross) / static_cast<double>(recall_dim));
+    numbers.print("recall_silu_crossover", "{}", first_below(3, 0.5));
     checks.expect_true(fmt::format("linear attention's d x d state loses pairs: recall < 0.5 by n = {}", max_pairs),
                        cross > 0);
 
     if (!out_dir.empty()) {
       const std::filesystem::path dir = af::make_output_directory(out_dir);
+      numbers.write(dir);
       af::write_output_file(dir / "cache_bytes.dat", [&](af::OutputFile& bytes) {
         bytes.print("# context \"{} (states + KV)\" \"{} states only\" \"{} KV only\" \"{}\" \"{}\" \"{}\"\n", m1.model,
                     m1.model, m1.model, llama70.model, deepseek.model, m2.model);

@@ -184,8 +184,9 @@ std::vector<std::string> wrap_words(const std::string& text, std::size_t width) 
 std::string format_cache_card(const CacheCard& card, std::span<const ModelCache> models,
                               std::span<const std::int64_t> contexts) {
   std::string out = fmt::format("Cache card: {}\n", card.mechanism);
+  // A line longer than the book's code column (110 characters) continues under its text.
   const auto line = [&out](std::string_view label, const std::string& text) {
-    out += fmt::format("  {:<17} {}\n", label, text);
+    for (const std::string& l : wrap_words(text, 90)) out += fmt::format("  {:<17} {}\n", label, l), label = "";
   };
   const auto paragraph = [&line](std::string_view label, const std::string& text) {
     bool first = true;

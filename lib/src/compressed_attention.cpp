@@ -468,8 +468,9 @@ std::int64_t V4LayerCard::bounded_bytes() const {
 std::string format_v4_layer_card(const V4LayerCard& card, std::span<const std::int64_t> contexts) {
   const V4Shape& s = card.shape;
   std::string out = fmt::format("Cache card: DeepSeek-V4 {} layer (m = {})\n", name_of(s.kind), s.ratio);
+  // A line longer than the book's code column (110 characters) continues under its text.
   const auto line = [&out](std::string_view label, const std::string& text) {
-    out += fmt::format("  {:<17} {}\n", label, text);
+    for (const std::string& l : wrap_words(text, 90)) out += fmt::format("  {:<17} {}\n", label, l), label = "";
   };
   line("projected", fmt::format("q: {} heads x {} (low rank {}); one K = V head of {} (RoPE on the last {})", s.heads,
                                 s.head_dim, s.q_lora_rank, s.head_dim, s.rope_dim));

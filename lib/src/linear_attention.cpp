@@ -266,8 +266,9 @@ std::string format_hybrid_card(const HybridModel& model, std::span<const ModelCa
   const std::int64_t per_layer_state =
       model.linear_heads * model.key_dim * model.value_dim * bytes_of(model.state_dtype);
   std::string out = fmt::format("Cache card: {} (lightning attention + softmax attention)\n", model.model);
+  // A line longer than the book's code column (110 characters) continues under its text.
   const auto line = [&out](std::string_view label, const std::string& text) {
-    out += fmt::format("  {:<17} {}\n", label, text);
+    for (const std::string& l : wrap_words(text, 90)) out += fmt::format("  {:<17} {}\n", label, l), label = "";
   };
   line("projected", fmt::format("lightning layers: q, k, v of {} heads of {} (SiLU), and a gate of {} values",
                                 model.linear_heads, model.key_dim, model.linear_heads * model.value_dim));

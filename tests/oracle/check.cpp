@@ -153,7 +153,8 @@ CheckResult check_or_throw(const Case& c, const std::map<std::string, Runner>& t
             fmt::format("  {} not compared (the case has no {}{})", chosen.name, selected_prefix, chosen.name);
     const bool pass = af::within_tolerance(error, tolerance) && selection_mismatches == 0;
     if (!pass) result.verdict = Verdict::fail;
-    result.report += fmt::format("{:<30} {:<20} max abs error {:.2e}  tolerance {:.2e}{}  {}\n", c.name, mechanism,
+    // The case and the path on one line, the comparison on the next, so that a line fits the book's code column.
+    result.report += fmt::format("{:<30} {}\n    max abs error {:.2e}  tolerance {:.2e}{}  {}\n", c.name, mechanism,
                                  error, tolerance, selection_note, pass ? "PASS" : "FAIL");
   }
   // (Only once everything was compared: a runner that returned nothing or the wrong shape has failed already.)
