@@ -113,6 +113,16 @@ TEST_CASE("write_output_file writes the text, or throws af::Error naming the fil
   CHECK_FALSE(fs::exists(dir / "never.dat"));
 }
 
+TEST_CASE("with_thousands groups digits in threes, signs included", "[program]") {
+  CHECK(af::with_thousands(0) == "0");
+  CHECK(af::with_thousands(999) == "999");
+  CHECK(af::with_thousands(1000) == "1,000");
+  CHECK(af::with_thousands(131072) == "131,072");
+  CHECK(af::with_thousands(-4096) == "-4,096");
+  CHECK(af::with_thousands(-999) == "-999");
+  CHECK(af::with_thousands(1234567890) == "1,234,567,890");
+}
+
 TEST_CASE("BookNumbers writes named numbers as JSON and refuses bad or repeated names", "[program][files]") {
   const fs::path dir = scratch_dir("numbers");
   af::BookNumbers numbers;

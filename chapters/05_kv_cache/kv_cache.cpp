@@ -307,19 +307,15 @@ int main(int argc, char** argv) {
     // The whole-model caches the text derives by hand, from the library's accounting (bf16).
     const auto cache_of = [](const char* name) { return af::model_preset(name).cache(af::DType::bf16); };
     const auto bytes_text = [](std::int64_t bytes) { return af::human_bytes(static_cast<double>(bytes)); };
-    const auto thousands = [](std::int64_t n) {  // 131072 -> "131,072", as the text writes counts
-      std::string digits = std::to_string(n);
-      for (auto i = static_cast<std::ptrdiff_t>(digits.size()) - 3; i > 0; i -= 3)
-        digits.insert(static_cast<std::size_t>(i), ",");
-      return digits;
-    };
-    numbers.set("llama_8b_bytes_per_token", thousands(cache_of("Llama-3.1-8B").bytes_per_token()));
+    numbers.set("llama_8b_bytes_per_token", af::with_thousands(cache_of("Llama-3.1-8B").bytes_per_token()));
     numbers.set("llama_8b_cache_128k", bytes_text(cache_of("Llama-3.1-8B").bytes_stored(131072)));
-    numbers.set("deepseek_v3_bytes_per_token", thousands(cache_of("DeepSeek-V3").bytes_per_token()));
+    numbers.set("deepseek_v3_bytes_per_token", af::with_thousands(cache_of("DeepSeek-V3").bytes_per_token()));
     numbers.set("deepseek_v3_cache_128k", bytes_text(cache_of("DeepSeek-V3").bytes_stored(131072)));
     numbers.set("mistral_7b_cache_cap", bytes_text(cache_of("Mistral-7B").bytes_stored(1048576)));
-    numbers.set("deepseek_v3_tp8_bytes_per_gpu", thousands(cache_of("DeepSeek-V3").bytes_per_token_per_gpu(8)));
-    numbers.set("llama_70b_tp8_bytes_per_gpu", thousands(cache_of("Llama-3.1-70B").bytes_per_token_per_gpu(8)));
+    numbers.set("deepseek_v3_tp8_bytes_per_gpu",
+                af::with_thousands(cache_of("DeepSeek-V3").bytes_per_token_per_gpu(8)));
+    numbers.set("llama_70b_tp8_bytes_per_gpu",
+                af::with_thousands(cache_of("Llama-3.1-70B").bytes_per_token_per_gpu(8)));
     fmt::print(
         "KV cache: H = {} query heads on G = {} KV heads of d = {}; K and V [t, {}, {}] per layer; pages of {} "
         "tokens\n",

@@ -378,22 +378,16 @@ int main(int argc, char** argv) {
     }
 
     // The sizes the text quotes, from the same accounting.
-    const auto thousands = [](std::int64_t n) {  // 81920 -> "81,920", as the text writes counts
-      std::string digits = std::to_string(n);
-      for (auto i = static_cast<std::ptrdiff_t>(digits.size()) - 3; i > 0; i -= 3)
-        digits.insert(static_cast<std::size_t>(i), ",");
-      return digits;
-    };
     const std::int64_t beyond_windows = 1 << 20;  // a context past every window
     af::BookNumbers numbers;
     numbers.set("mistral_cache_cap", af::human_bytes(static_cast<double>(mistral.bytes_stored(beyond_windows))));
     numbers.set("gemma_local_cache", af::human_bytes(static_cast<double>(gemma.parts[0].bytes_stored(beyond_windows))));
-    numbers.set("gemma_growth_per_token", thousands(gemma.bytes_per_token_after_windows()));
-    numbers.set("gemma_all_global_per_token",
-                thousands((gemma.parts[0].layers + gemma.parts[1].layers) * gemma.parts[1].card.bytes_per_token()));
+    numbers.set("gemma_growth_per_token", af::with_thousands(gemma.bytes_per_token_after_windows()));
+    numbers.set("gemma_all_global_per_token", af::with_thousands((gemma.parts[0].layers + gemma.parts[1].layers) *
+                                                                 gemma.parts[1].card.bytes_per_token()));
     numbers.set("gpt_oss_local_cache",
                 af::human_bytes(static_cast<double>(gpt_oss.parts[0].bytes_stored(beyond_windows))));
-    numbers.set("mistral_reach", thousands(mistral.layers * (mistral.card.stored_tokens(beyond_windows) - 1)));
+    numbers.set("mistral_reach", af::with_thousands(mistral.layers * (mistral.card.stored_tokens(beyond_windows) - 1)));
 
     // Where it fails: a needle beyond the window is invisible to the layer.
     fmt::print(

@@ -412,8 +412,8 @@ int main(int argc, char** argv) {
                gpt_oss_layers, gpt_oss_heads, sink_parameters,
                af::human_bytes(static_cast<double>(sink_parameters) * 2));
     af::BookNumbers numbers;
-    numbers.print("gpt_oss_sink_parameters", "{},{:03}", sink_parameters / 1000, sink_parameters % 1000);
-    numbers.print("card_rows", "{},{:03}", (card_sinks + card_window) / 1000, (card_sinks + card_window) % 1000);
+    numbers.set("gpt_oss_sink_parameters", af::with_thousands(sink_parameters));
+    numbers.set("card_rows", af::with_thousands(card_sinks + card_window));
     for (const std::int64_t t : contexts)
       fmt::print("    context {:>6}: cache {} (banded + dense layers, the same with or without sinks)\n", t,
                  af::human_bytes(static_cast<double>(gpt_oss.bytes_stored(t))));

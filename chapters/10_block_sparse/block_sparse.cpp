@@ -366,7 +366,7 @@ int main(int argc, char** argv) {
                af::human_bytes(static_cast<double>(base.bytes_per_token())));
     checks.expect_true("four caches: bytes stored and entries read equal the tokens counted directly", counted);
     // What the figure's caption quotes: the most a window with sinks holds, in tokens per layer and in bytes.
-    numbers.print("sinks_window_tokens", "{},{:03}", (fig_sinks + fig_window) / 1000, (fig_sinks + fig_window) % 1000);
+    numbers.set("sinks_window_tokens", af::with_thousands(fig_sinks + fig_window));
     numbers.set("sinks_window_bytes", af::human_bytes(static_cast<double>(caches[2].bytes_stored(131072))));
     numbers.set("window_bytes", af::human_bytes(static_cast<double>(caches[1].bytes_stored(131072))));
 

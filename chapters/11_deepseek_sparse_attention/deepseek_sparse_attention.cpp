@@ -589,19 +589,13 @@ int main(int argc, char** argv) {
     const std::int64_t first_fewer = v32_k * latent / (latent - index_key) + 1;
     fmt::print("  DSA reads fewer bytes than dense MLA from t = {} tokens (t ({} - {}) > {} x {} B per layer)\n",
                first_fewer, latent, index_key, v32_k, latent);
-    const auto thousands = [](std::int64_t n) {  // 78324 -> "78,324", as the text writes counts
-      std::string digits = std::to_string(n);
-      for (auto i = static_cast<std::ptrdiff_t>(digits.size()) - 3; i > 0; i -= 3)
-        digits.insert(static_cast<std::size_t>(i), ",");
-      return digits;
-    };
     af::BookNumbers numbers;
-    numbers.set("v3_bytes_per_token", thousands(v3.bytes_per_token()));
-    numbers.set("v32_bytes_per_token", thousands(v32.bytes_per_token()));
+    numbers.set("v3_bytes_per_token", af::with_thousands(v3.bytes_per_token()));
+    numbers.set("v32_bytes_per_token", af::with_thousands(v32.bytes_per_token()));
     numbers.print("v32_extra_percent", "{:.0f}",
                   100.0 * static_cast<double>(v32.bytes_per_token() - v3.bytes_per_token()) /
                       static_cast<double>(v3.bytes_per_token()));
-    numbers.set("first_fewer", thousands(first_fewer));
+    numbers.set("first_fewer", af::with_thousands(first_fewer));
     numbers.set("v32_read_128k", af::human_bytes(static_cast<double>(v32.bytes_read(131072))));
     numbers.set("v3_read_128k", af::human_bytes(static_cast<double>(v3.bytes_read(131072))));
 

@@ -594,12 +594,6 @@ int main(int argc, char** argv) {
     checks.expect_true("DeepSeek-V3.2 stores 78,324 B per token (61 x (1152 + 132))", v32.bytes_per_token() == 78324);
 
     // The numbers the text quotes, from the same accounting.
-    const auto thousands = [](std::int64_t n) {  // 6880 -> "6,880", as the text writes counts
-      std::string digits = std::to_string(n);
-      for (auto i = static_cast<std::ptrdiff_t>(digits.size()) - 3; i > 0; i -= 3)
-        digits.insert(static_cast<std::size_t>(i), ",");
-      return digits;
-    };
     af::BookNumbers numbers;
     const af::V4LayerCard csa_card = af::v4_layer_card(af::deepseek_v4_flash_shape(af::V4LayerKind::csa));
     const af::V4LayerCard hca_card = af::v4_layer_card(af::deepseek_v4_flash_shape(af::V4LayerKind::hca));
@@ -630,8 +624,8 @@ int main(int argc, char** argv) {
     }
     numbers.set("flash_index_key_reads_1m", af::human_bytes(double(index_key_reads)));
     numbers.set("flash_reads_1m", af::human_bytes(double(flash.bytes_read(contexts[1]))));
-    numbers.set("flash_report_format_per_token", thousands(std::llround(report_per_token)));
-    numbers.set("flash_per_token", thousands(std::llround(rows[4].per_token)));
+    numbers.set("flash_report_format_per_token", af::with_thousands(std::llround(report_per_token)));
+    numbers.set("flash_per_token", af::with_thousands(std::llround(rows[4].per_token)));
 
     // ---- 3. selection, measured -----------------------------------------------------------------------------
     af::V4Shape ps = tiny_shape(af::V4LayerKind::csa);

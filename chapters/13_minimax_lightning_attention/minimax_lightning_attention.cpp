@@ -441,18 +441,12 @@ int main(int argc, char** argv) {
     fmt::print("  {} stores less than {} from t = {} tokens on\n", m1.model, llama70.model, first_less);
 
     // The numbers the text quotes, from the same accounting.
-    const auto thousands = [](std::int64_t n) {  // 40960 -> "40,960", as the text writes counts
-      std::string digits = std::to_string(n);
-      for (auto i = static_cast<std::ptrdiff_t>(digits.size()) - 3; i > 0; i -= 3)
-        digits.insert(static_cast<std::size_t>(i), ",");
-      return digits;
-    };
     const auto bytes_text = [](std::int64_t bytes) { return af::human_bytes(static_cast<double>(bytes)); };
     af::BookNumbers numbers;
     numbers.print("half_life_layer0_head1", "{:.2f}", std::log(2.0) / af::lightning_slopes(m1_heads, 0, m1_layers)[0]);
-    numbers.set(
-        "half_life_deepest_slowest",
-        thousands(std::llround(std::log(2.0) / af::lightning_slopes(m1_heads, m1_layers - 2, m1_layers).back())));
+    numbers.set("half_life_deepest_slowest",
+                af::with_thousands(
+                    std::llround(std::log(2.0) / af::lightning_slopes(m1_heads, m1_layers - 2, m1_layers).back())));
     numbers.print("deepest_layer", "{}", m1_layers - 2);
     numbers.set("m1_states", bytes_text(m1.state_bytes()));
     numbers.print("m1_states_percent_4k", "{:.0f}",
@@ -461,8 +455,8 @@ int main(int argc, char** argv) {
                   100.0 * static_cast<double>(m1.state_bytes()) / static_cast<double>(m1.bytes_stored(1 << 20)));
     numbers.set("m1_kv_1m", bytes_text(m1.softmax.bytes_stored(1 << 20)));
     numbers.set("llama70_kv_1m", bytes_text(llama70.bytes_stored(1 << 20)));
-    numbers.set("m1_kv_per_token", thousands(m1.softmax.bytes_per_token()));
-    numbers.set("llama70_kv_per_token", thousands(llama70.bytes_per_token()));
+    numbers.set("m1_kv_per_token", af::with_thousands(m1.softmax.bytes_per_token()));
+    numbers.set("llama70_kv_per_token", af::with_thousands(llama70.bytes_per_token()));
     numbers.print("meet", "{}", first_less - 1);
     numbers.set("meet_bytes", bytes_text(m1.bytes_stored(first_less - 1)));
     numbers.print("first_less", "{}", first_less);

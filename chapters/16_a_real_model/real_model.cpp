@@ -158,8 +158,8 @@ int main(int argc, char** argv) {
     fmt::print("  {:.0f} MiB (bf16) for the full {} tokens\n",
                static_cast<double>(bf16_per_token * c.context) / (1 << 20), c.context);
     fmt::print("weights one token reads: {:.1f} MiB\n\n", static_cast<double>(model.weight_bytes()) / (1 << 20));
-    numbers.print("kv_bytes_bf16", "{}", bf16_per_token);
-    numbers.print("kv_bytes_f32", "{}", c.cache_bytes_per_token());
+    numbers.set("kv_bytes_bf16", af::with_thousands(bf16_per_token));
+    numbers.set("kv_bytes_f32", af::with_thousands(c.cache_bytes_per_token()));
     numbers.print("kv_mib_full_context", "{:.0f}", static_cast<double>(bf16_per_token * c.context) / (1 << 20));
     numbers.print("weights_read_mib", "{:.1f}", static_cast<double>(model.weight_bytes()) / (1 << 20));
 

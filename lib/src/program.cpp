@@ -133,6 +133,14 @@ void write_output_file(const fs::path& path, const std::function<void(OutputFile
   if (error != 0) fail("cannot write {} ({})", path.string(), std::strerror(error));
 }
 
+std::string with_thousands(std::int64_t n) {
+  std::string digits = std::to_string(n);
+  const std::ptrdiff_t first_digit = n < 0 ? 1 : 0;
+  for (auto i = static_cast<std::ptrdiff_t>(digits.size()) - 3; i > first_digit; i -= 3)
+    digits.insert(static_cast<std::size_t>(i), ",");
+  return digits;
+}
+
 void BookNumbers::set(std::string_view name, std::string value) {
   const bool starts_with_letter = !name.empty() && name.front() >= 'a' && name.front() <= 'z';
   const bool word = std::all_of(name.begin(), name.end(),

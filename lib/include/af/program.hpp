@@ -77,6 +77,9 @@ class OutputFile {
 /// throws.
 void write_output_file(const std::filesystem::path& path, const std::function<void(OutputFile&)>& writer);
 
+/// `n` with its digits in groups of three, as the text writes counts: 131072 -> "131,072", -4096 -> "-4,096".
+std::string with_thousands(std::int64_t n);
+
 /// The numbers a chapter's text quotes, each under a name, so that no number the program computes is typed
 /// into the prose by hand. `write` puts them in `numbers.json` in the --out directory; the book build reads
 /// every chapter's file and offers each number to the chapter's Markdown as the MyST substitution
