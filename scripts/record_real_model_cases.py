@@ -743,6 +743,12 @@ def part_layout(args):
 
 
 # ----------------------------------------------------------------------------- llama.cpp speed
+def last_logits(llm):
+    """The logits row of the last evaluated token (with logits_all=False, llama-cpp-python
+    0.3.36 no longer copies it into llm.scores, so read the context's buffer)."""
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
+
 def part_speed(args):
     from llama_cpp import Llama
 
@@ -760,13 +766,13 @@ def part_speed(args):
         llm.eval(ids)
         t1 = time.perf_counter()
         prefill.append(len(ids) / (t1 - t0))
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        nxt = int(np.argmax(last_logits(llm)))
         cont = []
         t0 = time.perf_counter()
         for _ in range(128):
             cont.append(nxt)
             llm.eval([nxt])
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            nxt = int(np.argmax(last_logits(llm)))
         t1 = time.perf_counter()
         decode.append(128 / (t1 - t0))
         conts.append(cont)
