@@ -93,12 +93,16 @@ def load_json(name):
 
 
 def versions():
+    from importlib import metadata
+
     out = {"python": platform.python_version()}
-    for mod in ("torch", "transformers", "tokenizers", "gguf", "numpy", "accelerate", "llama_cpp"):
+    for key, dist in (("torch", "torch"), ("transformers", "transformers"), ("tokenizers", "tokenizers"),
+                      ("gguf", "gguf"), ("numpy", "numpy"), ("accelerate", "accelerate"),
+                      ("llama_cpp", "llama_cpp_python")):
         try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a missing optional package is recorded as such
-            out[mod] = None
+            out[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:  # a missing optional package is recorded as such
+            out[key] = None
     return out
 
 
