@@ -37,8 +37,12 @@ Run (from the repository root; each part can be run alone):
 Parts: tokenizer -> tokenizer_cases.json, chat -> chat_template_cases.json,
 sampling -> sampling_cases.json, logits -> logits_{short,chat,long}.json and
 logits_short_last.f32 (raw little-endian float32), layout -> gguf_layout.json,
-llama -> adds the llama.cpp comparison to logits_short.json / logits_chat.json,
-speed -> llama_cpp_speed.json.  tests/real_model/README.md describes every file.
+numpy -> adds an independent float64 forward pass to logits_short.json (needs the
+logits part's intermediate in --work), llama -> adds the llama.cpp comparison to
+logits_short.json / logits_chat.json, speed -> llama_cpp_speed.json (waits up to
+--wait-idle seconds for idle CPUs).  Run the parts in the default order: logits rewrites
+logits_*.json from scratch.  tests/real_model/README.md describes every file.
+Everything but the speed part reproduces bit for bit with the versions above.
 """
 
 import argparse
@@ -847,6 +851,22 @@ def part_speed(args):
     ids = tok(text, add_special_tokens=False)["input_ids"][:512]
     llm = Llama(model_path=args.gguf, n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads,
                 n_batch=512, n_ubatch=512, logits_all=False, verbose=False, seed=0)
+    def busy_fraction(seconds=2.0):
+        def snap():
+            with open("/proc/stat") as fh:
+                v = [int(x) for x in fh.readline().split()[1:]]
+            return sum(v), v[3] + v[4]  # total, idle + iowait
+        t0, i0 = snap()
+        time.sleep(seconds)
+        t1, i1 = snap()
+        return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+    waited = 0.0
+    busy = busy_fraction()
+    while busy > 0.10 and waited < args.wait_idle:
+        time.sleep(3.0)
+        waited += 5.0
+        busy = busy_fraction()
     load_before = os.getloadavg()
     prefill, decode = [], []
     conts = []
@@ -878,6 +898,8 @@ def part_speed(args):
         "prefill_tokens_per_s": {"runs": prefill, "best": max(prefill)},
         "decode_tokens_per_s": {"runs": decode, "best": max(decode)},
         "greedy_identical_across_runs": all(c == conts[0] for c in conts),
+        "cpu_busy_fraction_before": busy,
+        "waited_for_idle_s": waited,
         "loadavg_before": list(load_before),
         "loadavg_after": list(load_after),
         "cpu": cpu_model(),
@@ -895,6 +917,8 @@ def main():
     ap.add_argument("--gguf", required=True)
     ap.add_argument("--parts", default="tokenizer,chat,sampling,logits,numpy,layout,llama,speed")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--wait-idle", type=float, default=600.0,
+                    help="speed: wait up to this many seconds for the CPUs to be <10%% busy before measuring")
     ap.add_argument("--work", default="/tmp/record_real_model_work", help="scratch folder for intermediates")
     args = ap.parse_args()
     os.makedirs(OUT_DIR, exist_ok=True)
