@@ -8,7 +8,9 @@ greedy tokens after it. Writes chapters/16_a_real_model/results/speed.txt (the t
 date, commit, versions and command) and numbers.json beside it (the figures the chapter quotes).
 
 llama.cpp is not a dependency of the project: install it into a scratch environment, e.g.
-  python3 -m venv /tmp/venv && CMAKE_ARGS="-DGGML_NATIVE=ON" /tmp/venv/bin/pip install llama-cpp-python==0.3.36
+  python3 -m venv /tmp/venv && /tmp/venv/bin/pip install numpy llama-cpp-python==0.3.36
+(tests/real_model/README.md gives the build flags used here: a native build compiled an AMX path that crashed
+on this machine's virtual CPU).
   /tmp/venv/bin/python scripts/bench_vs_llama_cpp.py --gguf build/models/SmolLM2-135M-Instruct.Q4_1.gguf
 """
 
@@ -51,16 +53,22 @@ def run_ours(generate, gguf, prompt_file, new_tokens, threads):
     return prompt_tokens, prefill, int(decode_match.group(1)), float(decode_match.group(2))
 
 
+def last_logits(llm):
+    """The logits of the last evaluated token: with logits_all=False, llama-cpp-python 0.3.36 leaves them in the
+    context's buffer only."""
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
+
 def run_llama_cpp(llm, prompt_ids, new_tokens):
     llm.reset()
     start = time.perf_counter()
     llm.eval(prompt_ids)
     prefill = len(prompt_ids) / (time.perf_counter() - start)
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    token = int(np.argmax(last_logits(llm)))
     start = time.perf_counter()
     for _ in range(new_tokens - 1):  # the first token came with the prefill, as in generate
         llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(last_logits(llm)))
     decode = (new_tokens - 1) / (time.perf_counter() - start)
     return prefill, decode
 
@@ -77,7 +85,7 @@ def main():
     args = parser.parse_args()
 
     llm = Llama(model_path=args.gguf, n_ctx=args.prompt_tokens + args.new_tokens + 64, n_threads=args.threads,
-                n_threads_batch=args.threads, n_batch=args.prompt_tokens + 64, logits_all=False, verbose=False)
+                n_threads_batch=args.threads, n_batch=args.prompt_tokens + 64, n_ubatch=args.prompt_tokens + 64, logits_all=False, verbose=False)
     text = text_of_tokens(llm, args.prompt_tokens)
     prompt_ids = llm.tokenize(text.encode(), add_bos=False)
     prompt_file = Path(args.out) / "speed_prompt.txt"

@@ -33,7 +33,8 @@ float load_f32(const std::byte* at) {
 // operations on 8 lanes at once; the portable versions are the fallback where the CPU lacks AVX2.
 #define AF_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
 
-float sum_lanes(const float* sums) {
+// Inlined into the AVX2 kernels, so that they never call SSE code with the upper halves of the registers live.
+__attribute__((always_inline)) inline float sum_lanes(const float* sums) {
   return ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]));
 }
 
@@ -101,7 +102,11 @@ __attribute__((target("avx2,f16c"))) float dot_q8_0_avx2(const std::byte* row, c
   return sum_lanes(lanes);
 }
 
-const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+// Asked once, at load time: __builtin_cpu_init first, since this may run before libgcc's own initialiser.
+const bool has_avx2 = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+}();
 #else
 constexpr bool has_avx2 = false;
 float dot_q4_1_avx2(const std::byte* row, const float* x, std::int64_t cols) { return dot_q4_1_portable(row, x, cols); }
