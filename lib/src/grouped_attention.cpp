@@ -64,6 +64,41 @@ void GroupedWeights::validate(const GroupedShape& shape) const {
   check("o_bias", o_bias, Shape{h}, true);
 }
 
+namespace {
+
+// The rows [first, last) of one piece of a group, all against the same KV head: `queries` holds the stacked
+// query rows (d values each), `keys`/`values` the KV head's cached rows; row r sees the keys up to
+// last_key(r). Built for AVX2 and for any x86-64 (target_clones): the same operations in the same order.
+struct Piece {
+  const float* queries;
+  ConstMatrix keys, values;
+  std::int64_t d, first, last, key_count, query_count;
+  bool causal;
+  std::int64_t last_key(std::int64_t r) const {
+    return causal ? key_count - query_count + r % query_count : key_count - 1;
+  }
+};
+
+__attribute__((target_clones("avx2", "default"))) void score_piece(const Piece& p, float scale, float* weights) {
+  const auto d = static_cast<std::size_t>(p.d);
+  for (std::int64_t k = 0; k < p.key_count; ++k) {
+    const float* key = p.keys.data + k * p.keys.row_stride;
+    for (std::int64_t r = p.first; r < p.last; ++r)
+      if (k <= p.last_key(r)) weights[r * p.key_count + k] = detail::dot_unchecked(p.queries + r * p.d, key, d) * scale;
+  }
+}
+
+__attribute__((target_clones("avx2", "default"))) void mix_piece(const Piece& p, const float* weights, float* context) {
+  const auto d = static_cast<std::size_t>(p.d);
+  for (std::int64_t k = 0; k < p.key_count; ++k) {
+    const float* value = p.values.data + k * p.values.row_stride;
+    for (std::int64_t r = p.first; r < p.last; ++r)
+      if (k <= p.last_key(r)) detail::axpy_unchecked(weights[r * p.key_count + k], value, context + r * p.d, d);
+  }
+}
+
+}  // namespace
+
 Tensor grouped_attend(ConstMatrix q, const GroupedShape& shape, const GroupedKvCache& cache,
                       const AttentionOptions& options) {
   shape.validate();
@@ -102,31 +137,29 @@ Tensor grouped_attend(ConstMatrix q, const GroupedShape& shape, const GroupedKvC
     const std::int64_t last = g * rows_per_group + (p + 1) * rows_per_group / pieces_per_group;
     return std::array<std::int64_t, 3>{g, first, last};
   };
-  const auto last_key = [&](std::int64_t r) { return options.causal ? keys - queries + r % queries : keys - 1; };
+  const auto piece = [&](std::int64_t index) {
+    const auto [g, first, last] = piece_rows(index);
+    return Piece{stacked.data(),
+                 k_heads[static_cast<std::size_t>(g)],
+                 v_heads[static_cast<std::size_t>(g)],
+                 d,
+                 first,
+                 last,
+                 keys,
+                 queries,
+                 options.causal};
+  };
 
   Tensor weights(Shape{rows, keys});
   std::ranges::fill(weights.values(), -std::numeric_limits<float>::infinity());  // what the mask hides
 #pragma omp parallel for schedule(dynamic)
-  for (std::int64_t piece = 0; piece < pieces; ++piece) {
-    const auto [g, first, last] = piece_rows(piece);
-    for (std::int64_t k = 0; k < keys; ++k)
-      for (std::int64_t r = first; r < last; ++r)
-        if (k <= last_key(r))
-          weights.data()[r * keys + k] =
-              dot(stacked.matrix().row(r), k_heads[static_cast<std::size_t>(g)].row(k)) * scale;
-  }
+  for (std::int64_t index = 0; index < pieces; ++index) score_piece(piece(index), scale, weights.data());
 #pragma omp parallel for schedule(static)
   for (std::int64_t r = 0; r < rows; ++r) softmax(weights.matrix().row(r));
   // One pass over the values in cache order per piece: each value row is mixed into the piece's outputs.
   Tensor context(Shape{rows, d});
 #pragma omp parallel for schedule(dynamic)
-  for (std::int64_t piece = 0; piece < pieces; ++piece) {
-    const auto [g, first, last] = piece_rows(piece);
-    for (std::int64_t k = 0; k < keys; ++k)
-      for (std::int64_t r = first; r < last; ++r)
-        if (k <= last_key(r))
-          axpy(weights.data()[r * keys + k], v_heads[static_cast<std::size_t>(g)].row(k), context.matrix().row(r));
-  }
+  for (std::int64_t index = 0; index < pieces; ++index) mix_piece(piece(index), weights.data(), context.data());
 
   Tensor out(Shape{queries, shape.heads * d});  // back to token-major: [Tq, H * d]
   for (std::int64_t h = 0; h < shape.heads; ++h)

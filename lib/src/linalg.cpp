@@ -2,34 +2,26 @@
 
 #include "af/error.hpp"
 
+#include <vector>
+
 namespace af {
 
 // dot and axpy are built twice, for AVX2 and for any x86-64, and the loader picks the one the CPU runs
 // (target_clones). The operations and their order are the same in both, so are the results, bit for bit.
 __attribute__((target_clones("avx2", "default"))) float dot(std::span<const float> a, std::span<const float> b) {
   require(a.size() == b.size(), "dot: vectors of length {} and {} (expected equal lengths)", a.size(), b.size());
-  // Eight independent partial sums: the compiler can keep them in one vector register, and the summation
-  // order (hence the rounding) is fixed and documented rather than left to the optimiser.
-  float partial[8] = {};
-  const std::size_t n = a.size(), blocked = n - n % 8;
-  for (std::size_t i = 0; i < blocked; i += 8)
-    for (std::size_t j = 0; j < 8; ++j) partial[j] += a[i + j] * b[i + j];
-  for (std::size_t i = blocked; i < n; ++i) partial[i - blocked] += a[i] * b[i];
-  return ((partial[0] + partial[4]) + (partial[1] + partial[5])) +
-         ((partial[2] + partial[6]) + (partial[3] + partial[7]));
+  return detail::dot_unchecked(a.data(), b.data(), a.size());
 }
 
 __attribute__((target_clones("avx2", "default"))) void axpy(float a, std::span<const float> x, std::span<float> y) {
   require(x.size() == y.size(), "axpy: vectors of length {} and {} (expected equal lengths)", x.size(), y.size());
-  // Blocks of eight through local copies: the compiler cannot assume that x and y do not overlap, and the
-  // copies let it use vector registers anyway.
-  const std::size_t n = x.size(), blocked = n - n % 8;
-  for (std::size_t i = 0; i < blocked; i += 8) {
-    float block[8];
-    for (std::size_t j = 0; j < 8; ++j) block[j] = y[i + j] + a * x[i + j];
-    for (std::size_t j = 0; j < 8; ++j) y[i + j] = block[j];
+  // A copy of x when the two overlap, so that every element reads x as it was.
+  if (x.data() < y.data() + y.size() && y.data() < x.data() + x.size()) {
+    const std::vector<float> copy(x.begin(), x.end());
+    detail::axpy_unchecked(a, copy.data(), y.data(), y.size());
+    return;
   }
-  for (std::size_t i = blocked; i < n; ++i) y[i] += a * x[i];
+  detail::axpy_unchecked(a, x.data(), y.data(), y.size());
 }
 
 Tensor matmul(ConstMatrix a, ConstMatrix b) {

@@ -4,12 +4,33 @@
 
 #include "af/tensor.hpp"
 
+#include <cstddef>
 #include <span>
 
 namespace af {
 
 /// The dot product of two equally long vectors.
 float dot(std::span<const float> a, std::span<const float> b);
+
+namespace detail {
+/// What dot computes, without the length check, for loops that call it millions of times on rows whose
+/// lengths they have checked once: eight independent partial sums, then a fixed pairing, so that the order of
+/// the additions (hence the rounding) is documented and the same wherever it is inlined.
+inline float dot_unchecked(const float* a, const float* b, std::size_t n) {
+  float partial[8] = {};
+  const std::size_t blocked = n - n % 8;
+  for (std::size_t i = 0; i < blocked; i += 8)
+    for (std::size_t j = 0; j < 8; ++j) partial[j] += a[i + j] * b[i + j];
+  for (std::size_t i = blocked; i < n; ++i) partial[i - blocked] += a[i] * b[i];
+  return ((partial[0] + partial[4]) + (partial[1] + partial[5])) +
+         ((partial[2] + partial[6]) + (partial[3] + partial[7]));
+}
+
+/// What axpy computes (y += a x), without the length check; x and y must not overlap.
+inline void axpy_unchecked(float a, const float* __restrict x, float* __restrict y, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+}  // namespace detail
 
 /// `y += a * x` over two equally long vectors (the update that mixes a value row into an output row).
 void axpy(float a, std::span<const float> x, std::span<float> y);
