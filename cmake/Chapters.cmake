@@ -9,6 +9,25 @@
 #   program that draws nothing at random (no --seed flag to test).
 set(AF_CHAPTER_OUTPUTS "" CACHE INTERNAL "Every generated chapter file the book depends on")
 
+# af_add_exit_tests(TARGET LABELS label... [ABSENT path] CASES case...): one CTest test per case, named
+# TARGET.flags_NAME, for a case written "NAME|STATUS|ARG,ARG,...|MESSAGE": the program run with the ARGs must
+# exit with STATUS and print text matching MESSAGE (and must not create ABSENT).
+function(af_add_exit_tests target)
+  cmake_parse_arguments(PARSE_ARGV 1 arg "" "ABSENT" "LABELS;CASES")
+  foreach(case IN LISTS arg_CASES)
+    string(REPLACE "|" ";" fields "${case}")
+    list(GET fields 0 name)
+    list(GET fields 1 expected)
+    list(GET fields 2 args)
+    list(GET fields 3 message)
+    string(REPLACE "," ";" args "${args}")
+    add_test(NAME ${target}.flags_${name}
+             COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:${target}> "-DARGS=${args}" -DEXPECTED=${expected}
+                     -DMESSAGE=${message} -DABSENT=${arg_ABSENT} -P ${PROJECT_SOURCE_DIR}/cmake/expect_exit.cmake)
+    set_tests_properties(${target}.flags_${name} PROPERTIES LABELS "${arg_LABELS}")
+  endforeach()
+endfunction()
+
 function(af_add_chapter folder)
   cmake_parse_arguments(PARSE_ARGV 1 arg "NO_SEED" "" "OUTPUTS;ARGS;FLOAT_FLAGS")
   set(target ch${folder})
@@ -52,18 +71,7 @@ function(af_add_chapter folder)
       list(APPEND cases "${name}_nan|2|${flag},nan|nan is not finite" "${name}_inf|2|${flag},inf|inf is not finite")
     endforeach()
   endif()
-  foreach(case IN LISTS cases)
-    string(REPLACE "|" ";" fields "${case}")
-    list(GET fields 0 name)
-    list(GET fields 1 expected)
-    list(GET fields 2 args)
-    list(GET fields 3 message)
-    string(REPLACE "," ";" args "${args}")
-    add_test(NAME ${target}.flags_${name}
-             COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:${target}> "-DARGS=${args}" -DEXPECTED=${expected}
-                     -DMESSAGE=${message} -DABSENT=${missing} -P ${PROJECT_SOURCE_DIR}/cmake/expect_exit.cmake)
-    set_tests_properties(${target}.flags_${name} PROPERTIES LABELS "cpu;chapter")
-  endforeach()
+  af_add_exit_tests(${target} LABELS cpu chapter ABSENT ${missing} CASES ${cases})
   if(sources MATCHES "\\.cpp$")
     # Exit status 1: one check made to fail on purpose (af::Checks reads AF_PERTURB_CHECK) fails the program.
     add_test(NAME ${target}.failed_check_exits_1

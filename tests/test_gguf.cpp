@@ -6,6 +6,7 @@
 #include "af/gguf.hpp"
 #include "af/numeric.hpp"
 #include "af/quant_blocks.hpp"
+#include "error_of.hpp"
 #include "gguf_writer.hpp"
 
 #include <catch2/catch.hpp>
@@ -104,18 +105,7 @@ std::vector<float> dequantized(void (*dequantize)(std::span<const std::byte>, st
   return out;
 }
 
-// The message of the af::Error that `run` throws; any other exception, or none, fails the test.
-std::string error_of(const std::function<void()>& run) {
-  try {
-    run();
-  } catch (const af::Error& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    FAIL("expected af::Error, got another exception: " << e.what());
-  }
-  FAIL("expected af::Error, nothing was thrown");
-  return {};
-}
+using af_test::error_of;
 
 std::string gguf_error(std::vector<std::byte> bytes) {
   return error_of([&] { af::gguf::File::from_bytes(std::move(bytes), "bad.gguf"); });

@@ -4,6 +4,7 @@
 #include "af/error.hpp"
 #include "af/npy.hpp"
 #include "af/safetensors.hpp"
+#include "error_of.hpp"
 
 #include <sys/stat.h>
 #include <catch2/catch.hpp>
@@ -37,18 +38,7 @@ void write_file(const fs::path& path, const std::vector<std::byte>& bytes) {
   out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
 }
 
-// The message of the af::Error that `read` throws. Any other exception, or none, fails the test.
-std::string error_of(const std::function<void()>& read) {
-  try {
-    read();
-  } catch (const af::Error& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    FAIL("expected af::Error, got another exception: " << e.what());
-  }
-  FAIL("expected af::Error, nothing was thrown");
-  return {};
-}
+using af_test::error_of;
 
 std::string npy_error(const std::vector<std::byte>& bytes) {
   return error_of([&] { af::read_npy_bytes(bytes, "bad.npy"); });

@@ -3,8 +3,8 @@
 /// The SmolLM2 tokenizer and chat template, built from the GGUF file's own metadata.
 ///
 /// The tokenizer is GPT-2's byte-level BPE (`tokenizer.ggml.model` = "gpt2"):
-///   1. the pre-tokenizer splits the text into words (for `tokenizer.ggml.pre` = "smollm": every \p{N} code
-///      point alone, then GPT-2's regex over the rest, see split_words);
+///   1. the pre-tokenizer splits the text into words (for `tokenizer.ggml.pre` = "smollm": every code point
+///      of Unicode category N alone, then GPT-2's regex over the rest, see split_words);
 ///   2. each byte of a word becomes one printable character of the byte alphabet (byte_to_alphabet), so
 ///      that any bytes, valid UTF-8 or not, have a spelling;
 ///   3. the word's characters are merged pairwise, always the pair whose merge comes first in
@@ -42,7 +42,8 @@ enum class TokenType : std::int32_t {
 /// The pre-tokenizer: how text is cut into words before BPE.
 enum class PreTokenizer {
   /// llama.cpp's "smollm" (also its "starcoder"), and the `Digits(individual_digits) + ByteLevel` sequence of
-  /// the model's own Hugging Face tokenizer.json: every \p{N} code point is a word alone, then GPT-2's regex.
+  /// the model's own Hugging Face tokenizer.json: every code point of category N is a word alone, then GPT-2's
+  /// regex.
   smollm,
   /// GPT-2's regex alone: what transformers' GGUF converter builds for any "gpt2" model, whatever
   /// `tokenizer.ggml.pre` says. It differs from smollm only where white space or a letter run meets a digit
@@ -54,8 +55,8 @@ enum class PreTokenizer {
 PreTokenizer pre_tokenizer_named(std::string_view name);
 
 /// Cuts `text` into the pre-tokenizer's words, as views into `text`. GPT-2's regex, implemented by hand:
-///   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
-/// (the contractions are lower case only; \s is Unicode White_Space). A byte that is not part of valid UTF-8
+/// `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`
+/// (the contractions are lower case only; `\s` is Unicode White_Space). A byte that is not part of valid UTF-8
 /// counts as one code point of no class (like punctuation). Concatenating the words gives `text` back.
 std::vector<std::string_view> split_words(std::string_view text, PreTokenizer pre_tokenizer);
 
@@ -77,7 +78,7 @@ class Tokenizer {
     PreTokenizer pre_tokenizer = PreTokenizer::smollm;
   };
 
-  /// Builds the tokenizer from `tokenizer.ggml.*`. Throws af::Error when `tokenizer.ggml.model` is not
+  /// Builds the tokenizer from the file's `tokenizer.ggml` keys. Throws af::Error when `tokenizer.ggml.model` is not
   /// "gpt2", `tokenizer.ggml.pre` names a pre-tokenizer not implemented here, and for everything
   /// from_vocabulary rejects. The chat template is not looked at (see check_chat_template).
   static Tokenizer from_gguf(const gguf::File& file);
