@@ -1,5 +1,5 @@
 # Chapter 16: the attention weights of head 0 of the first, middle and last layer of SmolLM2-135M-Instruct on
-# the chat prompt, side by side.
+# the chat prompt, side by side (the program writes the maps of layers 0, 15 and 29, the first, middle and last).
 # Data: 16_a_real_model/attention_maps.dat, lines "map query key weight"; one blank line after each query,
 # two after each map.
 load 'style.gp'
@@ -21,9 +21,8 @@ set tics front
 set grid noxtics noytics
 unset key
 unset colorbox
-titles = 'layer 0|layer 15|layer 29'
 do for [m = 0:2] {
-  set title word(titles, m + 1) noenhanced
+  set title sprintf('layer %d', m == 0 ? 0 : (m == 1 ? 15 : 29))
   plot data index m using 3 : 2 : ($3 > $2 ? NaN : $4) with image pixels
 }
 unset multiplot
