@@ -3,7 +3,9 @@
 #include "af/error.hpp"
 #include "af/mla.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <utility>
 
@@ -175,5 +177,46 @@ Tensor Model::forward(std::span<const std::int32_t> tokens, Cache& cache, bool a
   return logits;
 }
 // [/forward]
+
+double SlidingNll::perplexity() const {
+  return scored_tokens == 0 ? std::nan("") : std::exp(total_nll / static_cast<double>(scored_tokens));
+}
+
+SlidingNll sliding_window_nll(const Model& model, std::span<const std::int32_t> tokens, std::int64_t window,
+                              std::int64_t stride, const std::function<void(std::int64_t, std::int64_t)>& progress) {
+  const auto n = static_cast<std::int64_t>(tokens.size());
+  require(n >= 2, "sliding_window_nll: {} tokens (expected at least 2)", n);
+  require(window >= 2 && window <= model.config().context, "sliding_window_nll: window {} (expected 2..{})", window,
+          model.config().context);
+  require(stride >= 1 && stride <= window, "sliding_window_nll: stride {} (expected 1..window = {})", stride, window);
+  const std::int64_t windows = n <= window ? 1 : 1 + (n - window + stride - 1) / stride;
+  SlidingNll result;
+  std::int64_t scored_until = 1;  // token 0 has nothing before it
+  for (std::int64_t w = 0; w < windows; ++w) {
+    const std::int64_t begin = w * stride, end = std::min(begin + window, n);
+    const std::int64_t first = std::max(scored_until, begin + 1);
+    Cache cache(model.config(), end - begin);
+    const Tensor logits =
+        model.forward(tokens.subspan(static_cast<std::size_t>(begin), static_cast<std::size_t>(end - begin)), cache,
+                      /*all_logits=*/true);
+    double nll = 0.0;
+    for (std::int64_t position = first; position < end; ++position) {
+      // -log softmax(z)[target] = log sum exp(z - max) - (z[target] - max), in float64.
+      const std::span<const float> z = logits.matrix().row(position - begin - 1);
+      double max = -std::numeric_limits<double>::infinity(), sum = 0.0;
+      for (const float v : z) max = std::max(max, static_cast<double>(v));
+      for (const float v : z) sum += std::exp(static_cast<double>(v) - max);
+      nll += std::log(sum) -
+             (static_cast<double>(z[static_cast<std::size_t>(tokens[static_cast<std::size_t>(position)])]) - max);
+    }
+    result.window_nll.push_back(nll);
+    result.window_tokens.push_back(end - first);
+    result.total_nll += nll;
+    result.scored_tokens += end - first;
+    scored_until = end;
+    if (progress) progress(w + 1, windows);
+  }
+  return result;
+}
 
 }  // namespace af::llama

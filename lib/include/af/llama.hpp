@@ -111,4 +111,24 @@ class Model {
   Rope rope_;
 };
 
+/// The result of sliding_window_nll: the summed negative log-likelihood (natural log) of the scored tokens,
+/// their number, and the same per window.
+struct SlidingNll {
+  double total_nll = 0.0;
+  std::int64_t scored_tokens = 0;
+  std::vector<double> window_nll;
+  std::vector<std::int64_t> window_tokens;
+  /// exp(total_nll / scored_tokens).
+  double perplexity() const;
+};
+
+/// The negative log-likelihood of `tokens` under `model`, by the sliding-window protocol of fixed-context
+/// evaluation: windows of `window` tokens start every `stride` tokens (a fresh cache each); each window scores
+/// the tokens no earlier window scored, each predicted from all the window's tokens before it; the first token
+/// is never scored. `progress`, when set, is called after each window with (windows done, windows in all).
+/// Throws af::Error for fewer than 2 tokens, or a window or stride outside 1..window (stride <= window).
+SlidingNll sliding_window_nll(const Model& model, std::span<const std::int32_t> tokens, std::int64_t window,
+                              std::int64_t stride,
+                              const std::function<void(std::int64_t, std::int64_t)>& progress = nullptr);
+
 }  // namespace af::llama
