@@ -474,44 +474,17 @@ std::span<const std::byte> File::data(const TensorInfo& tensor) const {
 
 std::vector<float> File::dequantize(const TensorInfo& tensor) const {
   const std::span<const std::byte> stored = data(tensor);
-  const auto n = static_cast<std::size_t>(tensor.elements);
-  if (n == 0) return {};  // an empty tensor may sit at the very end of the file, where no byte is left
-  auto load_u16 = [&](std::size_t i) {
-    std::uint16_t bits;
-    std::memcpy(&bits, stored.data() + 2 * i, 2);
-    return bits;
-  };
+  std::vector<float> out(static_cast<std::size_t>(tensor.elements));
+  if (out.empty()) return out;  // an empty tensor may sit at the very end of the file, where no byte is left
   switch (tensor.type) {
-    case GgmlType::f32: {
-      std::vector<float> out(n);
-      std::memcpy(out.data(), stored.data(), 4 * n);
+    case GgmlType::f32:
+    case GgmlType::f16:
+    case GgmlType::bf16:
+    case GgmlType::q8_0:
+    case GgmlType::q4_0:
+    case GgmlType::q4_1:
+      af::gguf::dequantize(tensor.type, stored, out);
       return out;
-    }
-    case GgmlType::f16: {
-      std::vector<float> out(n);
-      for (std::size_t i = 0; i < n; ++i) out[i] = fp16_to_float(load_u16(i));
-      return out;
-    }
-    case GgmlType::bf16: {
-      std::vector<float> out(n);
-      for (std::size_t i = 0; i < n; ++i) out[i] = bf16_to_float(load_u16(i));
-      return out;
-    }
-    case GgmlType::q8_0: {
-      std::vector<float> out(n);
-      dequantize_q8_0(stored, out);
-      return out;
-    }
-    case GgmlType::q4_0: {
-      std::vector<float> out(n);
-      dequantize_q4_0(stored, out);
-      return out;
-    }
-    case GgmlType::q4_1: {
-      std::vector<float> out(n);
-      dequantize_q4_1(stored, out);
-      return out;
-    }
     default:
       fail("gguf: {}: tensor \"{}\" is {} (expected F32, F16, BF16, Q8_0, Q4_0 or Q4_1 to dequantize)", source_,
            tensor.name, name_of(tensor.type));

@@ -121,6 +121,34 @@ void dequantize_q4_1(std::span<const std::byte> blocks, std::span<float> out) {
   dequantize_blocks("dequantize_q4_1", q4_1_block, q4_1_block_bytes, blocks, out);
 }
 
+void dequantize(GgmlType type, std::span<const std::byte> stored, std::span<float> out) {
+  const auto widen = [&](std::size_t element_bytes, float (*convert)(std::uint16_t)) {
+    if (stored.size() != out.size() * element_bytes)
+      fail("dequantize: {} bytes for {} {} elements (expected {})", stored.size(), out.size(), name_of(type),
+           out.size() * element_bytes);
+    for (std::size_t i = 0; i < out.size(); ++i) out[i] = convert(load_u16(stored.data() + element_bytes * i));
+  };
+  switch (type) {
+    case GgmlType::f32:
+      if (stored.size() != 4 * out.size())
+        fail("dequantize: {} bytes for {} F32 elements (expected {})", stored.size(), out.size(), 4 * out.size());
+      if (!out.empty()) std::memcpy(out.data(), stored.data(), stored.size());
+      return;
+    case GgmlType::f16:
+      return widen(2, fp16_to_float);
+    case GgmlType::bf16:
+      return widen(2, bf16_to_float);
+    case GgmlType::q8_0:
+      return dequantize_q8_0(stored, out);
+    case GgmlType::q4_0:
+      return dequantize_q4_0(stored, out);
+    case GgmlType::q4_1:
+      return dequantize_q4_1(stored, out);
+    default:
+      fail("dequantize: {} (expected F32, F16, BF16, Q8_0, Q4_0 or Q4_1)", name_of(type));
+  }
+}
+
 float dot_q8_0_row(std::span<const std::byte> row, std::span<const float> x) {
   return dot_blocks("dot_q8_0_row", q8_0_block, q8_0_block_bytes, row, x);
 }

@@ -197,23 +197,7 @@ void QuantMatrix::dequantize_rows(std::int64_t first, std::int64_t count, std::s
           out.size(), rows_, count * cols_);
   const std::span<const std::byte> rows =
       bytes_.subspan(static_cast<std::size_t>(first) * row_bytes_, static_cast<std::size_t>(count) * row_bytes_);
-  switch (type_) {
-    case GgmlType::q4_1:
-      dequantize_q4_1(rows, out);
-      break;
-    case GgmlType::q4_0:
-      dequantize_q4_0(rows, out);
-      break;
-    case GgmlType::q8_0:
-      dequantize_q8_0(rows, out);
-      break;
-    case GgmlType::f16:
-      for (std::size_t i = 0; i < out.size(); ++i) out[i] = fp16_to_float(load_u16(rows.data() + 2 * i));
-      break;
-    default:
-      for (std::size_t i = 0; i < out.size(); ++i) out[i] = load_f32(rows.data() + 4 * i);
-      break;
-  }
+  dequantize(type_, rows, out);
 }
 
 void matvec(const QuantMatrix& w, std::span<const float> x, std::span<float> y) {

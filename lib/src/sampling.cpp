@@ -14,7 +14,8 @@ namespace {
 constexpr float removed = -std::numeric_limits<float>::infinity();
 
 /// The softmax of `logits` in float32, as the reference computes it (exp of the difference to the maximum,
-/// divided by the sum); -infinity gives 0.
+/// divided by the sum); -infinity gives 0. Not af::softmax, which multiplies by the sum's reciprocal: a
+/// filter's cut must fall where PyTorch's does, to the last bit.
 std::vector<float> softmax_float(std::span<const float> logits) {
   const float max = *std::max_element(logits.begin(), logits.end());
   std::vector<float> p(logits.size());

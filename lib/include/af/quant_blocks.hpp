@@ -65,6 +65,11 @@ void dequantize_q8_0(std::span<const std::byte> blocks, std::span<float> out);
 void dequantize_q4_0(std::span<const std::byte> blocks, std::span<float> out);
 void dequantize_q4_1(std::span<const std::byte> blocks, std::span<float> out);
 
+/// Converts `stored`, elements of `type` one after another, into `out` as float32: F32 is copied, F16 and
+/// BF16 are widened exactly, Q8_0/Q4_0/Q4_1 go through the functions above. `stored` must hold exactly the
+/// bytes of out.size() elements; any other type throws af::Error naming it.
+void dequantize(GgmlType type, std::span<const std::byte> stored, std::span<float> out);
+
 /// The dot product of one quantized row with `x`: the float32 sum, taken in element order starting from 0,
 /// of the float32 products dequant(w[i]) * x[i]. It equals, bit for bit, dequantizing the row and summing
 /// the products in that order. The sizes are checked as for the dequantize functions.
