@@ -33,7 +33,7 @@ if [[ $steps == *" bench "* ]]; then
     --commit "$commit" "${bench_args[@]}" 2>&1 | tee "$OUT/bench.log" | grep -v "^  " 
 fi
 if [[ $steps == *" sanitize "* ]]; then
-  for tool in memcheck racecheck; do
+  for tool in memcheck racecheck initcheck; do
     timeout ${AF_SANITIZER_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 9 .devcarry/test_gpu "[decode],[blocks]" \
       > "$OUT/sanitizer_$tool.log" 2>&1
     echo "compute-sanitizer --tool $tool --error-exitcode 9 test_gpu: exit $?" | tee -a "$OUT/summary.txt"

@@ -125,7 +125,8 @@ Tensor Model::embed(std::span<const std::int32_t> tokens) const {
 }
 
 // [forward]
-Tensor Model::forward(std::span<const std::int32_t> tokens, Cache& cache, bool all_logits, const Trace* trace) const {
+Tensor Model::forward(std::span<const std::int32_t> tokens, Cache& cache, bool all_logits, const Trace* trace,
+                      PolicyAttention* policy) const {
   const Config& c = config_;
   const auto T = static_cast<std::int64_t>(tokens.size());
   require(T >= 1, "forward: no tokens (expected at least one)");
@@ -151,7 +152,8 @@ Tensor Model::forward(std::span<const std::int32_t> tokens, Cache& cache, bool a
     rope_.rotate_rows(k.matrix(), positions);
     GroupedKvCache& layer_cache = cache.layer(l);
     layer_cache.append(k.matrix(), v.matrix());
-    const Tensor attended = grouped_attend(q.matrix(), shape, layer_cache, causal);  // [T, H d]
+    const Tensor attended = policy != nullptr ? policy->attend(l, q.matrix(), layer_cache)
+                                              : grouped_attend(q.matrix(), shape, layer_cache, causal);  // [T, H d]
     gguf::matmul(w.o, attended.matrix(), out.matrix());
     for (std::int64_t i = 0; i < x.numel(); ++i) x.data()[i] += out.data()[i];
     // MLP: normalise, SwiGLU (silu(gate) * up), project down.

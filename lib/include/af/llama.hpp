@@ -10,6 +10,7 @@
 /// (x[i], x[i + d/2]) into adjacent pairs (x[2i], x[2i + 1]), the layout llama.cpp rotates. The same
 /// weights therefore need RopeLayout::adjacent here; Hugging Face's own checkpoint needs half_split.
 
+#include "af/cache_policy.hpp"
 #include "af/gguf.hpp"
 #include "af/grouped_attention.hpp"
 #include "af/quant_matmul.hpp"
@@ -95,9 +96,11 @@ class Model {
 
   /// Runs `tokens` at positions cache.size(), cache.size() + 1, ...: appends their keys and values to the
   /// cache and returns the logits `[T, vocab]` of every token, or only of the last (`[1, vocab]`) when
-  /// `all_logits` is false. Throws af::Error for an id outside the vocabulary or a full cache.
+  /// `all_logits` is false. With a `policy`, every layer's attention reads the cache through it (chapter 17;
+  /// the cache itself still holds float32 K and V). Throws af::Error for an id outside the vocabulary or a
+  /// full cache.
   Tensor forward(std::span<const std::int32_t> tokens, Cache& cache, bool all_logits = false,
-                 const Trace* trace = nullptr) const;
+                 const Trace* trace = nullptr, PolicyAttention* policy = nullptr) const;
 
   /// The embedding rows of `tokens`, [T, D].
   Tensor embed(std::span<const std::int32_t> tokens) const;
