@@ -1,4 +1,4 @@
-# af_add_chapter(FOLDER [OUTPUTS file...] [ARGS arg...] [FLOAT_FLAGS flag...])
+# af_add_chapter(FOLDER [OUTPUTS file...] [ARGS arg...] [TEST_ARGS arg...] [FLOAT_FLAGS flag...])
 #   Builds chapters/FOLDER/*.cpp (or *.cu) into build/bin/chFOLDER, registers the program's default run as a
 #   CTest test (its self-checks), and, for the book, runs it with --out build/generated/FOLDER, capturing
 #   its standard output in build/generated/FOLDER/output.txt. OUTPUTS names the data files the run writes
@@ -6,7 +6,8 @@
 #   self-check carries the label gpu and is skipped (exit 77) without a GPU, while its flag tests (label cpu) run
 #   anywhere; its book outputs are the measured results committed beside it, not a run of the build machine.
 #   FLOAT_FLAGS names the chapter's floating-point flags, each tested to refuse nan and inf; NO_SEED marks a
-#   program that draws nothing at random (no --seed flag to test).
+#   program that draws nothing at random (no --seed flag to test). TEST_ARGS are added to ARGS for the CTest
+#   runs only (a smaller run of a program whose book run takes minutes).
 set(AF_CHAPTER_OUTPUTS "" CACHE INTERNAL "Every generated chapter file the book depends on")
 
 # af_add_exit_tests(TARGET LABELS label... [ABSENT path] CASES case...): one CTest test per case, named
@@ -29,7 +30,7 @@ function(af_add_exit_tests target)
 endfunction()
 
 function(af_add_chapter folder)
-  cmake_parse_arguments(PARSE_ARGV 1 arg "NO_SEED" "" "OUTPUTS;ARGS;FLOAT_FLAGS")
+  cmake_parse_arguments(PARSE_ARGV 1 arg "NO_SEED" "" "OUTPUTS;ARGS;TEST_ARGS;FLOAT_FLAGS")
   set(target ch${folder})
   file(GLOB sources CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/${folder}/*.cpp
        ${CMAKE_CURRENT_SOURCE_DIR}/${folder}/*.cu)
@@ -43,7 +44,7 @@ function(af_add_chapter folder)
   endif()
   add_executable(${target} ${sources})
   target_link_libraries(${target} PRIVATE af::af)
-  add_test(NAME ${target}.self_check COMMAND ${target} ${arg_ARGS})
+  add_test(NAME ${target}.self_check COMMAND ${target} ${arg_ARGS} ${arg_TEST_ARGS})
   # The flag contract every chapter keeps, kernel chapters included (they parse their flags before they look
   # for a GPU): --help works; a bad flag or value exits 2 and says why, before anything runs; a seed that would
   # wrap (-1, above 2^64 - 1) is refused; for the CPU chapters also --out that is a file, inside a file
@@ -75,7 +76,7 @@ function(af_add_chapter folder)
   if(sources MATCHES "\\.cpp$")
     # Exit status 1: one check made to fail on purpose (af::Checks reads AF_PERTURB_CHECK) fails the program.
     add_test(NAME ${target}.failed_check_exits_1
-             COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:${target}> "-DARGS=${arg_ARGS}" -DEXPECTED=1
+             COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:${target}> "-DARGS=${arg_ARGS};${arg_TEST_ARGS}" -DEXPECTED=1
                      "-DMESSAGE=FAIL  .perturbed by AF_PERTURB_CHECK" -P ${PROJECT_SOURCE_DIR}/cmake/expect_exit.cmake)
     # It runs the whole program again, so it stays out of the sanitizer run (label cpu): the self-check covers
     # the same code there.

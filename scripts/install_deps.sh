@@ -14,6 +14,7 @@ debian_packages=(
   clang libclang-rt-14-dev
   doxygen gnuplot-nox
   python3 python3-venv
+  python3.11-doc
   chromium chromium-driver python3-selenium
   libjs-mathjax fonts-mathjax
 )

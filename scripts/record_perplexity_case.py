@@ -1,6 +1,12 @@
 #!/usr/bin/env python3
-"""Records tests/real_model/perplexity_gpl3.json: the sliding-window negative log-likelihood of
-SmolLM2-135M-Instruct on real English text, computed by Hugging Face transformers from the same GGUF file.
+"""Records a perplexity case (tests/real_model/perplexity_*.json): the sliding-window negative log-likelihood
+of SmolLM2-135M-Instruct on real English text, computed by Hugging Face transformers from the same GGUF file.
+
+Two protocols. The default (perplexity_gpl3.json, tests/test_real_model.cpp): transformers tokenizes the text,
+and each window scores the tokens no earlier window scored. With --token-ids and --score-last (chapter 17's
+perplexity_tutorial_*.json): the ids are the ones chapter 17's program evaluates (written by
+`ch17_what_cache_tricks_cost --tokens-only`, af::Tokenizer's tokens of the Python tutorial), and each window
+scores only its last `stride` tokens.
 
 The text is the GNU General Public License version 3 as Debian installs it on every system
 (/usr/share/common-licenses/GPL-3, from the package base-files; its licence allows verbatim copies, and only
@@ -33,6 +39,11 @@ def main():
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--stride", type=int, default=512)
     parser.add_argument("--out", default=str(REPO / "tests/real_model/perplexity_gpl3.json"))
+    parser.add_argument("--token-ids", help="JSON list of token ids to evaluate instead of tokenizing --text")
+    parser.add_argument("--score-last", action="store_true", help="each window scores its last stride tokens")
+    parser.add_argument("--description", default="Sliding-window NLL of SmolLM2-135M-Instruct (Q4_1 GGUF "
+                        "dequantized to float32, transformers) on the first tokens of the GPL-3 text Debian installs; "
+                        "see scripts/record_perplexity_case.py for the protocol.")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -40,14 +51,17 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.eval()
-    raw = Path(args.text).read_bytes()
-    ids = tokenizer(raw.decode("utf-8"), add_special_tokens=False)["input_ids"][: args.tokens]
+    raw = Path(args.text).read_bytes() if not args.token_ids else b""
+    if args.token_ids:
+        ids = json.loads(Path(args.token_ids).read_text())[: args.tokens]
+    else:
+        ids = tokenizer(raw.decode("utf-8"), add_special_tokens=False)["input_ids"][: args.tokens]
 
     windows, scored_until = [], 1  # token 0 is never scored
     begin = 0
     while True:
         end = min(begin + args.window, len(ids))
-        first = max(scored_until, begin + 1)  # the first token this window scores
+        first = end - args.stride if args.score_last else max(scored_until, begin + 1)  # the first it scores
         with torch.no_grad():
             logits = model(torch.tensor([ids[begin:end]])).logits[0].double()
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -57,16 +71,16 @@ def main():
         windows.append({"begin": begin, "end": end, "first_scored": first, "scored": end - first, "nll": nll})
         scored_until = end
         print(f"window [{begin}, {end}): {end - first} tokens, mean nll {nll / (end - first):.4f}")
-        if end == len(ids):
+        if end == len(ids) or (args.score_last and begin + args.stride + args.window > len(ids)):
             break
         begin += args.stride
 
     total = sum(w["nll"] for w in windows)
     count = sum(w["scored"] for w in windows)
     case = {
-        "description": "Sliding-window NLL of SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32, transformers) on "
-        "the first tokens of the GPL-3 text Debian installs; see scripts/record_perplexity_case.py for the protocol.",
-        "text_file": args.text, "text_sha256": hashlib.sha256(raw).hexdigest(), "text_bytes": len(raw),
+        "description": args.description,
+        **({} if args.token_ids else {"text_file": args.text, "text_sha256": hashlib.sha256(raw).hexdigest(),
+                                      "text_bytes": len(raw)}),
         "window": args.window, "stride": args.stride, "token_ids": ids,
         "windows": windows, "total_nll": total, "scored_tokens": count,
         "perplexity": float(torch.exp(torch.tensor(total / count, dtype=torch.float64))),
