@@ -28,10 +28,12 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <numeric>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -147,6 +149,33 @@ std::pair<double, double> wilson(std::int64_t k, std::int64_t n) {
 
 std::string kib(double bytes) { return fmt::format("{:.0f}", bytes / 1024); }
 
+// A policy's label as a substitution name: "window W=256" -> "window_w_256".
+std::string slug(const std::string& label) {
+  std::string out;
+  for (const char ch : label) {
+    if (std::isalnum(static_cast<unsigned char>(ch)))
+      out += static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    else if (!out.empty() && out.back() != '_')
+      out += '_';
+  }
+  while (!out.empty() && out.back() == '_') out.pop_back();
+  return out;
+}
+
+// The Pareto front of points (cost, loss): indices of the points no other point beats on both, by cost.
+std::vector<std::size_t> pareto_front(const std::vector<double>& cost, const std::vector<double>& loss) {
+  std::vector<std::size_t> order(cost.size());
+  std::iota(order.begin(), order.end(), std::size_t{0});
+  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+    return cost[a] < cost[b] || (cost[a] == cost[b] && loss[a] < loss[b]);
+  });
+  std::vector<std::size_t> front;
+  double best = INFINITY;
+  for (const std::size_t i : order)
+    if (loss[i] < best) front.push_back(i), best = loss[i];
+  return front;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -199,7 +228,12 @@ int main(int argc, char** argv) {
     af::require(window <= tokens, "--window {} is longer than --tokens {} (expected window <= tokens)", window, tokens);
     if (threads > 0) omp_set_num_threads(threads);
     af::Checks checks;
-    af::BookNumbers numbers;
+    // The committed full sweep writes its numbers as full_<name> (book pages read both it and the build's run).
+    af::BookNumbers book_numbers;
+    const std::string prefix = full ? "full_" : "";
+    const auto number = [&](const std::string& name, std::string value) {
+      book_numbers.set(prefix + name, std::move(value));
+    };
     const auto started = std::chrono::steady_clock::now();
     const auto elapsed = [&] {
       return std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
@@ -226,11 +260,11 @@ int main(int argc, char** argv) {
                all_ids.size(), (windows - 1) * stride + window);
     fmt::print("  {} windows of {} every {}, each scoring its last {} ({} tokens, contexts {}..{})\n", windows, window,
                stride, stride, scored, window - stride, window - 1);
-    numbers.set("text_tokens", af::with_thousands(static_cast<std::int64_t>(all_ids.size())));
-    numbers.print("window", "{}", window);
-    numbers.print("stride", "{}", stride);
-    numbers.set("scored", af::with_thousands(scored));
-    numbers.print("context_min", "{}", window - stride);
+    number("text_tokens", af::with_thousands(static_cast<std::int64_t>(all_ids.size())));
+    number("window", fmt::format("{}", window));
+    number("stride", fmt::format("{}", stride));
+    number("scored", af::with_thousands(scored));
+    number("context_min", fmt::format("{}", window - stride));
 
     // [evaluate]
     // The reference (the float32 cache read whole, through grouped_attend) once per window: its logits stay
@@ -307,12 +341,12 @@ int main(int argc, char** argv) {
       const double want = cs.at("perplexity").get<double>();
       fmt::print("transformers {} on the same tokens: perplexity {:.4f}\n",
                  cs.at("versions").at("transformers").get<std::string>(), want);
-      numbers.print("ppl_transformers", "{:.4f}", want);
+      number("ppl_transformers", fmt::format("{:.4f}", want));
     } else {
       fmt::print("(no reference case {} for this protocol: the transformers check is skipped)\n",
                  case_file.filename().string());
     }
-    numbers.print("ppl_reference", "{:.2f}", ppl_reference);
+    number("ppl_reference", fmt::format("{:.2f}", ppl_reference));
 
     // The table, the CSV and the front.
     const double n = static_cast<double>(scored);
@@ -352,11 +386,41 @@ int main(int argc, char** argv) {
                                 : p.selection == KvSelection::pages         ? p.pages * p.page
                                 : p.selection == KvSelection::heavy_hitters ? p.budget
                                                                             : p.window + p.sinks;
+      const std::string key = slug(p.label());
+      number(key + "_ppl", fmt::format("{:.2f}", ppl));
+      number(key + "_ppl_pct", fmt::format("{:+.1f}", 100 * (ppl / bf16_ppl - 1)));
+      number(key + "_kl", fmt::format("{:.3f}", q.kl / n));
+      number(key + "_agree", fmt::format("{:.1f}", 100.0 * static_cast<double>(q.agree) / n));
+      number(key + "_read_kib", kib(q.read / n));
+      number(key + "_held_kib", kib(q.held / n));
       csv.print("\"{}\",\"{}\",{},{},{},{:.1f},{:.1f},{:.1f},{:.6f},{:.6e},{:.6f}\n", p.method(), p.label(),
                 static_cast<int>(p.storage), static_cast<int>(p.selection), knob, q.held / n, q.read / n,
                 q.selection / n, ppl, q.kl / n, static_cast<double>(q.agree) / n);
     }
-    numbers.print("ppl_bf16", "{:.3f}", bf16_ppl);
+    number("ppl_bf16", fmt::format("{:.3f}", bf16_ppl));
+    // The Pareto fronts of KL against bytes read per step (attention's reads plus what choosing them reads:
+    // Quest's page bounds, exact top-k's pass over every key) and against bytes held (the f32 reference left
+    // out: it is what the others are measured against).
+    std::vector<double> read, held, kl;
+    std::vector<std::size_t> candidates;
+    for (std::size_t i = 0; i < policies.size(); ++i)
+      if (i != f32_index)
+        candidates.push_back(i), read.push_back((quality[i].read + quality[i].selection) / n),
+            held.push_back(quality[i].held / n), kl.push_back(quality[i].kl / n);
+    af::OutputFile fronts;
+    fronts.print("front,label,bytes,kl\n");
+    for (const auto& [name, cost] : {std::pair{"read", &read}, std::pair{"held", &held}}) {
+      std::string members;
+      fmt::print("\nPareto front, KL against bytes {} per step:", name);
+      for (const std::size_t f : pareto_front(*cost, kl)) {
+        const CachePolicy& p = policies[candidates[f]];
+        fmt::print("\n  {:<34} {:>7} KiB  KL {:.2e}", p.label(), kib((*cost)[f]), kl[f]);
+        fronts.print("{},\"{}\",{:.1f},{:.6e}\n", name, p.label(), (*cost)[f], kl[f]);
+        members += (members.empty() ? "" : "; ") + p.label();
+      }
+      fmt::print("\n");
+      number(std::string("front_") + name, members);
+    }
 
     // [retrieval]
     // The pass key: filler from the tutorial at a random offset past the evaluated text, the needle spliced in
@@ -380,7 +444,8 @@ int main(int argc, char** argv) {
       fmt::print("{:<34} {:>7} {:>6} {:>9} {:>15}\n", "cache", "length", "depth", "correct", "95% interval");
       std::int64_t runs = 0;
       const std::int64_t total_runs = static_cast<std::int64_t>(methods.size() * lengths.size()) * depths * trials;
-      for (const std::int64_t length : lengths)
+      for (const std::int64_t length : lengths) {
+        std::vector<std::int64_t> length_correct(methods.size());
         for (std::int64_t di = 0; di < depths; ++di) {
           const double depth =
               depths == 1 ? 0.5 : 0.1 + 0.8 * static_cast<double>(di) / static_cast<double>(depths - 1);
@@ -424,10 +489,20 @@ int main(int argc, char** argv) {
             const auto [lo, hi] = wilson(correct[m], trials);
             fmt::print("{:<34} {:>7} {:>5.0f}% {:>4}/{:<4} [{:>4.2f}, {:>4.2f}]\n", methods[m].label(), length,
                        100 * depth, correct[m], trials, lo, hi);
+            number(fmt::format("pk_{}_{}_{:.0f}", slug(methods[m].method()), length, 100 * depth),
+                   fmt::format("{}/{}", correct[m], trials));
             retrieval_csv.print("\"{}\",\"{}\",{},{:.3f},{},{},{:.4f},{:.4f}\n", methods[m].method(),
                                 methods[m].label(), length, depth, trials, correct[m], lo, hi);
+            length_correct[m] += correct[m];
           }
         }
+        for (std::size_t m = 0; m < methods.size(); ++m) {
+          const auto [lo, hi] = wilson(length_correct[m], depths * trials);
+          const std::string key = fmt::format("pk_{}_{}", slug(methods[m].method()), length);
+          number(key, fmt::format("{}/{}", length_correct[m], depths * trials));
+          number(key + "_interval", fmt::format("[{:.2f}, {:.2f}]", lo, hi));
+        }
+      }
     }
     // [/retrieval]
     fmt::print("\nsweep: {} policies, {:.0f} s on {} threads\n", policies.size(), elapsed(), omp_get_max_threads());
@@ -435,8 +510,9 @@ int main(int argc, char** argv) {
     if (!out_dir.empty()) {
       const fs::path out = af::make_output_directory(out_dir);
       af::write_output_file(out / "quality.csv", [&](af::OutputFile& f) { f.print("{}", csv.text()); });
+      af::write_output_file(out / "fronts.csv", [&](af::OutputFile& f) { f.print("{}", fronts.text()); });
       af::write_output_file(out / "retrieval.csv", [&](af::OutputFile& f) { f.print("{}", retrieval_csv.text()); });
-      numbers.write(out);
+      book_numbers.write(out);
     }
     return checks.all_passed();
   });
