@@ -201,7 +201,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(std::int64_t{64}, std::int64_t{65536}))
       ->capture_default_str();
   app.add_option("--window", window, "Tokens per window (a fresh sequence each)")
-      ->check(CLI::Range(std::int64_t{64}, std::int64_t{8192}))
+      ->check(CLI::Range(std::int64_t{64}, std::int64_t{4096}))
       ->capture_default_str();
   app.add_option("--stride", stride, "Tokens between windows; each window scores its last stride tokens")
       ->check(CLI::Range(std::int64_t{1}, std::int64_t{8192}))
@@ -226,6 +226,11 @@ int main(int argc, char** argv) {
   return af::run_program(app, argc, argv, [&] {
     af::require(stride <= window, "--stride {} is longer than --window {} (expected stride <= window)", stride, window);
     af::require(window <= tokens, "--window {} is longer than --tokens {} (expected window <= tokens)", window, tokens);
+    // Every window is a forward pass of `window` tokens per policy, its logits [window, vocab] kept twice.
+    const std::int64_t planned = ((tokens - window) / stride + 1) * window;
+    af::require(planned <= (std::int64_t{1} << 20),
+                "--tokens {}, --window {} and --stride {} evaluate {} tokens per policy (expected at most 1,048,576)",
+                tokens, window, stride, planned);
     if (threads > 0) omp_set_num_threads(threads);
     af::Checks checks;
     // The committed full sweep writes its numbers as full_<name> (book pages read both it and the build's run).

@@ -37,6 +37,7 @@ std::string_view storage_name(KvStorage s) {
   return "?";
 }
 
+// [asymmetric]
 // Asymmetric b-bit rounding of `count` values read with `stride`, written back in place: the minimum and the
 // step (max - min) / (2^b - 1) are the group's two float32 parameters.
 void round_asymmetric(float* x, std::int64_t count, std::int64_t stride, int bits) {
@@ -49,6 +50,7 @@ void round_asymmetric(float* x, std::int64_t count, std::int64_t stride, int bit
     v = step > 0.0f ? lo + std::clamp(std::nearbyint((v - lo) / step), 0.0f, levels) * step : lo;
   }
 }
+// [/asymmetric]
 
 // A head's cached rows [n, d] as the reader gets them back in `format` (kv_heads = 1).
 Tensor through_format(ConstMatrix rows, KvFormat format, std::int64_t block) {
@@ -300,6 +302,7 @@ Tensor PolicyAttention::attend(std::int64_t layer, ConstMatrix q, const GroupedK
         double held_bytes = 0, selection = 0;
         for (std::int64_t j = 0; j < group; ++j) {
           chosen.clear();
+          // [selection]
           switch (p.selection) {
             case KvSelection::all:
               for (std::int64_t t = 0; t < held; ++t) chosen.push_back(t);
@@ -357,11 +360,13 @@ Tensor PolicyAttention::attend(std::int64_t layer, ConstMatrix q, const GroupedK
               chosen = heavy.tokens;
               break;
           }
+          // [/selection]
           s.resize(chosen.size());
           for (std::size_t c = 0; c < chosen.size(); ++c) {
             const std::int64_t t = chosen[c];
             s[c] = score_of(j, r, pos, t);
           }
+          // [sink-slots]
           if (p.selection == KvSelection::sinks && p.sink_positions == SinkPositions::in_cache) {
             // Sinks at their cache slots: the window's first token sits at slot `sinks`, so a sink at slot s is
             // `delta` positions later than where it was cached. Rotations compose: rotate its key by delta.
@@ -378,6 +383,7 @@ Tensor PolicyAttention::attend(std::int64_t layer, ConstMatrix q, const GroupedK
               }
             }
           }
+          // [/sink-slots]
           put_softmax(j, r, chosen, s);
           for (const std::int64_t t : chosen) mark(t);
         }
@@ -411,6 +417,7 @@ Tensor PolicyAttention::attend(std::int64_t layer, ConstMatrix q, const GroupedK
       };
 
       if (p.selection == KvSelection::heavy_hitters) {
+        // [h2o]
         // H2O is sequential: each step's eviction depends on the attention of every step before it.
         std::vector<std::int64_t> chosen;
         std::vector<float> s;
@@ -434,6 +441,7 @@ Tensor PolicyAttention::attend(std::int64_t layer, ConstMatrix q, const GroupedK
             for (std::size_t c = 0; c < heavy.tokens.size(); ++c)
               heavy.score[c] += weights.data()[(j * rows + r) * keys + heavy.tokens[c]];
         }
+        // [/h2o]
       } else {
         // Independent rows: their traffic is summed per position after the parallel loop.
         std::vector<StepTraffic> counts(static_cast<std::size_t>(rows));
