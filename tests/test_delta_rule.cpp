@@ -1,6 +1,7 @@
 // The gated delta rule (chapter 14): the recurrence and the chunked form against a float64 recurrence
 // written from the rule, prefill followed by decode, and the property the rule is for (a write replaces).
 #include "af/delta_rule.hpp"
+#include "af/gated_deltanet.hpp"
 #include "af/random.hpp"
 #include "error_of.hpp"
 
@@ -166,4 +167,41 @@ TEST_CASE("the delta rule rejects bad shapes, a growing gate and a bad chunk, na
   in.log_decay.data()[3] = 0.0f;
   in.beta = af::Tensor(af::Shape{6, 3});
   CHECK_THAT(af_test::error_of([&] { af::delta_rule_recurrent(in, state); }), Contains("beta is [6, 3]"));
+}
+
+TEST_CASE("a Gated DeltaNet layer gives the same outputs prefilled in one call as decoded a token at a time",
+          "[delta]") {
+  // The convolution's cached inputs and the delta-rule state carry everything between calls: a prefill of 11
+  // (chunked, chunks of 4) and then 3 decode steps equals 14 decode steps (the recurrence), and the cache's
+  // bytes do not grow with the tokens.
+  af::Rng rng(17);
+  const af::GatedDeltaNetShape s{24, 2, 4, 8, 6, 4, 1e-6};
+  const std::int64_t kd = 16, vd = 24;
+  af::GatedDeltaNetWeights w;
+  w.in_proj_qkvz = af::random_normal(af::Shape{2 * kd + 2 * vd, 24}, rng, 0.2);
+  w.in_proj_ba = af::random_normal(af::Shape{8, 24}, rng, 0.2);
+  w.conv = af::random_normal(af::Shape{s.conv_channels(), 4}, rng, 0.5);
+  w.dt_bias = af::random_normal(af::Shape{4}, rng, 0.5);
+  w.a_log = af::random_uniform(af::Shape{4}, rng, -2.0, 0.5);
+  w.norm = af::random_uniform(af::Shape{6}, rng, 0.5, 1.5);
+  w.out_proj = af::random_normal(af::Shape{24, vd}, rng, 0.2);
+  const af::Tensor x = af::random_normal(af::Shape{14, 24}, rng);
+  af::GatedDeltaNetCache batched(s), stepped(s);
+  const std::int64_t bytes = batched.bytes();
+  std::vector<float> a, b;
+  const af::Tensor pre = af::gated_deltanet(x.matrix().rows_slice(0, 11), s, w, batched, 4);
+  a.assign(pre.values().begin(), pre.values().end());
+  for (std::int64_t t = 11; t < 14; ++t) {
+    const af::Tensor o = af::gated_deltanet(x.matrix().rows_slice(t, 1), s, w, batched);
+    a.insert(a.end(), o.values().begin(), o.values().end());
+  }
+  for (std::int64_t t = 0; t < 14; ++t) {
+    const af::Tensor o = af::gated_deltanet(x.matrix().rows_slice(t, 1), s, w, stepped);
+    b.insert(b.end(), o.values().begin(), o.values().end());
+  }
+  CHECK(relative_error(a, std::vector<double>(b.begin(), b.end())) < 1e-5);
+  CHECK(batched.bytes() == bytes);
+  CHECK(batched.tokens == 14);
+  w.norm = af::Tensor(af::Shape{5});
+  CHECK_THAT(af_test::error_of([&] { af::gated_deltanet(x.matrix(), s, w, batched); }), Contains("norm is [5]"));
 }
