@@ -2336,6 +2336,192 @@ def write_checked_case(args, spec: CaseSpec, gen: dict[str, Any]) -> None:
         print(line)
 
 
+# ---- Reference "qwen3_next": transformers' Qwen3NextGatedDeltaNet ("linear_attention" layers) ---------
+#
+# A tiny Qwen3NextModel whose hooked layer is a Gated DeltaNet layer, recorded through the model's own cache
+# (DynamicCache with the layer's convolution and recurrent states): a prefill of T tokens (the chunked rule,
+# chunks of 64), then N single-token steps (the recurrent rule, the convolution updated from its state).
+# Parameters: in_proj_qkvz.weight [2*Hk*dk + 2*Hv*dv, hidden] (per key head g: q_g, k_g, the r = Hv/Hk value
+# heads' v, their z), in_proj_ba.weight [2*Hv, hidden] (per key head: b of its r value heads, then a),
+# conv1d.weight [C, 1, K] (C = 2*Hk*dk + Hv*dv; depthwise over [q all heads | k | v], causal, no bias, then
+# SiLU), dt_bias [Hv], A_log [Hv], norm.weight [dv], out_proj.weight [hidden, Hv*dv].
+# q, k: x / sqrt(sum x^2 + 1e-6) per head, q also times dk^-0.5; value head h reads key head h // r;
+# beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias); per step S <- exp(g) S, u = beta (v - S^T k),
+# S <- S + k u^T, o = S^T q; then o / sqrt(mean o^2 + eps) * norm.weight * silu(z) per value head; out_proj.
+
+QWEN3_NEXT_DEFAULTS = {
+    "vocab_size": 64,
+    "intermediate_size": 32,
+    "moe_intermediate_size": 16,
+    "shared_expert_intermediate_size": 16,
+    "num_experts": 2,
+    "num_experts_per_tok": 1,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+}
+
+
+def record_qwen3_next(spec: CaseSpec) -> Recording:
+    from transformers import DynamicCache, Qwen3NextConfig, Qwen3NextModel
+    kwargs = json.loads(json.dumps(QWEN3_NEXT_DEFAULTS))
+    kwargs.update(spec.config)
+    layer = kwargs.pop("hooked_layer")
+    T, N = spec.prefill_len, spec.decode_steps
+    L = T + N
+    config = Qwen3NextConfig(**kwargs)
+    if config.layer_types[layer] != "linear_attention":
+        raise AssertionError(f"{spec.name}: layer {layer} is {config.layer_types[layer]}")
+    torch.manual_seed(spec.seed)
+    model = Qwen3NextModel._from_config(config, dtype=torch.float32).eval()
+    attn = model.layers[layer].linear_attn
+    g = seeded_generator(spec.seed)
+    params = {}
+    with torch.no_grad():
+        for name, p in sorted(attn.named_parameters()):
+            if name == "norm.weight":
+                value = 1.0 + randn(g, *p.shape, std=HF_NORM_WEIGHT_STD)
+            elif name == "dt_bias":
+                value = randn(g, *p.shape, std=0.5)
+            elif name == "A_log":          # decay rates exp(A_log) between about 0.1 and 3
+                value = randn(g, *p.shape, std=0.5) - 0.5
+            elif name == "conv1d.weight":
+                value = randn(g, *p.shape, std=1 / math.sqrt(p.shape[-1]))
+            elif p.ndim == 2:
+                value = randn(g, *p.shape, std=1 / math.sqrt(p.shape[1]))
+            else:
+                raise AssertionError(f"no initialisation rule for parameter {name} {tuple(p.shape)}")
+            p.copy_(value)
+            params[name] = value.clone()
+    ids = torch.randint(0, config.vocab_size, (1, L), generator=g, dtype=torch.int64)
+    pos = torch.arange(L, dtype=torch.int64).unsqueeze(0)
+    seen: dict[str, list] = {"hidden_states": [], "output": []}
+
+    def pre_hook(module, args, kwargs_):
+        hs = kwargs_["hidden_states"] if "hidden_states" in kwargs_ else args[0]
+        seen["hidden_states"].append(hs.detach().clone())
+
+    def post_hook(module, args, kwargs_, output):
+        out = output[0] if isinstance(output, tuple) else output
+        seen["output"].append(out.detach().clone())
+
+    handles = [attn.register_forward_pre_hook(pre_hook, with_kwargs=True),
+               attn.register_forward_hook(post_hook, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            cache = DynamicCache(config=config)
+            model(input_ids=ids[:, :T], position_ids=pos[:, :T], past_key_values=cache, use_cache=True)
+            for i in range(N):
+                model(input_ids=ids[:, T + i:T + i + 1], position_ids=pos[:, T + i:T + i + 1],
+                      past_key_values=cache, use_cache=True)
+    finally:
+        for h in handles:
+            h.remove()
+    if [t.shape[1] for t in seen["hidden_states"]] != [T] + [1] * N:
+        raise AssertionError(f"{spec.name}: unexpected call lengths {[t.shape for t in seen['hidden_states']]}")
+    hidden_states = torch.cat(seen["hidden_states"], dim=1).to(torch.float32).contiguous()
+    prefill = seen["output"][0].contiguous()
+    decode = (torch.cat(seen["output"][1:], dim=1) if N else
+              torch.zeros(1, 0, config.hidden_size, dtype=torch.float32)).contiguous()
+    state = cache.layers[layer].recurrent_states[0]
+    return Recording(config=json_safe(config.to_dict()), params=params, hidden_states=hidden_states,
+                     position_ids=pos, prefill=prefill, decode=decode,
+                     meta={"module": f"layers.{layer}.linear_attn", "layer_idx": layer,
+                           "state_shape": list(state.shape)})
+
+
+def _qwen3_next64(rec: Recording, spec: CaseSpec, *, no_conv: bool = False, head_modulo: bool = False,
+                  no_l2norm: bool = False):
+    c = rec.config
+    Hk, Hv = c["linear_num_key_heads"], c["linear_num_value_heads"]
+    dk, dv, K = c["linear_key_head_dim"], c["linear_value_head_dim"], c["linear_conv_kernel_dim"]
+    r = Hv // Hk
+    L = spec.prefill_len + spec.decode_steps
+    p = {k: v.to(torch.float64) for k, v in rec.params.items()}
+    x = rec.hidden_states.to(torch.float64)[0]
+    qkvz = (x @ p["in_proj_qkvz.weight"].T).reshape(L, Hk, 2 * dk + 2 * r * dv)
+    ba = (x @ p["in_proj_ba.weight"].T).reshape(L, Hk, 2 * r)
+    q, k = qkvz[..., :dk].reshape(L, Hk * dk), qkvz[..., dk:2 * dk].reshape(L, Hk * dk)
+    v = qkvz[..., 2 * dk:2 * dk + r * dv].reshape(L, Hv * dv)
+    z = qkvz[..., 2 * dk + r * dv:].reshape(L, Hv, dv)
+    b, a = ba[..., :r].reshape(L, Hv), ba[..., r:].reshape(L, Hv)
+    mixed = torch.cat([q, k, v], dim=1)                                        # [L, C]
+    if no_conv:
+        conv = mixed * torch.sigmoid(mixed)
+    else:
+        w = p["conv1d.weight"][:, 0, :]                                        # [C, K]
+        padded = torch.cat([torch.zeros(K - 1, mixed.shape[1], dtype=torch.float64), mixed])
+        conv = sum(w[:, i] * padded[i:i + L] for i in range(K))
+        conv = conv * torch.sigmoid(conv)
+    q = conv[:, :Hk * dk].reshape(L, Hk, dk)
+    k = conv[:, Hk * dk:2 * Hk * dk].reshape(L, Hk, dk)
+    v = conv[:, 2 * Hk * dk:].reshape(L, Hv, dv)
+    if not no_l2norm:
+        q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6)
+        k = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    q = q * dk ** -0.5
+    beta = torch.sigmoid(b)
+    gate = -torch.exp(p["A_log"]) * F.softplus(a + p["dt_bias"])             # [L, Hv]
+    out = torch.zeros(L, Hv, dv, dtype=torch.float64)
+    for h in range(Hv):
+        kh = h % Hk if head_modulo else h // r
+        S = torch.zeros(dk, dv, dtype=torch.float64)
+        for t in range(L):
+            S = S * torch.exp(gate[t, h])
+            u = beta[t, h] * (v[t, h] - S.T @ k[t, kh])
+            S = S + torch.outer(k[t, kh], u)
+            out[t, h] = S.T @ q[t, kh]
+    y = out / torch.sqrt((out * out).mean(-1, keepdim=True) + c["rms_norm_eps"]) * p["norm.weight"] * F.silu(z)
+    return _split_expected(y.reshape(L, Hv * dv) @ p["out_proj.weight"].T, spec.prefill_len)
+
+
+def check_qwen3_next(rec: Recording, spec: CaseSpec) -> dict[str, Any]:
+    return _qwen3_next64(rec, spec)
+
+
+def contrasts_qwen3_next(rec: Recording, spec: CaseSpec) -> dict[str, float]:
+    out = {"no_conv": _contrast_error(rec, _qwen3_next64(rec, spec, no_conv=True)),
+           "no_l2norm": _contrast_error(rec, _qwen3_next64(rec, spec, no_l2norm=True))}
+    c = rec.config
+    if c["linear_num_value_heads"] > c["linear_num_key_heads"] > 1:
+        out["value_head_h_mod_Hk"] = _contrast_error(rec, _qwen3_next64(rec, spec, head_modulo=True))
+    return out
+
+
+def describe_qwen3_next(rec: Recording, spec: CaseSpec) -> str:
+    c = rec.config
+    return (f"gated deltanet layer={rec.meta['layer_idx']}/{c['num_hidden_layers']} hidden={c['hidden_size']} "
+            f"Hk={c['linear_num_key_heads']} Hv={c['linear_num_value_heads']} dk={c['linear_key_head_dim']} "
+            f"dv={c['linear_value_head_dim']} conv={c['linear_conv_kernel_dim']} state={rec.meta['state_shape']}")
+
+
+register_reference(
+    "qwen3_next", layer_type="linear_attention", record=record_qwen3_next, check=check_qwen3_next,
+    describe=describe_qwen3_next, contrasts=contrasts_qwen3_next,
+    summary="transformers Qwen3NextGatedDeltaNet in a tiny Qwen3NextModel, through its DynamicCache")
+
+add_case(CaseSpec(name="qwen3_next_gdn_hk2_hv4", reference="qwen3_next", seed=14001, prefill_len=70,
+                  decode_steps=6,
+                  config={"hidden_size": 32, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+                          "linear_key_head_dim": 8, "linear_value_head_dim": 6, "linear_conv_kernel_dim": 4,
+                          "hooked_layer": 1},
+                  description="Qwen3-Next Gated DeltaNet, layer 1 of 4: 2 key heads of 8 shared by 4 value heads of "
+                              "6, convolution width 4; a prefill of 70 (a chunk of 64 and 6 more), then 6 decode steps "
+                              "through the cache's convolution and [1, 4, 8, 6] recurrent states."))
+add_case(CaseSpec(name="qwen3_next_gdn_short_prefill", reference="qwen3_next", seed=14002, prefill_len=3,
+                  decode_steps=5,
+                  config={"hidden_size": 24, "linear_num_key_heads": 1, "linear_num_value_heads": 2,
+                          "linear_key_head_dim": 16, "linear_value_head_dim": 8, "linear_conv_kernel_dim": 4,
+                          "hooked_layer": 0},
+                  description="Qwen3-Next Gated DeltaNet, layer 0: one key head of 16 shared by 2 value heads of 8; a "
+                              "prefill of 3 (shorter than the convolution), then 5 decode steps."))
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="directory to write <out>/<case>/{case.json,tensors.safetensors}")

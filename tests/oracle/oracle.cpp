@@ -331,6 +331,7 @@ const std::map<std::string, Runner>& runners() {
       {"gpt_oss", run_gpt_oss},
       {"flex_block_mask", run_flex_block_mask},
       {"minimax", run_minimax},
+      {"qwen3_next", run_qwen3_next},
   };
   return table;
 }

@@ -206,5 +206,6 @@ std::vector<Outputs> run_sdpa_sinks(const Case& c);
 std::vector<Outputs> run_gpt_oss(const Case& c);
 std::vector<Outputs> run_flex_block_mask(const Case& c);
 std::vector<Outputs> run_minimax(const Case& c);
+std::vector<Outputs> run_qwen3_next(const Case& c);
 
 }  // namespace oracle

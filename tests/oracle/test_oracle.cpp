@@ -228,6 +228,20 @@ TEST_CASE("oracle_check exits 1 when a gpt-oss sink logit differs from the one t
   CHECK(oracle_check_status(dir) == 1);
 }
 
+TEST_CASE("oracle_check exits 1 when a Gated DeltaNet case's convolution, decay or gate input differs",
+          "[oracle][delta]") {
+  // One tap of the causal convolution (its cached inputs carry it into the decode steps), one head's decay
+  // rate (A_log), one head's decay bias (dt_bias) and one channel of the gated norm: each moves the outputs.
+  for (const auto& [tensor, index, delta] : {std::tuple{"conv1d.weight", 5, 0.1f}, std::tuple{"A_log", 1, 0.2f},
+                                             std::tuple{"dt_bias", 2, 0.2f}, std::tuple{"norm.weight", 3, 0.1f}}) {
+    const fs::path dir = copy_named_case("qwen3_next_gdn_hk2_hv4", std::string("qwen3_next_changed_") + tensor);
+    CHECK(oracle_check_status(dir) == 0);
+    rewrite_tensors(dir, [&](auto& floats) { floats.at(tensor).data()[index] += delta; });
+    INFO(tensor);
+    CHECK(oracle_check_status(dir) == 1);
+  }
+}
+
 TEST_CASE("oracle_check exits 2 on a yarn field or rope type it does not know, naming it", "[oracle][yarn]") {
   SECTION("an unknown yarn field") {
     const fs::path dir = copy_named_case("gpt_oss_full_yarn_mscale", "yarn_unknown_field");
