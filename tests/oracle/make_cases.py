@@ -2375,17 +2375,20 @@ def record_qwen3_next(spec: CaseSpec) -> Recording:
     T, N = spec.prefill_len, spec.decode_steps
     L = T + N
     config = Qwen3NextConfig(**kwargs)
-    if config.layer_types[layer] != "linear_attention":
-        raise AssertionError(f"{spec.name}: layer {layer} is {config.layer_types[layer]}")
+    if config.layer_types[layer] != spec.layer_type:
+        raise AssertionError(f"{spec.name}: layer {layer} is {config.layer_types[layer]}, want {spec.layer_type}")
     torch.manual_seed(spec.seed)
-    model = Qwen3NextModel._from_config(config, dtype=torch.float32).eval()
-    attn = model.layers[layer].linear_attn
+    model = Qwen3NextModel._from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
+    linear = spec.layer_type == "linear_attention"
+    attn = model.layers[layer].linear_attn if linear else model.layers[layer].self_attn
     g = seeded_generator(spec.seed)
     params = {}
     with torch.no_grad():
         for name, p in sorted(attn.named_parameters()):
             if name == "norm.weight":
                 value = 1.0 + randn(g, *p.shape, std=HF_NORM_WEIGHT_STD)
+            elif name in ("q_norm.weight", "k_norm.weight"):   # zero-centred: the gain is 1 + weight
+                value = randn(g, *p.shape, std=HF_NORM_WEIGHT_STD)
             elif name == "dt_bias":
                 value = randn(g, *p.shape, std=0.5)
             elif name == "A_log":          # decay rates exp(A_log) between about 0.1 and 3
@@ -2428,11 +2431,43 @@ def record_qwen3_next(spec: CaseSpec) -> Recording:
     prefill = seen["output"][0].contiguous()
     decode = (torch.cat(seen["output"][1:], dim=1) if N else
               torch.zeros(1, 0, config.hidden_size, dtype=torch.float32)).contiguous()
-    state = cache.layers[layer].recurrent_states[0]
+    meta = {"module": f"layers.{layer}.{'linear_attn' if linear else 'self_attn'}", "layer_idx": layer}
+    if linear:
+        meta["state_shape"] = list(cache.layers[layer].recurrent_states[0].shape)
     return Recording(config=json_safe(config.to_dict()), params=params, hidden_states=hidden_states,
-                     position_ids=pos, prefill=prefill, decode=decode,
-                     meta={"module": f"layers.{layer}.linear_attn", "layer_idx": layer,
-                           "state_shape": list(state.shape)})
+                     position_ids=pos, prefill=prefill, decode=decode, meta=meta)
+
+
+def _qwen3_next_full64(rec: Recording, spec: CaseSpec, *, no_gate: bool = False, plain_gain: bool = False,
+                       full_rotary: bool = False):
+    c = rec.config
+    H, G, d = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    rp = c["rope_parameters"]
+    r = d if full_rotary else int(d * rp.get("partial_rotary_factor", 1.0))
+    L = spec.prefill_len + spec.decode_steps
+    p = {k: v.to(torch.float64) for k, v in rec.params.items()}
+    x = rec.hidden_states.to(torch.float64)[0]
+    qg = (x @ p["q_proj.weight"].T).reshape(L, H, 2 * d)
+    q, gate = qg[..., :d], qg[..., d:].reshape(L, H * d)
+    k = (x @ p["k_proj.weight"].T).reshape(L, G, d)
+    v = (x @ p["v_proj.weight"].T).reshape(L, G, d)
+
+    def norm(t, w):
+        gain = w if plain_gain else 1.0 + w
+        return t / torch.sqrt((t * t).mean(-1, keepdim=True) + c["rms_norm_eps"]) * gain
+
+    positions = torch.arange(L)
+    # The frequencies over the rotated channels only: theta^(-2i/r), i < r/2.
+    inv = rope_inv_freq64(r, {key: value for key, value in rp.items() if key != "partial_rotary_factor"})
+
+    def rotate(t):
+        return torch.cat([rope64(t[..., :r], positions, inv, interleaved=False), t[..., r:]], dim=-1)
+
+    q, k = rotate(norm(q, p["q_norm.weight"])), rotate(norm(k, p["k_norm.weight"]))
+    y = causal_attention64(q, k, v, d ** -0.5)
+    if not no_gate:
+        y = y * torch.sigmoid(gate)
+    return _split_expected(y @ p["o_proj.weight"].T, spec.prefill_len)
 
 
 def _qwen3_next64(rec: Recording, spec: CaseSpec, *, no_conv: bool = False, head_modulo: bool = False,
@@ -2481,10 +2516,14 @@ def _qwen3_next64(rec: Recording, spec: CaseSpec, *, no_conv: bool = False, head
 
 
 def check_qwen3_next(rec: Recording, spec: CaseSpec) -> dict[str, Any]:
-    return _qwen3_next64(rec, spec)
+    return _qwen3_next64(rec, spec) if spec.layer_type == "linear_attention" else _qwen3_next_full64(rec, spec)
 
 
 def contrasts_qwen3_next(rec: Recording, spec: CaseSpec) -> dict[str, float]:
+    if spec.layer_type == "full_attention":
+        return {"no_output_gate": _contrast_error(rec, _qwen3_next_full64(rec, spec, no_gate=True)),
+                "gain_w_not_1_plus_w": _contrast_error(rec, _qwen3_next_full64(rec, spec, plain_gain=True)),
+                "rotate_whole_head": _contrast_error(rec, _qwen3_next_full64(rec, spec, full_rotary=True))}
     out = {"no_conv": _contrast_error(rec, _qwen3_next64(rec, spec, no_conv=True)),
            "no_l2norm": _contrast_error(rec, _qwen3_next64(rec, spec, no_l2norm=True))}
     c = rec.config
@@ -2495,6 +2534,10 @@ def contrasts_qwen3_next(rec: Recording, spec: CaseSpec) -> dict[str, float]:
 
 def describe_qwen3_next(rec: Recording, spec: CaseSpec) -> str:
     c = rec.config
+    if spec.layer_type == "full_attention":
+        return (f"gated attention layer={rec.meta['layer_idx']}/{c['num_hidden_layers']} hidden={c['hidden_size']} "
+                f"H={c['num_attention_heads']} G={c['num_key_value_heads']} d={c['head_dim']} "
+                f"rotary={c['rope_parameters'].get('partial_rotary_factor', 1.0):g}")
     return (f"gated deltanet layer={rec.meta['layer_idx']}/{c['num_hidden_layers']} hidden={c['hidden_size']} "
             f"Hk={c['linear_num_key_heads']} Hv={c['linear_num_value_heads']} dk={c['linear_key_head_dim']} "
             f"dv={c['linear_value_head_dim']} conv={c['linear_conv_kernel_dim']} state={rec.meta['state_shape']}")
@@ -2506,15 +2549,26 @@ register_reference(
     summary="transformers Qwen3NextGatedDeltaNet in a tiny Qwen3NextModel, through its DynamicCache")
 
 add_case(CaseSpec(name="qwen3_next_gdn_hk2_hv4", reference="qwen3_next", seed=14001, prefill_len=70,
-                  decode_steps=6,
+                  decode_steps=6, layer_type="linear_attention",
                   config={"hidden_size": 32, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
                           "linear_key_head_dim": 8, "linear_value_head_dim": 6, "linear_conv_kernel_dim": 4,
                           "hooked_layer": 1},
                   description="Qwen3-Next Gated DeltaNet, layer 1 of 4: 2 key heads of 8 shared by 4 value heads of "
                               "6, convolution width 4; a prefill of 70 (a chunk of 64 and 6 more), then 6 decode steps "
                               "through the cache's convolution and [1, 4, 8, 6] recurrent states."))
+add_case(CaseSpec(name="qwen3_next_full_gated_gqa", reference="qwen3_next", seed=14003, prefill_len=9,
+                  decode_steps=6, layer_type="full_attention",
+                  config={"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                          "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 8,
+                          "linear_value_head_dim": 6, "hooked_layer": 3,
+                          "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                              "partial_rotary_factor": 0.25}},
+                  description="Qwen3-Next gated full attention, layer 3 of 4 (after three Gated DeltaNet layers): GQA "
+                              "H = 4, G = 2, d = 16, q and k RMSNorm with gain 1 + w, RoPE on the first 4 channels "
+                              "of each head (partial factor 0.25, half-split), sigmoid output gate; prefill 9, then 6 "
+                              "decode steps."))
 add_case(CaseSpec(name="qwen3_next_gdn_short_prefill", reference="qwen3_next", seed=14002, prefill_len=3,
-                  decode_steps=5,
+                  decode_steps=5, layer_type="linear_attention",
                   config={"hidden_size": 24, "linear_num_key_heads": 1, "linear_num_value_heads": 2,
                           "linear_key_head_dim": 16, "linear_value_head_dim": 8, "linear_conv_kernel_dim": 4,
                           "hooked_layer": 0},

@@ -5,10 +5,17 @@
 // d_k^-0.5; value head h reads key head h / (Hv / Hk); beta = sigmoid(b), log-decay -exp(A_log) softplus(a +
 // dt_bias); the gated delta rule (chunked prefill, recurrent decode); a gated RMSNorm per value head (eps
 // rms_norm_eps); out_proj. Computed twice: chunks of 64 as the reference prefills, and chunks of 5.
+// The full-attention layers (Qwen3NextAttention): GQA whose q_proj gives per head [q | gate], q and k
+// RMSNorm'd per head with the gain 1 + w, RoPE on the first head_dim x partial_rotary_factor channels
+// (half-split), scale d^-0.5, causal, the output times sigmoid(gate), o_proj.
+#include "af/gated_attention.hpp"
 #include "af/gated_deltanet.hpp"
 #include "oracle.hpp"
 
 #include <fmt/format.h>
+
+#include <cmath>
+#include <span>
 
 namespace oracle {
 
@@ -59,13 +66,64 @@ Outputs run_path(const Case& c, std::int64_t chunk) {
   return out;
 }
 
+Outputs run_full(const Case& c) {
+  const Fields config = c.config_fields();
+  af::GatedAttentionShape s;
+  s.grouped.hidden = config.integer("hidden_size", 1);
+  s.grouped.heads = config.integer("num_attention_heads", 1);
+  s.grouped.kv_heads = config.integer("num_key_value_heads", 1);
+  s.grouped.head_dim = config.integer("head_dim", 1);
+  s.norm_eps = config.number("rms_norm_eps");
+  if (config.boolean_or("attention_bias", false))
+    throw CaseError(fmt::format("{}: config attention_bias true is not supported (expected false)", c.name));
+  if (!config.given("rope_parameters") || !config.at("rope_parameters").is_object())
+    throw CaseError(fmt::format("{}: config rope_parameters is missing (expected an object)", c.name));
+  const Fields rope(c.name, config.at("rope_parameters"), "config.rope_parameters");
+  const std::string type = rope.string_or("rope_type", "default");
+  if (type != "default")
+    throw CaseError(
+        fmt::format("{}: {} \"{}\" is not supported (expected \"default\")", c.name, rope.label("rope_type"), type));
+  s.rope_base = rope.number("rope_theta");
+  const double factor = rope.number_or("partial_rotary_factor", 1.0);
+  const double rotary = static_cast<double>(s.grouped.head_dim) * factor;
+  if (!(factor > 0 && factor <= 1) || rotary != std::floor(rotary) || static_cast<std::int64_t>(rotary) % 2 != 0)
+    throw CaseError(fmt::format("{}: {} {} (expected a factor in (0, 1] giving an even number of channels of {})",
+                                c.name, rope.label("partial_rotary_factor"), factor, s.grouped.head_dim));
+  s.rotary_dim = static_cast<std::int64_t>(rotary);
+  if (s.grouped.heads % s.grouped.kv_heads != 0)
+    throw CaseError(fmt::format("{}: config num_attention_heads {} is not a multiple of num_key_value_heads {}", c.name,
+                                s.grouped.heads, s.grouped.kv_heads));
+  const af::GroupedShape& g = s.grouped;
+  af::GatedAttentionWeights w;
+  w.q_proj = c.tensor("q_proj.weight", af::Shape{g.heads * 2 * g.head_dim, g.hidden});
+  w.k_proj = c.tensor("k_proj.weight", af::Shape{g.kv_heads * g.head_dim, g.hidden});
+  w.v_proj = c.tensor("v_proj.weight", af::Shape{g.kv_heads * g.head_dim, g.hidden});
+  w.o_proj = c.tensor("o_proj.weight", af::Shape{g.hidden, g.heads * g.head_dim});
+  w.q_norm = c.tensor("q_norm.weight", af::Shape{g.head_dim});
+  w.k_norm = c.tensor("k_norm.weight", af::Shape{g.head_dim});
+  const std::int64_t T = c.prefill_len, N = c.decode_steps;
+  const af::Tensor x =
+      c.tensor("input.hidden_states", af::Shape{1, T + N, g.hidden}).reshaped(af::Shape{T + N, g.hidden});
+  const std::vector<std::int64_t> positions = c.positions(T + N);
+  af::GroupedKvCache cache(T + N, g.kv_heads, g.head_dim);
+  Outputs out{af::gated_attention(x.matrix().rows_slice(0, T), std::span(positions).first(T), s, w, cache),
+              af::Tensor(af::Shape{N, g.hidden}), "gated full attention (QK norm, partial RoPE, output gate)"};
+  for (std::int64_t i = 0; i < N; ++i) {
+    const af::Tensor step =
+        af::gated_attention(x.matrix().rows_slice(T + i, 1), std::span(positions).subspan(T + i, 1), s, w, cache);
+    std::ranges::copy(step.values(), out.decode.matrix().row(i).begin());
+  }
+  return out;
+}
+
 }  // namespace
 
 std::vector<Outputs> run_qwen3_next(const Case& c) {
-  if (c.layer_type != "linear_attention")
-    throw CaseError(
-        fmt::format("{}: layer_type \"{}\" is not supported (expected \"linear_attention\")", c.name, c.layer_type));
-  return {run_path(c, 64), run_path(c, 5)};
+  if (c.layer_type == "linear_attention") return {run_path(c, 64), run_path(c, 5)};
+  if (c.layer_type == "full_attention") return {run_full(c)};
+  throw CaseError(
+      fmt::format("{}: layer_type \"{}\" is not supported (expected \"linear_attention\" or \"full_attention\")",
+                  c.name, c.layer_type));
 }
 
 }  // namespace oracle
