@@ -120,4 +120,109 @@ Tensor gated_deltanet(ConstMatrix x, const GatedDeltaNetShape& s, const GatedDel
 }
 // [/gated-deltanet]
 
+void KimiDeltaShape::validate() const {
+  require(hidden > 0 && heads > 0 && head_dim > 0 && conv_kernel > 0,
+          "KimiDeltaShape: hidden {}, heads {}, head dim {}, conv kernel {} (expected all > 0)", hidden, heads,
+          head_dim, conv_kernel);
+  require(norm_eps > 0 && std::isfinite(norm_eps), "KimiDeltaShape: norm eps {} (expected > 0)", norm_eps);
+}
+
+void KimiDeltaWeights::validate(const KimiDeltaShape& s) const {
+  s.validate();
+  const auto check = [](const char* name, const Tensor& t, const Shape& expected) {
+    if (t.shape() != expected) fail("KimiDeltaWeights: {} is {} (expected {})", name, t.shape().str(), expected.str());
+  };
+  const std::int64_t hd = s.heads * s.head_dim;
+  check("q_proj", q_proj, Shape{hd, s.hidden});
+  check("k_proj", k_proj, Shape{hd, s.hidden});
+  check("v_proj", v_proj, Shape{hd, s.hidden});
+  check("conv", conv, Shape{s.conv_channels(), s.conv_kernel});
+  check("f_a", f_a, Shape{s.head_dim, s.hidden});
+  check("f_b", f_b, Shape{hd, s.head_dim});
+  check("dt_bias", dt_bias, Shape{hd});
+  check("a_log", a_log, Shape{s.heads});
+  check("b_proj", b_proj, Shape{s.heads, s.hidden});
+  check("g_a", g_a, Shape{s.head_dim, s.hidden});
+  check("g_b", g_b, Shape{hd, s.head_dim});
+  check("o_norm", o_norm, Shape{s.head_dim});
+  check("o_proj", o_proj, Shape{s.hidden, hd});
+}
+
+KimiDeltaCache::KimiDeltaCache(const KimiDeltaShape& shape) {
+  shape.validate();
+  conv_inputs = Tensor(Shape{std::max<std::int64_t>(shape.conv_kernel - 1, 1), shape.conv_channels()});
+  state = delta_rule_initial_state(shape.heads, shape.head_dim, shape.head_dim);
+}
+
+// [kimi-delta]
+Tensor kimi_delta_attention(ConstMatrix x, const KimiDeltaShape& s, const KimiDeltaWeights& w, KimiDeltaCache& cache,
+                            std::int64_t chunk) {
+  w.validate(s);
+  require(x.cols == s.hidden && x.rows >= 1, "kimi_delta_attention: input {} (expected [T, {}])", x.shape_str(),
+          s.hidden);
+  const std::int64_t T = x.rows, H = s.heads, d = s.head_dim, hd = H * d, K = s.conv_kernel, channels = 3 * hd;
+  const Tensor q = linear(x, w.q_proj.matrix()), k = linear(x, w.k_proj.matrix()), v = linear(x, w.v_proj.matrix());
+  // The short convolution over [q | k | v], continuing the cached inputs, then SiLU.
+  Tensor mixed(Shape{T + K - 1, channels});
+  std::copy(cache.conv_inputs.data(), cache.conv_inputs.data() + (K - 1) * channels, mixed.data());
+  for (std::int64_t t = 0; t < T; ++t) {
+    float* m = mixed.data() + (t + K - 1) * channels;
+    std::copy(q.data() + t * hd, q.data() + (t + 1) * hd, m);
+    std::copy(k.data() + t * hd, k.data() + (t + 1) * hd, m + hd);
+    std::copy(v.data() + t * hd, v.data() + (t + 1) * hd, m + 2 * hd);
+  }
+  Tensor conv(Shape{T, channels});
+  for (std::int64_t t = 0; t < T; ++t)
+    for (std::int64_t c = 0; c < channels; ++c) {
+      double sum = 0;
+      for (std::int64_t i = 0; i < K; ++i)
+        sum += static_cast<double>(w.conv.data()[c * K + i]) * mixed.data()[(t + i) * channels + c];
+      conv.data()[t * channels + c] = static_cast<float>(sum / (1.0 + std::exp(-sum)));
+    }
+  std::copy(mixed.data() + T * channels, mixed.data() + (T + K - 1) * channels, cache.conv_inputs.data());
+  // The per-channel decay and the learning rate.
+  const Tensor forget = linear(linear(x, w.f_a.matrix()).matrix(), w.f_b.matrix());  // [T, H d]
+  const Tensor b = linear(x, w.b_proj.matrix());                                     // [T, H]
+  DeltaRuleInputs in{Tensor(Shape{T, H, d}), Tensor(Shape{T, H, d}), Tensor(Shape{T, H, d}), Tensor(Shape{T, H, d}),
+                     Tensor(Shape{T, H})};
+  const double q_scale = 1.0 / std::sqrt(static_cast<double>(d));
+  for (std::int64_t t = 0; t < T; ++t)
+    for (std::int64_t h = 0; h < H; ++h) {
+      const float* c = conv.data() + t * channels;
+      for (const auto& [from, to, scale] : {std::tuple{c + h * d, in.q.data() + (t * H + h) * d, q_scale},
+                                            std::tuple{c + hd + h * d, in.k.data() + (t * H + h) * d, 1.0}}) {
+        double squares = 0;
+        for (std::int64_t i = 0; i < d; ++i) squares += static_cast<double>(from[i]) * from[i];
+        const double inv = scale / std::sqrt(squares + 1e-6);
+        for (std::int64_t i = 0; i < d; ++i) to[i] = static_cast<float>(from[i] * inv);
+      }
+      std::copy(c + 2 * hd + h * d, c + 2 * hd + (h + 1) * d, in.v.data() + (t * H + h) * d);
+      const double rate = std::exp(w.a_log.data()[h]);
+      for (std::int64_t i = 0; i < d; ++i) {
+        const double g = forget.data()[t * hd + h * d + i] + w.dt_bias.data()[h * d + i];
+        const double softplus = g > 20 ? g : std::log1p(std::exp(g));
+        in.log_decay.data()[(t * H + h) * d + i] = static_cast<float>(-rate * softplus);
+      }
+      in.beta.data()[t * H + h] = static_cast<float>(1.0 / (1.0 + std::exp(-b.data()[t * H + h])));
+    }
+  const Tensor o = T == 1 ? delta_rule_recurrent(in, cache.state) : delta_rule_chunked(in, cache.state, chunk);
+  cache.tokens += T;
+  // The output: RMSNorm per head, times sigmoid of the low-rank output gate, then o_proj.
+  const Tensor gate = linear(linear(x, w.g_a.matrix()).matrix(), w.g_b.matrix());  // [T, H d]
+  Tensor y(Shape{T, hd});
+  for (std::int64_t t = 0; t < T; ++t)
+    for (std::int64_t h = 0; h < H; ++h) {
+      const float* oh = o.data() + (t * H + h) * d;
+      double squares = 0;
+      for (std::int64_t j = 0; j < d; ++j) squares += static_cast<double>(oh[j]) * oh[j];
+      const double inv = 1.0 / std::sqrt(squares / static_cast<double>(d) + s.norm_eps);
+      for (std::int64_t j = 0; j < d; ++j) {
+        const double gj = 1.0 / (1.0 + std::exp(-static_cast<double>(gate.data()[t * hd + h * d + j])));
+        y.data()[t * hd + h * d + j] = static_cast<float>(oh[j] * inv * w.o_norm.data()[j] * gj);
+      }
+    }
+  return linear(y.matrix(), w.o_proj.matrix());
+}
+// [/kimi-delta]
+
 }  // namespace af

@@ -2576,6 +2576,178 @@ add_case(CaseSpec(name="qwen3_next_gdn_short_prefill", reference="qwen3_next", s
                               "prefill of 3 (shorter than the convolution), then 5 decode steps."))
 
 
+# ---- Reference "kimi_linear": transformers' KimiLinearDeltaAttention (Kimi Delta Attention layers) ------
+#
+# A tiny KimiLinearModel hooked at a KDA layer (`layers.<layer_idx>.self_attn`), recorded through its
+# DynamicCache: chunked prefill of T tokens, then N recurrent steps. Parameters: q_proj, k_proj, v_proj [H*d,
+# hidden]; conv1d.weight [3*H*d, 1, K] (depthwise over [q | k | v], causal, SiLU); forget_gate.f_a_proj [d,
+# hidden], forget_gate.f_b_proj [H*d, d], forget_gate.dt_bias [H*d], forget_gate.A_log [1, 1, H, 1]; b_proj [H,
+# hidden]; g_a_proj [d, hidden], g_b_proj [H*d, d]; o_norm.weight [d]; o_proj [hidden, H*d].
+# Per-channel log-decay -exp(A_log[h]) softplus(f_b(f_a x) + dt_bias); beta = sigmoid(b_proj x); unit q and k,
+# q times d^-0.5; the delta rule per head; o / sqrt(mean o^2 + eps) * o_norm.weight * sigmoid(g_b(g_a x)).
+
+KIMI_LINEAR_DEFAULTS = {
+    "vocab_size": 64,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "intermediate_size": 32,
+    "moe_intermediate_size": 16,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "kv_lora_rank": 8,
+    "q_lora_rank": None,
+    "qk_rope_head_dim": 4,
+    "qk_nope_head_dim": 4,
+    "v_head_dim": 8,
+    "num_local_experts": 2,
+    "num_experts_per_tok": 1,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "layer_types": ["linear_attention", "linear_attention", "full_attention"],
+    "mlp_layer_types": ["dense", "dense", "dense"],
+}
+
+
+def record_kimi_linear(spec: CaseSpec) -> Recording:
+    from transformers import DynamicCache, KimiLinearConfig, KimiLinearModel
+    kwargs = json.loads(json.dumps(KIMI_LINEAR_DEFAULTS))
+    kwargs.update(spec.config)
+    layer = kwargs.pop("hooked_layer")
+    T, N = spec.prefill_len, spec.decode_steps
+    L = T + N
+    config = KimiLinearConfig(**kwargs)
+    if config.layer_types[layer] != "linear_attention":
+        raise AssertionError(f"{spec.name}: layer {layer} is {config.layer_types[layer]}")
+    torch.manual_seed(spec.seed)
+    model = KimiLinearModel._from_config(config, dtype=torch.float32).eval()
+    attn = model.layers[layer].self_attn
+    g = seeded_generator(spec.seed)
+    params = {}
+    with torch.no_grad():
+        for name, p in sorted(attn.named_parameters()):
+            if name == "o_norm.weight":
+                value = 1.0 + randn(g, *p.shape, std=HF_NORM_WEIGHT_STD)
+            elif name == "forget_gate.dt_bias":
+                value = randn(g, *p.shape, std=0.5)
+            elif name == "forget_gate.A_log":
+                value = randn(g, *p.shape, std=0.5) - 1.0
+            elif name == "conv1d.weight":
+                value = randn(g, *p.shape, std=1 / math.sqrt(p.shape[-1]))
+            elif p.ndim == 2:
+                value = randn(g, *p.shape, std=1 / math.sqrt(p.shape[1]))
+            else:
+                raise AssertionError(f"no initialisation rule for parameter {name} {tuple(p.shape)}")
+            p.copy_(value)
+            params[name] = value.clone()
+    ids = torch.randint(0, config.vocab_size, (1, L), generator=g, dtype=torch.int64)
+    pos = torch.arange(L, dtype=torch.int64).unsqueeze(0)
+    seen: dict[str, list] = {"hidden_states": [], "output": []}
+
+    def pre_hook(module, args, kwargs_):
+        hs = kwargs_["hidden_states"] if "hidden_states" in kwargs_ else args[0]
+        seen["hidden_states"].append(hs.detach().clone())
+
+    def post_hook(module, args, kwargs_, output):
+        out = output[0] if isinstance(output, tuple) else output
+        seen["output"].append(out.detach().clone())
+
+    handles = [attn.register_forward_pre_hook(pre_hook, with_kwargs=True),
+               attn.register_forward_hook(post_hook, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            cache = DynamicCache(config=config)
+            model(input_ids=ids[:, :T], position_ids=pos[:, :T], past_key_values=cache, use_cache=True)
+            for i in range(N):
+                model(input_ids=ids[:, T + i:T + i + 1], position_ids=pos[:, T + i:T + i + 1],
+                      past_key_values=cache, use_cache=True)
+    finally:
+        for h in handles:
+            h.remove()
+    if [t.shape[1] for t in seen["hidden_states"]] != [T] + [1] * N:
+        raise AssertionError(f"{spec.name}: unexpected call lengths {[t.shape for t in seen['hidden_states']]}")
+    hidden_states = torch.cat(seen["hidden_states"], dim=1).to(torch.float32).contiguous()
+    prefill = seen["output"][0].contiguous()
+    decode = (torch.cat(seen["output"][1:], dim=1) if N else
+              torch.zeros(1, 0, config.hidden_size, dtype=torch.float32)).contiguous()
+    return Recording(config=json_safe(config.to_dict()), params=params, hidden_states=hidden_states,
+                     position_ids=pos, prefill=prefill, decode=decode,
+                     meta={"module": f"layers.{layer}.self_attn", "layer_idx": layer,
+                           "state_shape": list(cache.layers[layer].recurrent_states[0].shape)})
+
+
+def _kimi_linear64(rec: Recording, spec: CaseSpec, *, per_head_decay: bool = False, silu_gate: bool = False,
+                   no_conv: bool = False):
+    c = rec.config
+    H, d, K = c["linear_num_heads"], c["linear_head_dim"], c["linear_conv_kernel_dim"]
+    L = spec.prefill_len + spec.decode_steps
+    p = {k: v.to(torch.float64) for k, v in rec.params.items()}
+    x = rec.hidden_states.to(torch.float64)[0]
+    mixed = torch.cat([x @ p["q_proj.weight"].T, x @ p["k_proj.weight"].T, x @ p["v_proj.weight"].T], dim=1)
+    if no_conv:
+        conv = mixed
+    else:
+        w = p["conv1d.weight"][:, 0, :]
+        padded = torch.cat([torch.zeros(K - 1, mixed.shape[1], dtype=torch.float64), mixed])
+        conv = sum(w[:, i] * padded[i:i + L] for i in range(K))
+    conv = conv * torch.sigmoid(conv)
+    q, k, v = (conv[:, i * H * d:(i + 1) * H * d].reshape(L, H, d) for i in range(3))
+    q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6) * d ** -0.5
+    k = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    pre = (x @ p["forget_gate.f_a_proj.weight"].T @ p["forget_gate.f_b_proj.weight"].T + p["forget_gate.dt_bias"])
+    rate = torch.exp(p["forget_gate.A_log"].reshape(H))
+    gate = -rate[None, :, None] * F.softplus(pre.reshape(L, H, d))          # [L, H, d] log-decays
+    if per_head_decay:
+        gate = gate.mean(-1, keepdim=True).expand(L, H, d)
+    beta = torch.sigmoid(x @ p["b_proj.weight"].T)
+    out = torch.zeros(L, H, d, dtype=torch.float64)
+    for h in range(H):
+        S = torch.zeros(d, d, dtype=torch.float64)
+        for t in range(L):
+            S = torch.exp(gate[t, h])[:, None] * S
+            u = beta[t, h] * (v[t, h] - S.T @ k[t, h])
+            S = S + torch.outer(k[t, h], u)
+            out[t, h] = S.T @ q[t, h]
+    og = (x @ p["g_a_proj.weight"].T @ p["g_b_proj.weight"].T).reshape(L, H, d)
+    act = F.silu(og) if silu_gate else torch.sigmoid(og)
+    y = out / torch.sqrt((out * out).mean(-1, keepdim=True) + c["rms_norm_eps"]) * p["o_norm.weight"] * act
+    return _split_expected(y.reshape(L, H * d) @ p["o_proj.weight"].T, spec.prefill_len)
+
+
+def check_kimi_linear(rec: Recording, spec: CaseSpec) -> dict[str, Any]:
+    return _kimi_linear64(rec, spec)
+
+
+def contrasts_kimi_linear(rec: Recording, spec: CaseSpec) -> dict[str, float]:
+    return {"decay_per_head": _contrast_error(rec, _kimi_linear64(rec, spec, per_head_decay=True)),
+            "silu_output_gate": _contrast_error(rec, _kimi_linear64(rec, spec, silu_gate=True)),
+            "no_conv": _contrast_error(rec, _kimi_linear64(rec, spec, no_conv=True))}
+
+
+def describe_kimi_linear(rec: Recording, spec: CaseSpec) -> str:
+    c = rec.config
+    return (f"KDA layer={rec.meta['layer_idx']}/{c['num_hidden_layers']} hidden={c['hidden_size']} "
+            f"H={c['linear_num_heads']} d={c['linear_head_dim']} conv={c['linear_conv_kernel_dim']} "
+            f"state={rec.meta['state_shape']}")
+
+
+register_reference(
+    "kimi_linear", layer_type="linear_attention", record=record_kimi_linear, check=check_kimi_linear,
+    describe=describe_kimi_linear, contrasts=contrasts_kimi_linear,
+    summary="transformers KimiLinearDeltaAttention in a tiny KimiLinearModel, through its DynamicCache")
+
+add_case(CaseSpec(name="kimi_linear_kda_h2", reference="kimi_linear", seed=14101, prefill_len=67, decode_steps=6,
+                  layer_type="linear_attention",
+                  config={"hidden_size": 32, "linear_attn_config": {"num_heads": 2, "head_dim": 8,
+                                                                    "short_conv_kernel_size": 4},
+                          "hooked_layer": 1},
+                  description="Kimi Delta Attention, layer 1 of 3: H = 2 heads of d = 8, a decay per key channel, "
+                              "convolution width 4; a prefill of 67 (a chunk of 64 and 3 more), then 6 decode steps "
+                              "through the cache's convolution and [1, 2, 8, 8] recurrent states."))
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="directory to write <out>/<case>/{case.json,tensors.safetensors}")

@@ -332,6 +332,7 @@ const std::map<std::string, Runner>& runners() {
       {"flex_block_mask", run_flex_block_mask},
       {"minimax", run_minimax},
       {"qwen3_next", run_qwen3_next},
+      {"kimi_linear", run_kimi_linear},
   };
   return table;
 }

@@ -207,5 +207,6 @@ std::vector<Outputs> run_gpt_oss(const Case& c);
 std::vector<Outputs> run_flex_block_mask(const Case& c);
 std::vector<Outputs> run_minimax(const Case& c);
 std::vector<Outputs> run_qwen3_next(const Case& c);
+std::vector<Outputs> run_kimi_linear(const Case& c);
 
 }  // namespace oracle

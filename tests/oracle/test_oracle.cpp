@@ -242,6 +242,14 @@ TEST_CASE("oracle_check exits 1 when a Gated DeltaNet case's convolution, decay 
   }
 }
 
+TEST_CASE("oracle_check exits 1 when one channel of a KDA case's per-channel decay differs", "[oracle][delta]") {
+  // dt_bias holds one entry per key channel of every head: changing one moves only that channel's decay.
+  const fs::path dir = copy_named_case("kimi_linear_kda_h2", "kimi_linear_channel_decay_changed");
+  CHECK(oracle_check_status(dir) == 0);
+  rewrite_tensors(dir, [](auto& floats) { floats.at("forget_gate.dt_bias").data()[5] += 0.5f; });
+  CHECK(oracle_check_status(dir) == 1);
+}
+
 TEST_CASE("oracle_check exits 2 on a yarn field or rope type it does not know, naming it", "[oracle][yarn]") {
   SECTION("an unknown yarn field") {
     const fs::path dir = copy_named_case("gpt_oss_full_yarn_mscale", "yarn_unknown_field");

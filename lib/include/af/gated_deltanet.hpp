@@ -62,4 +62,45 @@ struct GatedDeltaNetCache {
 Tensor gated_deltanet(ConstMatrix x, const GatedDeltaNetShape& shape, const GatedDeltaNetWeights& weights,
                       GatedDeltaNetCache& cache, std::int64_t chunk = 64);
 
+/// Kimi Delta Attention as Kimi Linear's KDA layers compute it: the same short convolution over separate q, k
+/// and v projections and the same unit q and k, but H heads of one size d for keys and values, and a decay per
+/// key channel: log-decay -exp(A_log[h]) softplus(f_b(f_a(x)) + dt_bias), a low-rank projection through d
+/// channels; beta = sigmoid(b_proj x) per head; the output normalised per head and gated by
+/// sigmoid(g_b(g_a(x))) (a sigmoid, where Gated DeltaNet's gate is a SiLU).
+struct KimiDeltaShape {
+  std::int64_t hidden = 0;       ///< model width
+  std::int64_t heads = 0;        ///< H (linear_attn_config.num_heads)
+  std::int64_t head_dim = 0;     ///< d (linear_attn_config.head_dim), keys and values alike
+  std::int64_t conv_kernel = 4;  ///< linear_attn_config.short_conv_kernel_size
+  double norm_eps = 1e-6;        ///< rms_norm_eps
+  std::int64_t conv_channels() const { return 3 * heads * head_dim; }
+  void validate() const;
+};
+
+struct KimiDeltaWeights {
+  Tensor q_proj, k_proj, v_proj;  ///< [H d, hidden] each
+  Tensor conv;                    ///< [3 H d, conv_kernel], over [q | k | v]
+  Tensor f_a, f_b;                ///< forget gate: [d, hidden], [H d, d]
+  Tensor dt_bias;                 ///< [H d]
+  Tensor a_log;                   ///< [H]
+  Tensor b_proj;                  ///< [H, hidden]
+  Tensor g_a, g_b;                ///< output gate: [d, hidden], [H d, d]
+  Tensor o_norm;                  ///< [d]
+  Tensor o_proj;                  ///< [hidden, H d]
+  void validate(const KimiDeltaShape& shape) const;
+};
+
+/// The convolution's last inputs `[K - 1, 3 H d]` and the state `[H, d, d]`.
+struct KimiDeltaCache {
+  Tensor conv_inputs;
+  Tensor state;
+  std::int64_t tokens = 0;
+  explicit KimiDeltaCache(const KimiDeltaShape& shape);
+  std::int64_t bytes() const { return 4 * (conv_inputs.numel() + state.numel()); }
+};
+
+/// The layer over `x [T, hidden]`, continuing `cache` (chunked prefill for T > 1, recurrence for T = 1).
+Tensor kimi_delta_attention(ConstMatrix x, const KimiDeltaShape& shape, const KimiDeltaWeights& weights,
+                            KimiDeltaCache& cache, std::int64_t chunk = 64);
+
 }  // namespace af
