@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Chapter 17's full sweep, committed as chapters/17_what_cache_tricks_cost/results/: the program's output with
-# the command, the machine, the date and the commit on top, and its CSV files. Takes about half an hour on
+# the command, the machine, the date and the commit on top, and its CSV files. Takes about forty minutes on
 # two cores.
 #   bash scripts/run_cache_sweep.sh [BUILD_DIR]
 set -euo pipefail

@@ -8,6 +8,35 @@
 
 namespace af {
 
+namespace {
+
+// The short causal depthwise convolution of both layers: `mixed` holds the K - 1 cached inputs and then the T
+// new ones, [T + K - 1, C]; `weight` is [C, K]. Returns SiLU of the convolution, [T, C], and leaves the last
+// K - 1 inputs in `cached` for the next call.
+Tensor short_convolution(const Tensor& mixed, const Tensor& weight, std::int64_t T, Tensor& cached) {
+  const std::int64_t C = mixed.dim(1), K = weight.dim(1);
+  Tensor out(Shape{T, C});
+  for (std::int64_t t = 0; t < T; ++t)
+    for (std::int64_t c = 0; c < C; ++c) {
+      double sum = 0;
+      for (std::int64_t i = 0; i < K; ++i)
+        sum += static_cast<double>(weight.data()[c * K + i]) * mixed.data()[(t + i) * C + c];
+      out.data()[t * C + c] = static_cast<float>(sum / (1.0 + std::exp(-sum)));
+    }
+  std::copy(mixed.data() + T * C, mixed.data() + (T + K - 1) * C, cached.data());
+  return out;
+}
+
+// `to` = `from` / sqrt(sum of squares + 1e-6) * scale, over d values (the layers' L2 norm of q and k).
+void unit_scaled(const float* from, float* to, std::int64_t d, double scale) {
+  double squares = 0;
+  for (std::int64_t i = 0; i < d; ++i) squares += static_cast<double>(from[i]) * from[i];
+  const double inv = scale / std::sqrt(squares + 1e-6);
+  for (std::int64_t i = 0; i < d; ++i) to[i] = static_cast<float>(from[i] * inv);
+}
+
+}  // namespace
+
 void GatedDeltaNetShape::validate() const {
   require(hidden > 0 && key_heads > 0 && value_heads > 0 && key_dim > 0 && value_dim > 0 && conv_kernel > 0,
           "GatedDeltaNetShape: hidden {}, key heads {}, value heads {}, key dim {}, value dim {}, conv kernel {} "
@@ -68,16 +97,7 @@ Tensor gated_deltanet(ConstMatrix x, const GatedDeltaNetShape& s, const GatedDel
       }
     }
   }
-  // The causal depthwise convolution over the cached inputs and the new ones, then SiLU; keep the last K - 1.
-  Tensor conv(Shape{T, channels});
-  for (std::int64_t t = 0; t < T; ++t)
-    for (std::int64_t c = 0; c < channels; ++c) {
-      double sum = 0;
-      for (std::int64_t i = 0; i < K; ++i)
-        sum += static_cast<double>(w.conv.data()[c * K + i]) * mixed.data()[(t + i) * channels + c];
-      conv.data()[t * channels + c] = static_cast<float>(sum / (1.0 + std::exp(-sum)));
-    }
-  std::copy(mixed.data() + T * channels, mixed.data() + (T + K - 1) * channels, cache.conv_inputs.data());
+  const Tensor conv = short_convolution(mixed, w.conv, T, cache.conv_inputs);
   // The delta rule's inputs: unit q and k (q / sqrt(d_k) too), each value head reading its key head.
   DeltaRuleInputs in{Tensor(Shape{T, Hv, dk}), Tensor(Shape{T, Hv, dk}), Tensor(Shape{T, Hv, dv}), Tensor(Shape{T, Hv}),
                      Tensor(Shape{T, Hv})};
@@ -86,13 +106,8 @@ Tensor gated_deltanet(ConstMatrix x, const GatedDeltaNetShape& s, const GatedDel
     const float* c = conv.data() + t * channels;
     for (std::int64_t h = 0; h < Hv; ++h) {
       const std::int64_t g = h / r;
-      for (const auto& [from, to, scale] : {std::tuple{c + g * dk, in.q.data() + (t * Hv + h) * dk, q_scale},
-                                            std::tuple{c + Hk * dk + g * dk, in.k.data() + (t * Hv + h) * dk, 1.0}}) {
-        double squares = 0;
-        for (std::int64_t i = 0; i < dk; ++i) squares += static_cast<double>(from[i]) * from[i];
-        const double inv = scale / std::sqrt(squares + 1e-6);
-        for (std::int64_t i = 0; i < dk; ++i) to[i] = static_cast<float>(from[i] * inv);
-      }
+      unit_scaled(c + g * dk, in.q.data() + (t * Hv + h) * dk, dk, q_scale);
+      unit_scaled(c + Hk * dk + g * dk, in.k.data() + (t * Hv + h) * dk, dk, 1.0);
       std::copy(c + 2 * Hk * dk + h * dv, c + 2 * Hk * dk + (h + 1) * dv, in.v.data() + (t * Hv + h) * dv);
       const double a_in = a.data()[t * Hv + h] + w.dt_bias.data()[h];
       const double softplus = a_in > 20 ? a_in : std::log1p(std::exp(a_in));
@@ -171,15 +186,7 @@ Tensor kimi_delta_attention(ConstMatrix x, const KimiDeltaShape& s, const KimiDe
     std::copy(k.data() + t * hd, k.data() + (t + 1) * hd, m + hd);
     std::copy(v.data() + t * hd, v.data() + (t + 1) * hd, m + 2 * hd);
   }
-  Tensor conv(Shape{T, channels});
-  for (std::int64_t t = 0; t < T; ++t)
-    for (std::int64_t c = 0; c < channels; ++c) {
-      double sum = 0;
-      for (std::int64_t i = 0; i < K; ++i)
-        sum += static_cast<double>(w.conv.data()[c * K + i]) * mixed.data()[(t + i) * channels + c];
-      conv.data()[t * channels + c] = static_cast<float>(sum / (1.0 + std::exp(-sum)));
-    }
-  std::copy(mixed.data() + T * channels, mixed.data() + (T + K - 1) * channels, cache.conv_inputs.data());
+  const Tensor conv = short_convolution(mixed, w.conv, T, cache.conv_inputs);
   // The per-channel decay and the learning rate.
   const Tensor forget = linear(linear(x, w.f_a.matrix()).matrix(), w.f_b.matrix());  // [T, H d]
   const Tensor b = linear(x, w.b_proj.matrix());                                     // [T, H]
@@ -189,13 +196,8 @@ Tensor kimi_delta_attention(ConstMatrix x, const KimiDeltaShape& s, const KimiDe
   for (std::int64_t t = 0; t < T; ++t)
     for (std::int64_t h = 0; h < H; ++h) {
       const float* c = conv.data() + t * channels;
-      for (const auto& [from, to, scale] : {std::tuple{c + h * d, in.q.data() + (t * H + h) * d, q_scale},
-                                            std::tuple{c + hd + h * d, in.k.data() + (t * H + h) * d, 1.0}}) {
-        double squares = 0;
-        for (std::int64_t i = 0; i < d; ++i) squares += static_cast<double>(from[i]) * from[i];
-        const double inv = scale / std::sqrt(squares + 1e-6);
-        for (std::int64_t i = 0; i < d; ++i) to[i] = static_cast<float>(from[i] * inv);
-      }
+      unit_scaled(c + h * d, in.q.data() + (t * H + h) * d, d, q_scale);
+      unit_scaled(c + hd + h * d, in.k.data() + (t * H + h) * d, d, 1.0);
       std::copy(c + 2 * hd + h * d, c + 2 * hd + (h + 1) * d, in.v.data() + (t * H + h) * d);
       const double rate = std::exp(w.a_log.data()[h]);
       for (std::int64_t i = 0; i < d; ++i) {

@@ -2028,30 +2028,33 @@ def minimax_config_kwargs(partial: dict[str, Any]) -> tuple[dict[str, Any], int]
     return cfg, layer
 
 
-def record_minimax(spec: CaseSpec) -> Recording:
-    from transformers import MiniMaxConfig, MiniMaxModel
-    from transformers.models.minimax.modeling_minimax import MiniMaxCache
-    kwargs, layer = minimax_config_kwargs(spec.config)
-    T, N = spec.prefill_len, spec.decode_steps
-    L = T + N
-    config = MiniMaxConfig(**kwargs)
-    if config.layer_types[layer] != spec.layer_type:
-        raise AssertionError(f"{spec.name}: layer {layer} is {config.layer_types[layer]}, want {spec.layer_type}")
-    torch.manual_seed(spec.seed)
-    model = MiniMaxModel._from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
-    attn = model.layers[layer].self_attn
-    g = seeded_generator(spec.seed)
+def _draw_params(module, g, drawn: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """Overwrite every parameter of `module` with seeded values and return {name: tensor}: a parameter named in
+    `drawn` from N(mean, std^2); a depthwise convolution weight [C, 1, K] from N(0, 1/K); any other matrix from
+    N(0, 1/fan_in)."""
     params = {}
     with torch.no_grad():
-        for name, p in sorted(attn.named_parameters()):
-            if name.endswith("norm.weight"):
-                value = 1.0 + randn(g, *p.shape, std=HF_NORM_WEIGHT_STD)
+        for name, p in sorted(module.named_parameters()):
+            if name in drawn:
+                mean, std = drawn[name]
+                value = mean + randn(g, *p.shape, std=std)
+            elif name == "conv1d.weight":
+                value = randn(g, *p.shape, std=1 / math.sqrt(p.shape[-1]))
             elif p.ndim == 2:
                 value = randn(g, *p.shape, std=1 / math.sqrt(p.shape[1]))
             else:
                 raise AssertionError(f"no initialisation rule for parameter {name} {tuple(p.shape)}")
             p.copy_(value)
             params[name] = value.clone()
+    return params
+
+
+def _record_through_cache(spec: CaseSpec, model, attn, config, g, make_cache):
+    """Random token ids from `g`; a prefill of T tokens and N single-token steps of `model` through the cache
+    `make_cache()` builds (the model's own), with `attn`'s inputs and outputs hooked. Returns (position ids,
+    hidden_states, prefill, decode, cache)."""
+    T, N = spec.prefill_len, spec.decode_steps
+    L = T + N
     ids = torch.randint(0, config.vocab_size, (1, L), generator=g, dtype=torch.int64)
     pos = torch.arange(L, dtype=torch.int64).unsqueeze(0)
     seen: dict[str, list] = {"hidden_states": [], "output": []}
@@ -2068,7 +2071,7 @@ def record_minimax(spec: CaseSpec) -> Recording:
                attn.register_forward_hook(post_hook, with_kwargs=True)]
     try:
         with torch.no_grad():
-            cache = MiniMaxCache()
+            cache = make_cache()
             model(input_ids=ids[:, :T], position_ids=pos[:, :T], past_key_values=cache, use_cache=True)
             for i in range(N):
                 model(input_ids=ids[:, T + i:T + i + 1], position_ids=pos[:, T + i:T + i + 1],
@@ -2078,14 +2081,29 @@ def record_minimax(spec: CaseSpec) -> Recording:
             h.remove()
     if [t.shape[1] for t in seen["hidden_states"]] != [T] + [1] * N:
         raise AssertionError(f"{spec.name}: unexpected call lengths {[t.shape for t in seen['hidden_states']]}")
-    meta = {"module": f"layers.{layer}.self_attn", "layer_idx": layer}
-    if spec.layer_type == "linear_attention":
-        state = cache.linear_cache[layer]
-        meta["state_shape"] = list(state.shape)
     hidden_states = torch.cat(seen["hidden_states"], dim=1).to(torch.float32).contiguous()
     prefill = seen["output"][0].contiguous()
     decode = (torch.cat(seen["output"][1:], dim=1) if N else
               torch.zeros(1, 0, config.hidden_size, dtype=torch.float32)).contiguous()
+    return pos, hidden_states, prefill, decode, cache
+
+
+def record_minimax(spec: CaseSpec) -> Recording:
+    from transformers import MiniMaxConfig, MiniMaxModel
+    from transformers.models.minimax.modeling_minimax import MiniMaxCache
+    kwargs, layer = minimax_config_kwargs(spec.config)
+    config = MiniMaxConfig(**kwargs)
+    if config.layer_types[layer] != spec.layer_type:
+        raise AssertionError(f"{spec.name}: layer {layer} is {config.layer_types[layer]}, want {spec.layer_type}")
+    torch.manual_seed(spec.seed)
+    model = MiniMaxModel._from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
+    attn = model.layers[layer].self_attn
+    g = seeded_generator(spec.seed)
+    params = _draw_params(attn, g, {"norm.weight": (1.0, HF_NORM_WEIGHT_STD)})
+    pos, hidden_states, prefill, decode, cache = _record_through_cache(spec, model, attn, config, g, MiniMaxCache)
+    meta = {"module": f"layers.{layer}.self_attn", "layer_idx": layer}
+    if spec.layer_type == "linear_attention":
+        meta["state_shape"] = list(cache.linear_cache[layer].shape)
     return Recording(config=json_safe(config.to_dict()), params=params, hidden_states=hidden_states,
                      position_ids=pos, prefill=prefill, decode=decode, meta=meta)
 
@@ -2372,8 +2390,6 @@ def record_qwen3_next(spec: CaseSpec) -> Recording:
     kwargs = json.loads(json.dumps(QWEN3_NEXT_DEFAULTS))
     kwargs.update(spec.config)
     layer = kwargs.pop("hooked_layer")
-    T, N = spec.prefill_len, spec.decode_steps
-    L = T + N
     config = Qwen3NextConfig(**kwargs)
     if config.layer_types[layer] != spec.layer_type:
         raise AssertionError(f"{spec.name}: layer {layer} is {config.layer_types[layer]}, want {spec.layer_type}")
@@ -2382,55 +2398,13 @@ def record_qwen3_next(spec: CaseSpec) -> Recording:
     linear = spec.layer_type == "linear_attention"
     attn = model.layers[layer].linear_attn if linear else model.layers[layer].self_attn
     g = seeded_generator(spec.seed)
-    params = {}
-    with torch.no_grad():
-        for name, p in sorted(attn.named_parameters()):
-            if name == "norm.weight":
-                value = 1.0 + randn(g, *p.shape, std=HF_NORM_WEIGHT_STD)
-            elif name in ("q_norm.weight", "k_norm.weight"):   # zero-centred: the gain is 1 + weight
-                value = randn(g, *p.shape, std=HF_NORM_WEIGHT_STD)
-            elif name == "dt_bias":
-                value = randn(g, *p.shape, std=0.5)
-            elif name == "A_log":          # decay rates exp(A_log) between about 0.1 and 3
-                value = randn(g, *p.shape, std=0.5) - 0.5
-            elif name == "conv1d.weight":
-                value = randn(g, *p.shape, std=1 / math.sqrt(p.shape[-1]))
-            elif p.ndim == 2:
-                value = randn(g, *p.shape, std=1 / math.sqrt(p.shape[1]))
-            else:
-                raise AssertionError(f"no initialisation rule for parameter {name} {tuple(p.shape)}")
-            p.copy_(value)
-            params[name] = value.clone()
-    ids = torch.randint(0, config.vocab_size, (1, L), generator=g, dtype=torch.int64)
-    pos = torch.arange(L, dtype=torch.int64).unsqueeze(0)
-    seen: dict[str, list] = {"hidden_states": [], "output": []}
-
-    def pre_hook(module, args, kwargs_):
-        hs = kwargs_["hidden_states"] if "hidden_states" in kwargs_ else args[0]
-        seen["hidden_states"].append(hs.detach().clone())
-
-    def post_hook(module, args, kwargs_, output):
-        out = output[0] if isinstance(output, tuple) else output
-        seen["output"].append(out.detach().clone())
-
-    handles = [attn.register_forward_pre_hook(pre_hook, with_kwargs=True),
-               attn.register_forward_hook(post_hook, with_kwargs=True)]
-    try:
-        with torch.no_grad():
-            cache = DynamicCache(config=config)
-            model(input_ids=ids[:, :T], position_ids=pos[:, :T], past_key_values=cache, use_cache=True)
-            for i in range(N):
-                model(input_ids=ids[:, T + i:T + i + 1], position_ids=pos[:, T + i:T + i + 1],
-                      past_key_values=cache, use_cache=True)
-    finally:
-        for h in handles:
-            h.remove()
-    if [t.shape[1] for t in seen["hidden_states"]] != [T] + [1] * N:
-        raise AssertionError(f"{spec.name}: unexpected call lengths {[t.shape for t in seen['hidden_states']]}")
-    hidden_states = torch.cat(seen["hidden_states"], dim=1).to(torch.float32).contiguous()
-    prefill = seen["output"][0].contiguous()
-    decode = (torch.cat(seen["output"][1:], dim=1) if N else
-              torch.zeros(1, 0, config.hidden_size, dtype=torch.float32)).contiguous()
+    params = _draw_params(attn, g, {"norm.weight": (1.0, HF_NORM_WEIGHT_STD),
+                                    "q_norm.weight": (0.0, HF_NORM_WEIGHT_STD),  # zero-centred: gain 1 + weight
+                                    "k_norm.weight": (0.0, HF_NORM_WEIGHT_STD),
+                                    "dt_bias": (0.0, 0.5),
+                                    "A_log": (-0.5, 0.5)})                       # rates exp(A_log) ~ 0.1 .. 3
+    pos, hidden_states, prefill, decode, cache = _record_through_cache(spec, model, attn, config, g,
+                                                                       lambda: DynamicCache(config=config))
     meta = {"module": f"layers.{layer}.{'linear_attn' if linear else 'self_attn'}", "layer_idx": layer}
     if linear:
         meta["state_shape"] = list(cache.layers[layer].recurrent_states[0].shape)
@@ -2616,8 +2590,6 @@ def record_kimi_linear(spec: CaseSpec) -> Recording:
     kwargs = json.loads(json.dumps(KIMI_LINEAR_DEFAULTS))
     kwargs.update(spec.config)
     layer = kwargs.pop("hooked_layer")
-    T, N = spec.prefill_len, spec.decode_steps
-    L = T + N
     config = KimiLinearConfig(**kwargs)
     if config.layer_types[layer] != "linear_attention":
         raise AssertionError(f"{spec.name}: layer {layer} is {config.layer_types[layer]}")
@@ -2625,53 +2597,11 @@ def record_kimi_linear(spec: CaseSpec) -> Recording:
     model = KimiLinearModel._from_config(config, dtype=torch.float32).eval()
     attn = model.layers[layer].self_attn
     g = seeded_generator(spec.seed)
-    params = {}
-    with torch.no_grad():
-        for name, p in sorted(attn.named_parameters()):
-            if name == "o_norm.weight":
-                value = 1.0 + randn(g, *p.shape, std=HF_NORM_WEIGHT_STD)
-            elif name == "forget_gate.dt_bias":
-                value = randn(g, *p.shape, std=0.5)
-            elif name == "forget_gate.A_log":
-                value = randn(g, *p.shape, std=0.5) - 1.0
-            elif name == "conv1d.weight":
-                value = randn(g, *p.shape, std=1 / math.sqrt(p.shape[-1]))
-            elif p.ndim == 2:
-                value = randn(g, *p.shape, std=1 / math.sqrt(p.shape[1]))
-            else:
-                raise AssertionError(f"no initialisation rule for parameter {name} {tuple(p.shape)}")
-            p.copy_(value)
-            params[name] = value.clone()
-    ids = torch.randint(0, config.vocab_size, (1, L), generator=g, dtype=torch.int64)
-    pos = torch.arange(L, dtype=torch.int64).unsqueeze(0)
-    seen: dict[str, list] = {"hidden_states": [], "output": []}
-
-    def pre_hook(module, args, kwargs_):
-        hs = kwargs_["hidden_states"] if "hidden_states" in kwargs_ else args[0]
-        seen["hidden_states"].append(hs.detach().clone())
-
-    def post_hook(module, args, kwargs_, output):
-        out = output[0] if isinstance(output, tuple) else output
-        seen["output"].append(out.detach().clone())
-
-    handles = [attn.register_forward_pre_hook(pre_hook, with_kwargs=True),
-               attn.register_forward_hook(post_hook, with_kwargs=True)]
-    try:
-        with torch.no_grad():
-            cache = DynamicCache(config=config)
-            model(input_ids=ids[:, :T], position_ids=pos[:, :T], past_key_values=cache, use_cache=True)
-            for i in range(N):
-                model(input_ids=ids[:, T + i:T + i + 1], position_ids=pos[:, T + i:T + i + 1],
-                      past_key_values=cache, use_cache=True)
-    finally:
-        for h in handles:
-            h.remove()
-    if [t.shape[1] for t in seen["hidden_states"]] != [T] + [1] * N:
-        raise AssertionError(f"{spec.name}: unexpected call lengths {[t.shape for t in seen['hidden_states']]}")
-    hidden_states = torch.cat(seen["hidden_states"], dim=1).to(torch.float32).contiguous()
-    prefill = seen["output"][0].contiguous()
-    decode = (torch.cat(seen["output"][1:], dim=1) if N else
-              torch.zeros(1, 0, config.hidden_size, dtype=torch.float32)).contiguous()
+    params = _draw_params(attn, g, {"o_norm.weight": (1.0, HF_NORM_WEIGHT_STD),
+                                    "forget_gate.dt_bias": (0.0, 0.5),
+                                    "forget_gate.A_log": (-1.0, 0.5)})
+    pos, hidden_states, prefill, decode, cache = _record_through_cache(spec, model, attn, config, g,
+                                                                       lambda: DynamicCache(config=config))
     return Recording(config=json_safe(config.to_dict()), params=params, hidden_states=hidden_states,
                      position_ids=pos, prefill=prefill, decode=decode,
                      meta={"module": f"layers.{layer}.self_attn", "layer_idx": layer,
