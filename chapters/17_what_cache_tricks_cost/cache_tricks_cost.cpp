@@ -147,6 +147,61 @@ std::pair<double, double> wilson(std::int64_t k, std::int64_t n) {
   return {std::max(0.0, centre - half), std::min(1.0, centre + half)};
 }
 
+// [retrieval]
+// One pass-key trial: a random five-digit key, stated twice in a sentence spliced at a line break near `depth`
+// into filler taken from the tutorial at a random offset past the first `evaluated` tokens; an instruction
+// first, the question last, `length` tokens in all with the answer.
+struct PassKeyTrial {
+  std::vector<std::int32_t> prompt, answer;
+};
+
+PassKeyTrial pass_key_trial(const af::Tokenizer& tokenizer, const std::vector<af::TokenId>& text,
+                            std::int64_t evaluated, std::int64_t length, double depth, af::Rng& rng) {
+  const auto encode = [&](const std::string& s) {
+    const auto t = tokenizer.encode(s);
+    return std::vector<std::int32_t>(t.begin(), t.end());
+  };
+  const std::vector<std::int32_t> intro =
+      encode("There is a pass key hidden inside a lot of irrelevant text. Find it and remember it.\n\n");
+  const std::vector<std::int32_t> question = encode("\n\nWhat is the pass key? The pass key is");
+  const std::int64_t key = 10000 + static_cast<std::int64_t>(rng.next_u64() % 90000);
+  const std::vector<std::int32_t> needle =
+      encode(fmt::format("\nThe pass key is {0}. Remember it. {0} is the pass key.\n", key));
+  PassKeyTrial trial{intro, encode(fmt::format(" {}", key))};
+  const std::int64_t filler =
+      length - static_cast<std::int64_t>(intro.size() + needle.size() + question.size() + trial.answer.size());
+  const std::int64_t room = static_cast<std::int64_t>(text.size()) - evaluated - filler;
+  af::require(filler > 0 && room > 0, "--lengths {}: the text is too short for the filler", length);
+  const std::int64_t offset = evaluated + static_cast<std::int64_t>(rng.next_u64() % static_cast<std::uint64_t>(room));
+  std::int64_t cut = static_cast<std::int64_t>(depth * static_cast<double>(filler));
+  while (cut > 0 &&
+         tokenizer.token_bytes(text[static_cast<std::size_t>(offset + cut - 1)]).find('\n') == std::string::npos)
+    --cut;
+  std::vector<std::int32_t>& p = trial.prompt;
+  p.insert(p.end(), text.begin() + offset, text.begin() + offset + cut);
+  p.insert(p.end(), needle.begin(), needle.end());
+  p.insert(p.end(), text.begin() + offset + cut, text.begin() + offset + filler);
+  p.insert(p.end(), question.begin(), question.end());
+  return trial;
+}
+
+// Whether the model, its attention reading the cache through `policy`, finds the key: the prompt, then the
+// answer by teacher forcing; found when each answer token is the most likely next token, exactly when greedy
+// decoding would write it.
+bool finds_pass_key(const af::llama::Model& model, const CachePolicy& policy, const PassKeyTrial& trial,
+                    std::int64_t length) {
+  const af::llama::Config& c = model.config();
+  af::PolicyAttention attention(policy, c.layers, c.attention_shape(), model.rope());
+  af::llama::Cache cache(c, length);
+  const Tensor last = model.forward(trial.prompt, cache, /*all_logits=*/false, nullptr, &attention);
+  bool found = argmax(last.data(), c.vocab) == trial.answer.front();
+  const Tensor rest = model.forward(trial.answer, cache, /*all_logits=*/true, nullptr, &attention);
+  for (std::size_t a = 1; a < trial.answer.size(); ++a)
+    found = found && argmax(rest.data() + static_cast<std::int64_t>(a - 1) * c.vocab, c.vocab) == trial.answer[a];
+  return found;
+}
+// [/retrieval]
+
 std::string kib(double bytes) { return fmt::format("{:.0f}", bytes / 1024); }
 
 // A policy's label as a substitution name: "window W=256" -> "window_w_256".
@@ -427,21 +482,11 @@ int main(int argc, char** argv) {
       number(std::string("front_") + name, members);
     }
 
-    // [retrieval]
-    // The pass key: filler from the tutorial at a random offset past the evaluated text, the needle spliced in
-    // at a line break near the depth, the question last; the answer's tokens are scored by teacher forcing,
-    // which equals greedy decoding when every answer token is the most likely one.
+    // The pass key: for each length, depth and trial, one trial (pass_key_trial) run through every policy.
     af::OutputFile retrieval_csv;
     retrieval_csv.print("method,label,length,depth,trials,correct,low,high\n");
     if (trials > 0) {
       af::Rng rng(seed);
-      const auto encode = [&](const std::string& s) {
-        const auto t = tokenizer.encode(s);
-        return std::vector<std::int32_t>(t.begin(), t.end());
-      };
-      const std::vector<std::int32_t> intro =
-          encode("There is a pass key hidden inside a lot of irrelevant text. Find it and remember it.\n\n");
-      const std::vector<std::int32_t> question = encode("\n\nWhat is the pass key? The pass key is");
       const std::int64_t budget = lengths.front() / 4;
       const std::vector<CachePolicy> methods = retrieval_policies(budget);
       fmt::print("\npass key: {} trials per length and depth; budgets {} tokens ({} for top-k)\n", trials, budget,
@@ -456,33 +501,9 @@ int main(int argc, char** argv) {
               depths == 1 ? 0.5 : 0.1 + 0.8 * static_cast<double>(di) / static_cast<double>(depths - 1);
           std::vector<std::int64_t> correct(methods.size());
           for (std::int64_t trial = 0; trial < trials; ++trial) {
-            const std::int64_t key = 10000 + static_cast<std::int64_t>(rng.next_u64() % 90000);
-            const std::vector<std::int32_t> needle =
-                encode(fmt::format("\nThe pass key is {0}. Remember it. {0} is the pass key.\n", key));
-            const std::vector<std::int32_t> answer = encode(fmt::format(" {}", key));
-            const std::int64_t filler =
-                length - static_cast<std::int64_t>(intro.size() + needle.size() + question.size() + answer.size());
-            const std::int64_t room = static_cast<std::int64_t>(all_ids.size()) - tokens - filler;
-            af::require(room > 0, "--lengths {}: the text is too short for the filler", length);
-            const std::int64_t offset =
-                tokens + static_cast<std::int64_t>(rng.next_u64() % static_cast<std::uint64_t>(room));
-            std::int64_t cut = static_cast<std::int64_t>(depth * static_cast<double>(filler));
-            while (cut > 0 && tokenizer.token_bytes(all_ids[static_cast<std::size_t>(offset + cut - 1)]).find('\n') ==
-                                  std::string::npos)
-              --cut;
-            std::vector<std::int32_t> prompt = intro;
-            prompt.insert(prompt.end(), all_ids.begin() + offset, all_ids.begin() + offset + cut);
-            prompt.insert(prompt.end(), needle.begin(), needle.end());
-            prompt.insert(prompt.end(), all_ids.begin() + offset + cut, all_ids.begin() + offset + filler);
-            prompt.insert(prompt.end(), question.begin(), question.end());
+            const PassKeyTrial pk = pass_key_trial(tokenizer, all_ids, tokens, length, depth, rng);
             for (std::size_t m = 0; m < methods.size(); ++m) {
-              af::PolicyAttention attention(methods[m], c.layers, c.attention_shape(), model.rope());
-              af::llama::Cache cache(c, length);
-              const Tensor last = model.forward(prompt, cache, false, nullptr, &attention);
-              bool ok = argmax(last.data(), V) == answer.front();
-              const Tensor rest = model.forward(answer, cache, true, nullptr, &attention);
-              for (std::size_t a = 1; a < answer.size(); ++a)
-                ok = ok && argmax(rest.data() + static_cast<std::int64_t>(a - 1) * V, V) == answer[a];
+              const bool ok = finds_pass_key(model, methods[m], pk, length);
               correct[m] += ok ? 1 : 0;
               ++runs;
               fmt::print(stderr, "\r[pass key {}/{}: length {}, depth {:.0f}%, {:<30}] {:6.0f} s", runs, total_runs,
