@@ -21,6 +21,7 @@
 #include "af/llama.hpp"
 #include "af/program.hpp"
 #include "af/random.hpp"
+#include "af/sampling.hpp"
 #include "af/tokenizer.hpp"
 
 #include <fmt/format.h>
@@ -136,8 +137,6 @@ void log_softmax(const float* logits, std::int64_t n, std::vector<double>& out) 
   for (std::int64_t i = 0; i < n; ++i) out[static_cast<std::size_t>(i)] = logits[i] - log_sum;
 }
 
-std::int64_t argmax(const float* x, std::int64_t n) { return std::max_element(x, x + n) - x; }
-
 // Wilson's 95% interval for k successes in n trials.
 std::pair<double, double> wilson(std::int64_t k, std::int64_t n) {
   if (n == 0) return {0, 1};
@@ -194,10 +193,11 @@ bool finds_pass_key(const af::llama::Model& model, const CachePolicy& policy, co
   af::PolicyAttention attention(policy, c.layers, c.attention_shape(), model.rope());
   af::llama::Cache cache(c, length);
   const Tensor last = model.forward(trial.prompt, cache, /*all_logits=*/false, nullptr, &attention);
-  bool found = argmax(last.data(), c.vocab) == trial.answer.front();
+  bool found = af::argmax({last.data(), static_cast<std::size_t>(c.vocab)}) == trial.answer.front();
   const Tensor rest = model.forward(trial.answer, cache, /*all_logits=*/true, nullptr, &attention);
   for (std::size_t a = 1; a < trial.answer.size(); ++a)
-    found = found && argmax(rest.data() + static_cast<std::int64_t>(a - 1) * c.vocab, c.vocab) == trial.answer[a];
+    found = found && af::argmax({rest.data() + static_cast<std::int64_t>(a - 1) * c.vocab,
+                                 static_cast<std::size_t>(c.vocab)}) == trial.answer[a];
   return found;
 }
 // [/retrieval]
@@ -364,7 +364,10 @@ int main(int argc, char** argv) {
           }
           q.kl += kl;
           q.nll -= policy_logp[static_cast<std::size_t>(seq[static_cast<std::size_t>(pos)])];
-          q.agree += argmax(row, V) == argmax(dense_row, V) ? 1 : 0;
+          q.agree +=
+              af::argmax({row, static_cast<std::size_t>(V)}) == af::argmax({dense_row, static_cast<std::size_t>(V)})
+                  ? 1
+                  : 0;
           ++q.scored;
           // The traffic of the step that predicts the token at pos: the query at pos - 1.
           const af::StepTraffic& t = attention.traffic()[static_cast<std::size_t>(pos - 1)];

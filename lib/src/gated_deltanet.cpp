@@ -35,6 +35,28 @@ void unit_scaled(const float* from, float* to, std::int64_t d, double scale) {
   for (std::int64_t i = 0; i < d; ++i) to[i] = static_cast<float>(from[i] * inv);
 }
 
+enum class GateActivation { silu, sigmoid };
+
+// The layers' output norm: each head's d outputs o [T, H, d] divided by their root mean square (eps inside),
+// times `gain` [d] and act(gate); `gate` holds the same T x H x d values. Returns [T, H d].
+Tensor gated_rms_norm(const Tensor& o, const Tensor& gate, const Tensor& gain, double eps, GateActivation act) {
+  const std::int64_t rows = o.dim(0) * o.dim(1), d = o.dim(2);
+  Tensor y(Shape{o.dim(0), o.dim(1) * d});
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const float* oh = o.data() + r * d;
+    const float* g = gate.data() + r * d;
+    double squares = 0;
+    for (std::int64_t j = 0; j < d; ++j) squares += static_cast<double>(oh[j]) * oh[j];
+    const double inv = 1.0 / std::sqrt(squares / static_cast<double>(d) + eps);
+    for (std::int64_t j = 0; j < d; ++j) {
+      const double sigmoid = 1.0 / (1.0 + std::exp(-static_cast<double>(g[j])));
+      const double scale = act == GateActivation::silu ? g[j] * sigmoid : sigmoid;
+      y.data()[r * d + j] = static_cast<float>(oh[j] * inv * gain.data()[j] * scale);
+    }
+  }
+  return y;
+}
+
 }  // namespace
 
 void GatedDeltaNetShape::validate() const {
@@ -118,19 +140,7 @@ Tensor gated_deltanet(ConstMatrix x, const GatedDeltaNetShape& s, const GatedDel
   const Tensor o = T == 1 ? delta_rule_recurrent(in, cache.state) : delta_rule_chunked(in, cache.state, chunk);
   cache.tokens += T;
   // The gated RMSNorm per value head: o / rms(o) * weight * silu(z).
-  Tensor y(Shape{T, Hv * dv});
-  for (std::int64_t t = 0; t < T; ++t)
-    for (std::int64_t h = 0; h < Hv; ++h) {
-      const float* oh = o.data() + (t * Hv + h) * dv;
-      const float* zh = z.data() + t * Hv * dv + h * dv;
-      double squares = 0;
-      for (std::int64_t j = 0; j < dv; ++j) squares += static_cast<double>(oh[j]) * oh[j];
-      const double inv = 1.0 / std::sqrt(squares / static_cast<double>(dv) + s.norm_eps);
-      for (std::int64_t j = 0; j < dv; ++j) {
-        const double gate = zh[j] / (1.0 + std::exp(-static_cast<double>(zh[j])));
-        y.data()[t * Hv * dv + h * dv + j] = static_cast<float>(oh[j] * inv * w.norm.data()[j] * gate);
-      }
-    }
+  const Tensor y = gated_rms_norm(o, z, w.norm, s.norm_eps, GateActivation::silu);
   return linear(y.matrix(), w.out_proj.matrix());
 }
 // [/gated-deltanet]
@@ -211,18 +221,7 @@ Tensor kimi_delta_attention(ConstMatrix x, const KimiDeltaShape& s, const KimiDe
   cache.tokens += T;
   // The output: RMSNorm per head, times sigmoid of the low-rank output gate, then o_proj.
   const Tensor gate = linear(linear(x, w.g_a.matrix()).matrix(), w.g_b.matrix());  // [T, H d]
-  Tensor y(Shape{T, hd});
-  for (std::int64_t t = 0; t < T; ++t)
-    for (std::int64_t h = 0; h < H; ++h) {
-      const float* oh = o.data() + (t * H + h) * d;
-      double squares = 0;
-      for (std::int64_t j = 0; j < d; ++j) squares += static_cast<double>(oh[j]) * oh[j];
-      const double inv = 1.0 / std::sqrt(squares / static_cast<double>(d) + s.norm_eps);
-      for (std::int64_t j = 0; j < d; ++j) {
-        const double gj = 1.0 / (1.0 + std::exp(-static_cast<double>(gate.data()[t * hd + h * d + j])));
-        y.data()[t * hd + h * d + j] = static_cast<float>(oh[j] * inv * w.o_norm.data()[j] * gj);
-      }
-    }
+  const Tensor y = gated_rms_norm(o, gate, w.o_norm, s.norm_eps, GateActivation::sigmoid);
   return linear(y.matrix(), w.o_proj.matrix());
 }
 // [/kimi-delta]
