@@ -259,6 +259,31 @@ TEST_CASE("MiniMax-M1's memory: 40,960 KV bytes per token and a 140 MiB state in
   CHECK(af::minimax_m1(af::DType::bf16, af::DType::f32).state_bytes() == 2 * m.state_bytes());
 }
 
+TEST_CASE("The delta-rule hybrids' memory: a state per value head and the convolution's last inputs",
+          "[linear][accounting][delta]") {
+  // Qwen3-Next: 12 full layers x 2 KV heads x 256 x (K and V) x 2 bytes per token; 36 Gated DeltaNet layers of
+  // 32 value-head states of 128 x 128 and 3 inputs of 2 x 16 x 128 + 32 x 128 channels, in bf16.
+  const af::HybridModel qwen = af::qwen3_next_80b_a3b();
+  CHECK(qwen.softmax.layers + qwen.linear_layers == 48);
+  CHECK(qwen.softmax.bytes_per_token() == 12 * 2 * 256 * 2 * 2);
+  CHECK(qwen.layer_state_bytes() == (32 * 128 * 128 + 3 * (2 * 16 * 128 + 32 * 128)) * 2);
+  CHECK(qwen.state_bytes() == 36 * qwen.layer_state_bytes());
+  CHECK(qwen.linear_flops_per_token() == 36.0 * 32 * 7 * 128 * 128);
+  // Kimi Linear: 7 MLA layers of a 512 latent and a 64-value key part; 20 KDA layers of 32 heads of 128 and 3
+  // inputs of 3 x 32 x 128 channels.
+  const af::HybridModel kimi = af::kimi_linear_48b_a3b();
+  CHECK(kimi.softmax.layers + kimi.linear_layers == 27);
+  CHECK(kimi.softmax.bytes_per_token() == 7 * (512 + 64) * 2);
+  CHECK(kimi.state_bytes() == 20 * (32 * 128 * 128 + 3 * 3 * 32 * 128) * 2);
+  CHECK(kimi.bytes_stored(4096) == kimi.state_bytes() + 4096 * 8064);
+  // MiniMax-M1 has no convolution: its layer state is the states alone.
+  CHECK(af::minimax_m1().layer_state_bytes() == 64 * 128 * 128 * 2);
+  const std::vector<std::int64_t> contexts{4096};
+  const std::string card = af::format_hybrid_card(qwen, {}, contexts);
+  CHECK_THAT(card, Catch::Contains("S [32, 128, 128] + conv inputs [3, 8192]"));
+  CHECK_THAT(card, Catch::Contains("Gated DeltaNet: 1097728 per layer per sequence x 36 layers"));
+}
+
 TEST_CASE("the hybrid card states the fixed state and the growing KV cache", "[linear][accounting]") {
   const af::HybridModel m = af::minimax_m1();
   const af::ModelCache llama = af::dense_model("Llama-3.1-70B").cache();

@@ -225,9 +225,12 @@ Tensor lightning_attention(ConstMatrix x, const LightningShape& shape, const Lig
   return linear(heads_out.matrix(), weights.out_proj.matrix());
 }
 
-std::int64_t HybridModel::state_bytes() const {
-  return linear_layers * linear_heads * key_dim * value_dim * bytes_of(state_dtype);
+std::int64_t HybridModel::layer_state_bytes() const {
+  const std::int64_t conv_inputs = conv_kernel > 1 ? (conv_kernel - 1) * conv_channels : 0;
+  return (heads_with_state() * key_dim * value_dim + conv_inputs) * bytes_of(state_dtype);
 }
+
+std::int64_t HybridModel::state_bytes() const { return linear_layers * layer_state_bytes(); }
 
 std::int64_t HybridModel::bytes_stored(std::int64_t t) const {
   return (t > 0 ? state_bytes() : 0) + softmax.bytes_stored(t);
@@ -236,7 +239,7 @@ std::int64_t HybridModel::bytes_stored(std::int64_t t) const {
 std::int64_t HybridModel::bytes_read(std::int64_t t) const { return state_bytes() + softmax.bytes_read(t); }
 
 double HybridModel::linear_flops_per_token() const {
-  return 5.0 * static_cast<double>(linear_layers * linear_heads * key_dim * value_dim);
+  return flops_per_state_element * static_cast<double>(linear_layers * heads_with_state() * key_dim * value_dim);
 }
 
 double HybridModel::decode_flops(std::int64_t t) const { return linear_flops_per_token() + softmax.decode_flops(t); }
@@ -250,43 +253,103 @@ HybridModel minimax_m1(DType kv_dtype, DType state_dtype) {
       "MiniMax-AI/MiniMax-M1 @ 2abb4f4, config.json (80 layers, 64 heads, 8 KV heads, head_dim 128, attn_type_list: "
       "softmax at layers 7, 15, ..., 79 -> 70 lightning + 10 softmax); MiniMax-Text-01 model card (80 layers, 64 "
       "heads of 128, a softmax layer after every 7 lightning layers)";
-  return {"MiniMax-M1",
-          source,
-          ModelCache{"MiniMax-M1 softmax layers", source, 10, dense_kv_card("GQA (groups of 8)", 64, 8, 128, kv_dtype)},
-          70,
-          64,
-          128,
-          128,
-          state_dtype};
+  HybridModel m;
+  m.model = "MiniMax-M1";
+  m.source = source;
+  m.softmax =
+      ModelCache{"MiniMax-M1 softmax layers", source, 10, dense_kv_card("GQA (groups of 8)", 64, 8, 128, kv_dtype)};
+  m.linear_layers = 70;
+  m.linear_heads = 64;
+  m.key_dim = m.value_dim = 128;
+  m.state_dtype = state_dtype;
+  return m;
+}
+
+HybridModel qwen3_next_80b_a3b(DType kv_dtype, DType state_dtype) {
+  const std::string source =
+      "huggingface/transformers 5.17, models/qwen3_next/configuration_qwen3_next.py, whose defaults are "
+      "Qwen/Qwen3-Next-80B-A3B-Instruct's (48 layers, full_attention_interval 4, 16 heads, 2 KV heads, head_dim "
+      "256, partial_rotary_factor 0.25; linear_num_key_heads 16, linear_num_value_heads 32, key and value head dim "
+      "128, linear_conv_kernel_dim 4)";
+  HybridModel m;
+  m.model = "Qwen3-Next-80B-A3B";
+  m.source = source;
+  m.softmax = ModelCache{"Qwen3-Next-80B-A3B full-attention layers", source, 12,
+                         dense_kv_card("gated GQA (groups of 8)", 16, 2, 256, kv_dtype)};
+  m.linear_layers = 36;
+  m.linear_heads = 16;
+  m.key_dim = m.value_dim = 128;
+  m.state_dtype = state_dtype;
+  m.linear_mechanism = "Gated DeltaNet";
+  m.state_heads = 32;
+  m.conv_channels = 2 * 16 * 128 + 32 * 128;
+  m.conv_kernel = 4;
+  m.flops_per_state_element = 7.0;
+  m.linear_projected =
+      "q, k of 16 key heads and v, z (the output gate) of 32 value heads, all of 128; beta and a decay per value "
+      "head";
+  return m;
+}
+
+HybridModel kimi_linear_48b_a3b(DType kv_dtype, DType state_dtype) {
+  const std::string source =
+      "moonshotai/Kimi-Linear-48B-A3B-Instruct config.json (27 layers; linear_attn_config: full_attn_layers [4, 8, "
+      "12, 16, 20, 24, 27], kda_layers the other 20, num_heads 32, head_dim 128, short_conv_kernel_size 4; "
+      "kv_lora_rank 512, qk_rope_head_dim 64, mla_use_nope true); Kimi Linear technical report (arXiv 2510.26692)";
+  HybridModel m;
+  m.model = "Kimi-Linear-48B-A3B";
+  m.source = source;
+  m.softmax = ModelCache{"Kimi-Linear-48B-A3B MLA layers", source, 7, mla_kv_card(32, 512, 64, kv_dtype)};
+  m.linear_layers = 20;
+  m.linear_heads = 32;
+  m.key_dim = m.value_dim = 128;
+  m.state_dtype = state_dtype;
+  m.linear_mechanism = "Kimi Delta Attention";
+  m.conv_channels = 3 * 32 * 128;
+  m.conv_kernel = 4;
+  m.flops_per_state_element = 7.0;
+  m.linear_projected =
+      "q, k, v of 32 heads of 128; beta per head; a decay per key channel and an output gate, each through a "
+      "rank-128 bottleneck";
+  return m;
 }
 
 std::string format_hybrid_card(const HybridModel& model, std::span<const ModelCache> others,
                                std::span<const std::int64_t> contexts) {
   const CacheCard& card = model.softmax.card;
-  const std::int64_t per_layer_state =
-      model.linear_heads * model.key_dim * model.value_dim * bytes_of(model.state_dtype);
-  std::string out = fmt::format("Cache card: {} (lightning attention + softmax attention)\n", model.model);
+  const std::string& linear = model.linear_mechanism;
+  const std::string state_shape =
+      fmt::format("S [{}, {}, {}]", model.heads_with_state(), model.key_dim, model.value_dim);
+  const std::string conv_shape =
+      model.conv_channels > 0 && model.conv_kernel > 1
+          ? fmt::format(" + conv inputs [{}, {}]", model.conv_kernel - 1, model.conv_channels)
+          : "";
+  std::string out = fmt::format("Cache card: {} ({} layers and {} layers)\n", model.model, linear, card.mechanism);
   // A line longer than the book's code column (110 characters) continues under its text.
   const auto line = [&out](std::string_view label, const std::string& text) {
     for (const std::string& l : wrap_words(text, 90)) out += fmt::format("  {:<17} {}\n", label, l), label = "";
   };
-  line("projected", fmt::format("lightning layers: q, k, v of {} heads of {} (SiLU), and a gate of {} values",
-                                model.linear_heads, model.key_dim, model.linear_heads * model.value_dim));
+  line("projected",
+       fmt::format("{} layers: {}", linear,
+                   model.linear_projected.empty()
+                       ? fmt::format("q, k, v of {} heads of {} (SiLU), and a gate of {} values", model.linear_heads,
+                                     model.key_dim, model.linear_heads * model.value_dim)
+                       : model.linear_projected));
   line("", fmt::format("softmax layers: {}", card.projected));
-  line("cached", fmt::format("per lightning layer and sequence: S [{}, {}, {}] {} (fixed)", model.linear_heads,
-                             model.key_dim, model.value_dim, name_of(model.state_dtype)));
-  std::vector<std::string> stored;
-  for (const CachedTensor& t : card.per_token)
+  line("cached", fmt::format("per {} layer and sequence: {}{} {} (fixed)", linear, state_shape, conv_shape,
+                             name_of(model.state_dtype)));
+  std::vector<std::string> stored, per_t;
+  for (const CachedTensor& t : card.per_token) {
     stored.push_back(fmt::format("{} [{}] {}", t.name, fmt::join(t.shape, ", "), name_of(t.dtype)));
+    per_t.push_back(fmt::format("{} [T, {}]", t.name, fmt::join(t.shape, ", ")));
+  }
   line("", fmt::format("per softmax layer and token: {}", fmt::join(stored, ", ")));
-  line("stored shape", fmt::format("after a prefill of T tokens: S [{}, {}, {}]; K, V [T, {}]", model.linear_heads,
-                                   model.key_dim, model.value_dim, fmt::join(card.per_token.front().shape, ", ")));
-  line("",
-       fmt::format("after the decode step at position t: S [{}, {}, {}] (overwritten); K, V [t + 1, {}]",
-                   model.linear_heads, model.key_dim, model.value_dim, fmt::join(card.per_token.front().shape, ", ")));
-  line("bytes",
-       fmt::format("lightning: {} per layer per sequence x {} layers = {} whatever the context", per_layer_state,
-                   model.linear_layers, human_bytes(static_cast<double>(model.state_bytes()))));
+  line("stored shape",
+       fmt::format("after a prefill of T tokens: {}{}; {}", state_shape, conv_shape, fmt::join(per_t, ", ")));
+  line("", fmt::format("after each decode step: the same state (overwritten); the softmax cache grows by one token"));
+  line("bytes", fmt::format("{}: {} per layer per sequence x {} layers = {} whatever the context", linear,
+                            model.layer_state_bytes(), model.linear_layers,
+                            human_bytes(static_cast<double>(model.state_bytes()))));
   line("", fmt::format("softmax: {} per layer per token x {} layers = {} per token", card.bytes_per_token(),
                        model.softmax.layers, model.softmax.bytes_per_token()));
   for (const std::int64_t t : contexts)
@@ -297,7 +360,7 @@ std::string format_hybrid_card(const HybridModel& model, std::span<const ModelCa
                      human_bytes(static_cast<double>(model.bytes_read(t)))));
   for (const std::int64_t t : contexts)
     line(t == contexts.front() ? "whole model" : "",
-         fmt::format("{} at t = {}: {} stored ({} states + {} KV)", model.model, t,
+         fmt::format("{} at t = {}: {} stored ({} states + {} cache)", model.model, t,
                      human_bytes(static_cast<double>(model.bytes_stored(t))),
                      human_bytes(static_cast<double>(model.state_bytes())),
                      human_bytes(static_cast<double>(model.softmax.bytes_stored(t)))));
@@ -307,9 +370,10 @@ std::string format_hybrid_card(const HybridModel& model, std::span<const ModelCa
            fmt::format("{} ({}) at t = {}: {} stored", m.model, m.card.mechanism, t,
                        human_bytes(static_cast<double>(m.bytes_stored(t)))));
   line("trades off",
-       "constant memory and constant reads per token in the lightning layers, for a state that must squeeze the "
-       "whole context into d x d numbers per head (recall degrades once the context holds more than ~d items a "
-       "head must keep apart); the softmax layers keep exact recall at a growing cost");
+       fmt::format("constant memory and constant reads per token in the {} layers, for a state that must squeeze "
+                   "the whole context into d_k x d_v numbers per head (recall degrades once the context holds more "
+                   "than ~d items a head must keep apart); the softmax layers keep exact recall at a growing cost",
+                   linear));
   return out;
 }
 

@@ -138,15 +138,33 @@ struct HybridModel {
   std::int64_t key_dim = 0;
   std::int64_t value_dim = 0;
   DType state_dtype = DType::bf16;
+  /// What the linear layers compute, as the card names it.
+  std::string linear_mechanism = "lightning";
+  /// Heads that keep a state, when not linear_heads: Gated DeltaNet keeps one per value head.
+  std::int64_t state_heads = 0;
+  /// The short causal convolution in front of q, k and v (chapter 14): its channels and width; the cache keeps
+  /// its last conv_kernel - 1 inputs per layer (0 channels: no convolution, as in lightning attention).
+  std::int64_t conv_channels = 0;
+  std::int64_t conv_kernel = 0;
+  /// FLOPs per state element and token: lightning's update S <- lambda S + k^T v and read-out (3 + 2 = 5); the
+  /// delta rule's decay, retrieval S^T k, rank-one write and read-out (1 + 2 + 2 + 2 = 7).
+  double flops_per_state_element = 5.0;
+  /// What a linear layer projects per token, as the card says it (empty: lightning's q, k, v and gate).
+  std::string linear_projected;
 
-  /// Bytes of one sequence's states, all linear layers: linear_layers H d_k d_v bytes_of(state_dtype).
+  /// Heads with a state: state_heads, or linear_heads when it is 0.
+  std::int64_t heads_with_state() const { return state_heads > 0 ? state_heads : linear_heads; }
+  /// Bytes one linear layer keeps for one sequence: H d_k d_v state elements and (conv_kernel - 1) conv_channels
+  /// convolution inputs, in state_dtype.
+  std::int64_t layer_state_bytes() const;
+  /// Bytes of one sequence's states, all linear layers: linear_layers x layer_state_bytes().
   std::int64_t state_bytes() const;
   /// Bytes one sequence holds after `t` tokens: the states plus the softmax layers' caches.
   std::int64_t bytes_stored(std::int64_t t) const;
   /// Bytes one decode step reads at context `t`: every state once, and every softmax layer's cache.
   std::int64_t bytes_read(std::int64_t t) const;
-  /// Attention FLOPs of one token in one linear layer: per head the state update S <- lambda S + k^T v
-  /// (3 d_k d_v: a scaling and a multiply-add per element) and the read-out o = q S (2 d_k d_v).
+  /// Attention FLOPs of one token in all linear layers: flops_per_state_element per state element (lightning:
+  /// the update S <- lambda S + k^T v, a scaling and a multiply-add, and the read-out o = q S).
   double linear_flops_per_token() const;
   /// Attention FLOPs of one decode step at context `t`: every linear layer's update and read-out, and every
   /// softmax layer's scores and value mixes (CacheCard::decode_flops).
@@ -160,6 +178,16 @@ struct HybridModel {
 /// layer after every seven lightning ones), 64 heads of 128, 8 KV heads on the softmax layers. The KV cache
 /// in `kv_dtype`, the lightning states in `state_dtype`.
 HybridModel minimax_m1(DType kv_dtype = DType::bf16, DType state_dtype = DType::bf16);
+
+/// Qwen3-Next-80B-A3B: 48 layers, every fourth a gated full-attention layer (12: 16 query heads, 2 KV heads of
+/// 256) and the others Gated DeltaNet (36: 16 key heads and 32 value heads of 128, a convolution of width 4 over
+/// q, k and v's 8,192 channels).
+HybridModel qwen3_next_80b_a3b(DType kv_dtype = DType::bf16, DType state_dtype = DType::bf16);
+
+/// Kimi-Linear-48B-A3B: 27 layers, 7 MLA layers (32 heads, latent 512 and a 64-value key part, as DeepSeek-V3's,
+/// here without rotation) and 20 Kimi Delta Attention layers (32 heads of 128, a convolution of width 4 over q,
+/// k and v's 12,288 channels).
+HybridModel kimi_linear_48b_a3b(DType kv_dtype = DType::bf16, DType state_dtype = DType::bf16);
 
 /// The cache card of a hybrid model, the six answers: what is projected, what is stored (the fixed states
 /// and the growing KV cache), the stored shapes, bytes (per token for the softmax layers, per sequence for
