@@ -636,7 +636,7 @@ int main(int argc, char** argv) {
         for (const auto& row : curve) out.print("{} {:.4f}\n", row[0], fmt::join(std::span(row).subspan(1), " "));
       });
       af::write_output_file(dir / "recall_age.dat", [&](af::OutputFile& out) {
-        out.print("# n = {} pairs, d = {}: recall by age (pairs written since), bins of d/2\n", max_pairs, d);
+        out.print("# n = {} keys, d = {}: recall by age (writes since), bins of d/2\n", max_pairs, d);
         out.print("age softmax linear \"linear decay\" delta \"gated delta\"\n");
         for (std::int64_t b = 0; b < age_bins; ++b) {
           const auto& row = by_age[static_cast<std::size_t>(b)];
