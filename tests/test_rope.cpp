@@ -152,3 +152,15 @@ TEST_CASE("RoPE rejects odd head dimensions and bad scalings", "[rope][errors]")
   CHECK_THROWS_WITH(af::Rope(8, 1.0, af::RopeLayout::adjacent), Contains("base"));
   CHECK_THROWS_AS(af::Rope(8, 1e4, af::RopeLayout::adjacent, af::Llama3Scaling{8.0, 4.0, 1.0, 64.0}), af::Error);
 }
+
+TEST_CASE("Linear scaling divides every frequency by the factor, as if positions were factor times closer", "[rope]") {
+  const af::Rope plain(16, 1e6, af::RopeLayout::half_split);
+  const af::Rope scaled(16, 1e6, af::RopeLayout::half_split, af::LinearScaling{8.0});
+  for (std::size_t i = 0; i < plain.inverse_frequencies().size(); ++i)
+    CHECK(scaled.inverse_frequencies()[i] == Approx(plain.inverse_frequencies()[i] / 8.0).epsilon(1e-15));
+  CHECK(scaled.attention_scale() == 1.0);
+  af::Rng rng(603);
+  const std::vector<float> x = random_vector(rng, 16);
+  CHECK(af::max_abs_diff(rotated(scaled, x, 80.0), rotated(plain, x, 10.0)) <= 1e-5);
+  CHECK_THROWS_AS(af::Rope(16, 1e6, af::RopeLayout::half_split, af::LinearScaling{0.5}), af::Error);
+}

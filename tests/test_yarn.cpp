@@ -2,6 +2,7 @@
 // transformers' `rope_type: "yarn"` follows (ramp over pair indices between the beta_fast and beta_slow
 // boundaries; attention factor on the rotated q and k).
 #include "af/error.hpp"
+#include "af/mla.hpp"
 #include "af/random.hpp"
 #include "af/rope.hpp"
 
@@ -166,4 +167,28 @@ TEST_CASE("YaRN rejects a factor below 1, swapped betas and a non-positive atten
   bad = {};
   bad.original_context = 0.0;
   CHECK_THROWS_AS(af::Rope(8, 1e4, af::RopeLayout::half_split, bad), af::Error);
+}
+
+TEST_CASE("DeepSeek-V3's softmax scale carries YaRN's mscale(factor, mscale_all_dim) squared", "[rope][yarn][mla]") {
+  // DeepSeek-V3 as released: qk_nope 128 + qk_rope 64, YaRN factor 40 with mscale = mscale_all_dim = 1.
+  af::MlaShape shape;
+  shape.hidden = 7168;
+  shape.heads = 128;
+  shape.q_lora_rank = 1536;
+  shape.kv_lora_rank = 512;
+  shape.qk_nope_head_dim = 128;
+  shape.qk_rope_head_dim = 64;
+  shape.v_head_dim = 128;
+  af::YarnScaling yarn;
+  yarn.factor = 40.0;
+  yarn.mscale = 1.0;
+  yarn.mscale_all_dim = 1.0;
+  const double mscale = 0.1 * std::log(40.0) + 1.0;
+  CHECK(af::yarn_mscale(40.0, 1.0) == Approx(mscale).epsilon(1e-15));
+  CHECK(af::yarn_mscale(1.0, 1.0) == 1.0);
+  CHECK(af::mla_softmax_scale(shape, std::nullopt) == Approx(1.0 / std::sqrt(192.0)).epsilon(1e-15));
+  CHECK(af::mla_softmax_scale(shape, yarn) == Approx(mscale * mscale / std::sqrt(192.0)).epsilon(1e-15));
+  CHECK(yarn.attention_scale() == Approx(1.0).epsilon(1e-15));  // the rotated part itself is not rescaled
+  yarn.mscale_all_dim = 0.0;                                    // not given: no correction of the scale
+  CHECK(af::mla_softmax_scale(shape, yarn) == Approx(1.0 / std::sqrt(192.0)).epsilon(1e-15));
 }

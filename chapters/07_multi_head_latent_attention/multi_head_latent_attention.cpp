@@ -21,6 +21,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -264,7 +265,9 @@ int main(int argc, char** argv) {
     af::Rng rng(seed);
     const af::MlaWeights w = random_weights(rng, s);
     const af::Rope rope(s.qk_rope_head_dim, 10000.0, af::RopeLayout::adjacent);
-    const double scale = 1.0 / std::sqrt(static_cast<double>(s.qk_head_dim()));
+    // Unscaled RoPE, so the softmax scale is 1/sqrt(d_n + d_r); DeepSeek-V3 as released also multiplies it by YaRN's
+    // mscale^2 (printed below the cache card).
+    const double scale = af::mla_softmax_scale(s, std::nullopt);
     const Tensor x = af::random_normal(Shape{seq_len, s.hidden}, rng);
 
     fmt::print("MLA: hidden {}, H = {} heads; q latent {}, KV latent r = {}; per head: key {} + {} (RoPE), value {}\n",
@@ -343,6 +346,19 @@ int main(int argc, char** argv) {
       fmt::print("  {:<34} {:>12.0f} {:>14.0f} {:>9.1f}x\n", row.name, row.bytes_per_token_layer,
                  61 * row.bytes_per_token_layer, row.bytes_per_token_layer / rows.back().bytes_per_token_layer);
 
+    // The released model rotates with YaRN (rope_scaling in config.json of huggingface.co/deepseek-ai/DeepSeek-V3:
+    // type yarn, factor 40, mscale 1.0, mscale_all_dim 1.0, original_max_position_embeddings 4096), which also
+    // multiplies its softmax scale by mscale(40, mscale_all_dim)^2.
+    af::YarnScaling v3_yarn;
+    v3_yarn.factor = 40.0;
+    v3_yarn.original_context = 4096.0;
+    v3_yarn.mscale = 1.0;
+    v3_yarn.mscale_all_dim = 1.0;
+    const double v3_plain = af::mla_softmax_scale(v3, std::nullopt), v3_scale = af::mla_softmax_scale(v3, v3_yarn);
+    numbers.print("v3_mscale", "{:.3f}", af::yarn_mscale(v3_yarn.factor, v3_yarn.mscale_all_dim));
+    numbers.print("v3_mscale_squared", "{:.3f}", v3_scale / v3_plain);
+    numbers.print("v3_softmax_scale", "{:.4f}", v3_scale);
+
     fmt::print("\nOne decode token, one DeepSeek-V3 layer (bf16 cache): arithmetic and cache bytes read\n");
     fmt::print("  {:>8} {:>16} {:>16} {:>16} {:>18}\n", "context", "naive FLOPs", "absorbed FLOPs", "latent bytes",
                "per-head K/V bytes");
@@ -400,6 +416,10 @@ int main(int argc, char** argv) {
       });
     }
     fmt::print("\nnaive and absorbed decode differ by at most {:.2e} (float32)\n", paths_differ);
+    fmt::print(
+        "\nSoftmax scale: this layer (unscaled RoPE) 1/sqrt({} + {}) = {:.4f}; DeepSeek-V3 as released (YaRN "
+        "factor 40, mscale_all_dim 1) 1/sqrt(128 + 64) x mscale^2 = {:.4f} x {:.4f} = {:.4f}\n",
+        s.qk_nope_head_dim, s.qk_rope_head_dim, scale, v3_plain, v3_scale / v3_plain, v3_scale);
     return checks.all_passed();
   });
 }

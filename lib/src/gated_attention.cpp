@@ -2,6 +2,7 @@
 
 #include "af/error.hpp"
 #include "af/linalg.hpp"
+#include "af/qk_norm.hpp"
 #include "af/rope.hpp"
 
 #include <cmath>
@@ -31,20 +32,6 @@ void GatedAttentionWeights::validate(const GatedAttentionShape& s) const {
   check("k_norm", k_norm, Shape{g.head_dim});
 }
 
-namespace {
-
-// x / rms(x) * (1 + gain), in place, over one head's d values.
-void zero_centred_rms_norm(float* x, std::span<const float> gain, double eps) {
-  const auto d = static_cast<std::int64_t>(gain.size());
-  double squares = 0;
-  for (std::int64_t i = 0; i < d; ++i) squares += static_cast<double>(x[i]) * x[i];
-  const double inv = 1.0 / std::sqrt(squares / static_cast<double>(d) + eps);
-  for (std::int64_t i = 0; i < d; ++i)
-    x[i] = static_cast<float>(x[i] * inv * (1.0 + gain[static_cast<std::size_t>(i)]));
-}
-
-}  // namespace
-
 // [gated-attention]
 Tensor gated_attention(ConstMatrix x, std::span<const std::int64_t> positions, const GatedAttentionShape& s,
                        const GatedAttentionWeights& w, GroupedKvCache& cache) {
@@ -58,23 +45,22 @@ Tensor gated_attention(ConstMatrix x, std::span<const std::int64_t> positions, c
   Tensor q(Shape{T, H * d}), gate(Shape{T, H * d});
   Tensor k = linear(x, w.k_proj.matrix()), v = linear(x, w.v_proj.matrix());
   const Rope rope(std::max<std::int64_t>(s.rotary_dim, 2), s.rope_base, RopeLayout::half_split);
-  for (std::int64_t t = 0; t < T; ++t) {
+  for (std::int64_t t = 0; t < T; ++t)
     for (std::int64_t h = 0; h < H; ++h) {
       const float* in = qg.data() + t * H * 2 * d + h * 2 * d;
-      float* qh = q.data() + (t * H + h) * d;
-      std::copy(in, in + d, qh);
+      std::copy(in, in + d, q.data() + (t * H + h) * d);
       std::copy(in + d, in + 2 * d, gate.data() + (t * H + h) * d);
-      zero_centred_rms_norm(qh, w.q_norm.values(), s.norm_eps);
-      if (s.rotary_dim > 0)
-        rope.rotate(std::span(qh, static_cast<std::size_t>(s.rotary_dim)),
-                    static_cast<double>(positions[static_cast<std::size_t>(t)]));
     }
-    for (std::int64_t j = 0; j < G; ++j) {
-      float* kh = k.data() + (t * G + j) * d;
-      zero_centred_rms_norm(kh, w.k_norm.values(), s.norm_eps);
-      if (s.rotary_dim > 0)
-        rope.rotate(std::span(kh, static_cast<std::size_t>(s.rotary_dim)),
-                    static_cast<double>(positions[static_cast<std::size_t>(t)]));
+  rms_norm_heads(q.matrix(), w.q_norm.values(), s.norm_eps, RmsGain::one_plus_weight);
+  rms_norm_heads(k.matrix(), w.k_norm.values(), s.norm_eps, RmsGain::one_plus_weight);
+  if (s.rotary_dim > 0) {
+    const auto rotated = static_cast<std::size_t>(s.rotary_dim);
+    for (std::int64_t t = 0; t < T; ++t) {
+      const auto position = static_cast<double>(positions[static_cast<std::size_t>(t)]);
+      for (std::int64_t h = 0; h < H; ++h)
+        rope.rotate(q.matrix().row(t).subspan(static_cast<std::size_t>(h * d), rotated), position);
+      for (std::int64_t j = 0; j < G; ++j)
+        rope.rotate(k.matrix().row(t).subspan(static_cast<std::size_t>(j * d), rotated), position);
     }
   }
   cache.append(k.matrix(), v.matrix());

@@ -57,6 +57,14 @@ void MlaCache::append(ConstMatrix latent, ConstMatrix rope_keys) {
   size_ += latent.rows;
 }
 
+double mla_softmax_scale(const MlaShape& shape, const std::optional<YarnScaling>& yarn) {
+  shape.validate();
+  const double scale = 1.0 / std::sqrt(static_cast<double>(shape.qk_head_dim()));
+  if (!yarn || yarn->mscale_all_dim == 0.0) return scale;
+  const double mscale = yarn_mscale(yarn->factor, yarn->mscale_all_dim);
+  return scale * mscale * mscale;
+}
+
 void rms_norm_rows(Matrix x, std::span<const float> gain, double eps) {
   require(static_cast<std::int64_t>(gain.size()) == x.cols, "rms_norm_rows: {} gains for rows of {}", gain.size(),
           x.cols);

@@ -37,11 +37,19 @@ Rope::Rope(std::int64_t head_dim, double base, RopeLayout layout, std::optional<
   }
 }
 
+Rope::Rope(std::int64_t head_dim, double base, RopeLayout layout, const LinearScaling& linear)
+    : Rope(head_dim, base, layout) {
+  require(linear.factor >= 1.0 && std::isfinite(linear.factor), "Rope: linear scaling factor {} (expected >= 1)",
+          linear.factor);
+  for (double& f : inverse_frequencies_) f /= linear.factor;
+}
+
+double yarn_mscale(double factor, double weight) { return factor <= 1.0 ? 1.0 : 0.1 * weight * std::log(factor) + 1.0; }
+
 double YarnScaling::attention_scale() const {
   if (attention_factor) return *attention_factor;
-  const auto mscale_of = [this](double weight) { return factor <= 1.0 ? 1.0 : 0.1 * weight * std::log(factor) + 1.0; };
-  if (mscale != 0.0 && mscale_all_dim != 0.0) return mscale_of(mscale) / mscale_of(mscale_all_dim);
-  return mscale_of(1.0);
+  if (mscale != 0.0 && mscale_all_dim != 0.0) return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim);
+  return yarn_mscale(factor, 1.0);
 }
 
 std::pair<double, double> YarnScaling::correction_range(std::int64_t head_dim, double base) const {

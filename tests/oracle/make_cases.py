@@ -395,9 +395,11 @@ def _hf_init_params(module, g) -> dict[str, Any]:
     return params
 
 
-def _hf_record(spec: CaseSpec, config_cls, model_cls, config_kwargs: dict[str, Any], attach=None) -> Recording:
+def _hf_record(spec: CaseSpec, config_cls, model_cls, config_kwargs: dict[str, Any], attach=None,
+               init_params=None) -> Recording:
     """`attach(attn)`, when given, registers further hooks on the attention module (or its submodules) and returns
-    their handles; they are removed with the others."""
+    their handles; they are removed with the others. `init_params(attn, g)`, when given, draws the module's
+    parameters instead of `_hf_init_params` (e.g. Gemma's zero-centred norm gains)."""
     T, N = spec.prefill_len, spec.decode_steps
     L = T + N
     config = config_cls(**config_kwargs)
@@ -408,7 +410,7 @@ def _hf_record(spec: CaseSpec, config_cls, model_cls, config_kwargs: dict[str, A
     attn = model.layers[HF_HOOKED_LAYER].self_attn
 
     g = seeded_generator(spec.seed)
-    params = _hf_init_params(attn, g)
+    params = (init_params or _hf_init_params)(attn, g)
     ids = torch.randint(0, config.vocab_size, (1, L), generator=g, dtype=torch.int64)
     pos = torch.arange(spec.position_offset, spec.position_offset + L, dtype=torch.int64).unsqueeze(0)
 
@@ -650,13 +652,35 @@ def record_deepseek_v3(spec: CaseSpec) -> Recording:
     return _hf_record(spec, DeepseekV3Config, DeepseekV3Model, deepseek_v3_config_kwargs(spec.config))
 
 
-def _deepseek_v3_64(rec: Recording, spec: CaseSpec, *, interleaved: bool | None = None):
+def deepseek_softmax_scale64(c: dict[str, Any], *, mscale_squared: bool = True) -> float:
+    """(dn + dr)^-0.5, times mscale(factor, mscale_all_dim)^2 = (0.1 mscale_all_dim ln(factor) + 1)^2 when the rope
+    is scaled and mscale_all_dim is set (DeepSeek-V3 as released: YaRN factor 40, mscale_all_dim 1)."""
+    scale = (c["qk_nope_head_dim"] + c["qk_rope_head_dim"]) ** -0.5
+    rp = c["rope_parameters"]
+    if mscale_squared and rp.get("rope_type", "default") != "default" and rp.get("mscale_all_dim"):
+        factor = float(rp["factor"])
+        m = 1.0 if factor <= 1 else 0.1 * float(rp["mscale_all_dim"]) * math.log(factor) + 1.0
+        scale *= m * m
+    return scale
+
+
+def deepseek_rope64(c: dict[str, Any], *, default_frequencies: bool = False):
+    """(inverse frequencies over qk_rope_head_dim, factor on the rotated values): default RoPE, or YaRN's."""
+    rp, dr = c["rope_parameters"], c["qk_rope_head_dim"]
+    kind = rp.get("rope_type", "default")
+    if kind == "default" or default_frequencies:
+        att = yarn_inv_freq64(dr, rp, c["max_position_embeddings"])[1] if kind == "yarn" else 1.0
+        return rope_inv_freq64(dr, {"rope_type": "default", "rope_theta": rp["rope_theta"]}), att
+    if kind != "yarn":
+        raise NotImplementedError(f"deepseek check: rope_type {kind!r}")
+    return yarn_inv_freq64(dr, rp, c["max_position_embeddings"])
+
+
+def _deepseek_v3_64(rec: Recording, spec: CaseSpec, *, interleaved: bool | None = None,
+                    mscale_squared: bool = True, default_frequencies: bool = False):
     c = rec.config
     H, dn, dr, dv = c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
     r, rq = c["kv_lora_rank"], c["q_lora_rank"]
-    rp = c["rope_parameters"]
-    if rp.get("rope_type", "default") != "default":
-        raise NotImplementedError("deepseek_v3 check: rope scaling (YaRN mscale) is not handled")
     if c["num_key_value_heads"] != H:
         raise AssertionError("deepseek_v3: num_key_value_heads must equal num_attention_heads")
     if interleaved is None:
@@ -665,7 +689,7 @@ def _deepseek_v3_64(rec: Recording, spec: CaseSpec, *, interleaved: bool | None 
     p = {k: v.to(torch.float64) for k, v in rec.params.items()}
     x = rec.hidden_states.to(torch.float64)[0]
     positions = torch.arange(spec.position_offset, spec.position_offset + L)
-    inv = rope_inv_freq64(dr, rp)
+    inv, att = deepseek_rope64(c, default_frequencies=default_frequencies)
 
     if rq is None:
         q = _linear64(x, p, "q_proj")
@@ -673,17 +697,18 @@ def _deepseek_v3_64(rec: Recording, spec: CaseSpec, *, interleaved: bool | None 
         q = _linear64(rms_norm64(_linear64(x, p, "q_a_proj"), p["q_a_layernorm.weight"], DEEPSEEK_V3_NORM_EPS),
                       p, "q_b_proj")
     q = q.reshape(L, H, dn + dr)
-    q_nope, q_pe = q[..., :dn], rope64(q[..., dn:], positions, inv, interleaved=interleaved)
+    q_nope, q_pe = q[..., :dn], rope64(q[..., dn:], positions, inv, interleaved=interleaved) * att
 
     kv_a = _linear64(x, p, "kv_a_proj_with_mqa")                               # [L, r + dr]
     c_kv = rms_norm64(kv_a[:, :r], p["kv_a_layernorm.weight"], DEEPSEEK_V3_NORM_EPS)
-    k_pe = rope64(kv_a[:, None, r:], positions, inv, interleaved=interleaved)   # [L, 1, dr], all heads
+    k_pe = rope64(kv_a[:, None, r:], positions, inv, interleaved=interleaved) * att   # [L, 1, dr], all heads
     kv = (c_kv @ p["kv_b_proj.weight"].T).reshape(L, H, dn + dv)
     k_nope, v = kv[..., :dn], kv[..., dn:]
 
     q_full = torch.cat([q_nope, q_pe], dim=-1)
     k_full = torch.cat([k_nope, k_pe.expand(L, H, dr)], dim=-1)
-    out = _linear64(causal_attention64(q_full, k_full, v, (dn + dr) ** -0.5), p, "o_proj")
+    scale = deepseek_softmax_scale64(c, mscale_squared=mscale_squared)
+    out = _linear64(causal_attention64(q_full, k_full, v, scale), p, "o_proj")
     return _split_expected(out, spec.prefill_len)
 
 
@@ -693,8 +718,21 @@ def check_deepseek_v3(rec: Recording, spec: CaseSpec) -> dict[str, Any]:
 
 def contrasts_deepseek_v3(rec: Recording, spec: CaseSpec) -> dict[str, float]:
     other = "half_split" if rec.config["rope_interleave"] else "interleaved"
-    return {f"rope_{other}": _contrast_error(rec, _deepseek_v3_64(rec, spec,
-                                                                  interleaved=not rec.config["rope_interleave"]))}
+    out = {f"rope_{other}": _contrast_error(rec, _deepseek_v3_64(rec, spec,
+                                                                 interleaved=not rec.config["rope_interleave"]))}
+    if rec.config["rope_parameters"].get("rope_type", "default") == "yarn":
+        out["no_mscale_squared"] = _contrast_error(rec, _deepseek_v3_64(rec, spec, mscale_squared=False))
+    return out
+
+
+def notes_deepseek_v3(rec: Recording, spec: CaseSpec) -> list[str]:
+    # Over a few tokens only the faster pairs move q . k, so YaRN's frequency change may stay small: reported.
+    if rec.config["rope_parameters"].get("rope_type", "default") != "yarn":
+        return []
+    err = _contrast_error(rec, _deepseek_v3_64(rec, spec, default_frequencies=True))
+    c = rec.config
+    return [f"    softmax scale {deepseek_softmax_scale64(c):.6g} = {deepseek_softmax_scale64(c, mscale_squared=False):.6g}"
+            f" x mscale^2; yarn frequencies replaced by theta^(-2i/d) would differ by {err:.2e}"]
 
 
 def describe_deepseek_v3(rec: Recording, spec: CaseSpec) -> str:
@@ -702,13 +740,13 @@ def describe_deepseek_v3(rec: Recording, spec: CaseSpec) -> str:
     return (f"hidden={c['hidden_size']:<4} H={c['num_attention_heads']} q_lora={c['q_lora_rank']} "
             f"kv_lora={c['kv_lora_rank']} nope={c['qk_nope_head_dim']} rope={c['qk_rope_head_dim']} "
             f"v={c['v_head_dim']} interleave={c['rope_interleave']!s:<5} "
-            f"theta={c['rope_parameters']['rope_theta']:g} "
-            f"scale={(c['qk_nope_head_dim'] + c['qk_rope_head_dim']) ** -0.5:.6g}")
+            f"theta={c['rope_parameters']['rope_theta']:g} rope_type={c['rope_parameters'].get('rope_type')} "
+            f"scale={deepseek_softmax_scale64(c):.6g}")
 
 
 register_reference(
     "deepseek_v3", layer_type="attention", record=record_deepseek_v3, check=check_deepseek_v3,
-    describe=describe_deepseek_v3, contrasts=contrasts_deepseek_v3,
+    describe=describe_deepseek_v3, contrasts=contrasts_deepseek_v3, notes=notes_deepseek_v3,
     summary="transformers DeepseekV3Attention (MLA, eager) in a tiny dense DeepseekV3Model, latent cache")
 
 
@@ -780,37 +818,36 @@ def record_deepseek_v32(spec: CaseSpec) -> Recording:
     return rec
 
 
-def _deepseek_v32_64(rec: Recording, spec: CaseSpec, *, index_interleaved: bool = False, dense: bool = False):
+def _deepseek_v32_64(rec: Recording, spec: CaseSpec, *, index_interleaved: bool = False, dense: bool = False,
+                     mscale_squared: bool = True):
     """float64 recomputation: (outputs, chosen [L, L] bool, smallest relative boundary gap, its row)."""
     c = rec.config
     H, dn, dr, dv = c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
     r, Hi, Di, k = c["kv_lora_rank"], c["index_n_heads"], c["index_head_dim"], c["index_topk"]
-    rp = c["rope_parameters"]
-    if rp.get("rope_type", "default") != "default":
-        raise NotImplementedError("deepseek_v32 check: rope scaling (YaRN mscale) is not handled")
     L = spec.prefill_len + spec.decode_steps
     p = {name: t.to(torch.float64) for name, t in rec.params.items()}
     x = rec.hidden_states.to(torch.float64)[0]
     positions = torch.arange(spec.position_offset, spec.position_offset + L)
-    inv = rope_inv_freq64(dr, rp)
+    inv, att = deepseek_rope64(c)            # one rotary embedding for MLA and the indexer (YaRN's when scaled)
 
     q_lat = rms_norm64(_linear64(x, p, "q_a_proj"), p["q_a_layernorm.weight"], DEEPSEEK_V3_NORM_EPS)
     q = (q_lat @ p["q_b_proj.weight"].T).reshape(L, H, dn + dr)
-    q_full = torch.cat([q[..., :dn], rope64(q[..., dn:], positions, inv, interleaved=True)], dim=-1)
+    q_full = torch.cat([q[..., :dn], rope64(q[..., dn:], positions, inv, interleaved=True) * att], dim=-1)
     kv_a = _linear64(x, p, "kv_a_proj_with_mqa")
     c_kv = rms_norm64(kv_a[:, :r], p["kv_a_layernorm.weight"], DEEPSEEK_V3_NORM_EPS)
-    k_pe = rope64(kv_a[:, None, r:], positions, inv, interleaved=True)
+    k_pe = rope64(kv_a[:, None, r:], positions, inv, interleaved=True) * att
     kv = (c_kv @ p["kv_b_proj.weight"].T).reshape(L, H, dn + dv)
     k_full = torch.cat([kv[..., :dn], k_pe.expand(L, H, dr)], dim=-1)
     v = kv[..., dn:]
 
     qi = (q_lat @ p["indexer.wq_b.weight"].T).reshape(L, Hi, Di)
-    qi = torch.cat([rope64(qi[..., :dr], positions, inv, interleaved=index_interleaved), qi[..., dr:]], dim=-1)
+    qi = torch.cat([rope64(qi[..., :dr], positions, inv, interleaved=index_interleaved) * att, qi[..., dr:]], dim=-1)
     ki = x @ p["indexer.wk.weight"].T
     mean = ki.mean(dim=-1, keepdim=True)
     var = ((ki - mean) ** 2).mean(dim=-1, keepdim=True)
     ki = (ki - mean) / torch.sqrt(var + 1e-6) * p["indexer.k_norm.weight"] + p["indexer.k_norm.bias"]
-    ki = torch.cat([rope64(ki[:, None, :dr], positions, inv, interleaved=index_interleaved)[:, 0], ki[:, dr:]], dim=-1)
+    ki = torch.cat([rope64(ki[:, None, :dr], positions, inv, interleaved=index_interleaved)[:, 0] * att, ki[:, dr:]],
+                   dim=-1)
     head_w = (x @ p["indexer.weights_proj.weight"].T) * Hi ** -0.5                      # [L, Hi]
     scores = torch.einsum("ih,ihj->ij", head_w, torch.relu(torch.einsum("ihd,jd->ihj", qi, ki) * Di ** -0.5))
 
@@ -828,7 +865,7 @@ def _deepseek_v32_64(rec: Recording, spec: CaseSpec, *, index_interleaved: bool 
     allowed = causal if dense else chosen & causal
     heads = []
     for h in range(H):
-        s = (q_full[:, h, :] @ k_full[:, h, :].T) * (dn + dr) ** -0.5
+        s = (q_full[:, h, :] @ k_full[:, h, :].T) * deepseek_softmax_scale64(c, mscale_squared=mscale_squared)
         s = s.masked_fill(~allowed, float("-inf"))
         w = torch.exp(s - s.max(dim=1, keepdim=True).values)
         heads.append((w / w.sum(dim=1, keepdim=True)) @ v[:, h, :])
@@ -859,7 +896,10 @@ def check_deepseek_v32(rec: Recording, spec: CaseSpec) -> dict[str, Any]:
 
 def contrasts_deepseek_v32(rec: Recording, spec: CaseSpec) -> dict[str, float]:
     # Attending to every causal key instead of the selection must be caught: the case tests the selection.
-    return {"dense_mla": _contrast_error(rec, _deepseek_v32_64(rec, spec, dense=True)[0])}
+    out = {"dense_mla": _contrast_error(rec, _deepseek_v32_64(rec, spec, dense=True)[0])}
+    if rec.config["rope_parameters"].get("rope_type", "default") == "yarn":
+        out["no_mscale_squared"] = _contrast_error(rec, _deepseek_v32_64(rec, spec, mscale_squared=False)[0])
+    return out
 
 
 def notes_deepseek_v32(rec: Recording, spec: CaseSpec) -> list[str]:
@@ -1573,6 +1613,20 @@ _hf_case("deepseek_v3", "deepseek_v3_half_split", 4003, 10, 3,
          "dimensions (rotate_half) instead of adjacent pairs; q_lora_rank 24, kv_lora_rank 32, 4 heads.",
          hidden_size=64, num_attention_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
          qk_rope_head_dim=8, v_head_dim=16, rope_interleave=False)
+# DeepSeek-V3's rope as released (config.json of deepseek-ai/DeepSeek-V3: rope_theta 10000, rope_scaling yarn,
+# factor 40, mscale 1.0, mscale_all_dim 1.0, original_max_position_embeddings 4096, beta_fast 32, beta_slow 1,
+# max_position_embeddings 163840), with small dimensions.
+_DEEPSEEK_V3_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0}
+_hf_case("deepseek_v3", "deepseek_v3_yarn", 4004, 20, 6,
+         "transformers DeepseekV3Attention (MLA) with DeepSeek-V3's released rope settings (YaRN factor 40, mscale and "
+         "mscale_all_dim 1, original context 4096, beta 32/1, theta 10000; max_position_embeddings 163840): YaRN "
+         "frequencies on the 16 rotary dimensions (attention factor mscale/mscale_all_dim = 1 on cos/sin) and the "
+         "softmax scale (16 + 16)^-1/2 times (0.1 ln 40 + 1)^2; q_lora_rank 24, kv_lora_rank 32, 4 heads, v 16; "
+         "prefill 20, then 6 decode steps.",
+         hidden_size=64, num_attention_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
+         qk_rope_head_dim=16, v_head_dim=16, rope_interleave=True, max_position_embeddings=163840,
+         rope_parameters=dict(_DEEPSEEK_V3_YARN))
 _hf_case("deepseek_v32", "deepseek_v32_k4", 6001, 8, 6,
          "transformers DeepseekV32Attention (DeepSeek sparse attention): MLA (4 heads, q_lora_rank 24, kv_lora_rank 32, "
          "qk_nope 16 + qk_rope 8, v 16) with a lightning indexer of 8 heads of dimension 16 choosing index_topk = 4 keys "
@@ -1588,6 +1642,15 @@ _hf_case("deepseek_v32", "deepseek_v32_k8_offset", 6002, 12, 7,
          offset=20,
          hidden_size=64, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
          qk_rope_head_dim=8, v_head_dim=16, index_n_heads=16, index_head_dim=32, index_topk=8)
+_hf_case("deepseek_v32", "deepseek_v32_k4_yarn", 6003, 10, 6,
+         "transformers DeepseekV32Attention with DeepSeek-V3's released YaRN settings (factor 40, mscale and "
+         "mscale_all_dim 1, original context 4096, beta 32/1, theta 10000): MLA (4 heads, q_lora_rank 24, kv_lora_rank "
+         "32, qk_nope 16 + qk_rope 8, v 16) whose softmax scale carries (0.1 ln 40 + 1)^2, and an indexer of 8 heads of "
+         "16 choosing index_topk = 4, both rotating with YaRN's frequencies; prefill 10, then 6 decode steps. Prefill "
+         "rows 0-2 see fewer than 4 keys: masked entries dropped, -1 padding.",
+         hidden_size=64, num_attention_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
+         qk_rope_head_dim=8, v_head_dim=16, index_n_heads=8, index_head_dim=16, index_topk=4,
+         max_position_embeddings=163840, rope_parameters=dict(_DEEPSEEK_V3_YARN))
 _hf_case("mistral", "mistral_window5_gqa", 5001, 9, 8,
          "transformers MistralAttention with sliding_window 5: GQA H = 4, G = 2, head_dim 16, RoPE theta 10000; "
          "prefill of 9 (queries past position 4 lose their oldest keys), then 8 decode steps through the model's "
@@ -2352,6 +2415,235 @@ def write_checked_case(args, spec: CaseSpec, gen: dict[str, Any]) -> None:
           f"{contrast_text} {where}")
     for line in (ref.notes(rec, spec) if ref.notes else []):
         print(line)
+
+
+# ---- References "qwen3" and "gemma3": QK normalisation (Qwen3Attention, Gemma3Attention) ------------------------
+#
+# Both are GQA layers with q_proj/k_proj/v_proj/o_proj (biases on all four with attention_bias) and two RMSNorm
+# gains over head_dim, q_norm.weight and k_norm.weight, applied to every query and key head after the projections
+# and before the half-split RoPE (keys cached after both). Qwen3's RMSNorm multiplies by w (drawn 1 + 0.2 N(0,1));
+# Gemma's by 1 + w (w drawn 0.2 N(0,1): zero-centred). Qwen3 scales the scores by head_dim^-0.5; Gemma 3 by
+# query_pre_attn_scalar^-0.5, and takes its rotary settings per layer kind from rope_parameters[layer_type]
+# (sliding_attention: the local base, rope_local_base_freq in older configs; full_attention: rope_theta, with
+# linear scaling in the released models). A sliding_attention layer sees 0 <= q - k < sliding_window, as Mistral's.
+# transformers 5.17's Gemma3Attention never passes attn_logit_softcapping on (the field exists; Gemma 3 replaced
+# Gemma 2's soft-capping with the QK norm), so the cases keep it null.
+
+QWEN3_DEFAULTS = {
+    "vocab_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "attention_bias": False,
+    "tie_word_embeddings": False,
+}
+
+GEMMA3_DEFAULTS = {
+    "vocab_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "attention_bias": False,
+    "attn_logit_softcapping": None,
+    "final_logit_softcapping": None,
+}
+
+
+def _qk_norm_config(defaults: dict[str, Any], partial: dict[str, Any], layer_type: str, other: str):
+    cfg = json.loads(json.dumps(defaults))
+    cfg.update(partial)
+    types = [other] * cfg["num_hidden_layers"]
+    types[HF_HOOKED_LAYER] = layer_type
+    cfg["layer_types"] = types
+    return cfg
+
+
+def _check_hooked_layer(rec: Recording, spec: CaseSpec, layer_type: str) -> None:
+    if rec.config["layer_types"][HF_HOOKED_LAYER] != layer_type:
+        raise AssertionError(f"{spec.name}: hooked layer is {rec.config['layer_types'][HF_HOOKED_LAYER]}")
+    if layer_type == "sliding_attention" and spec.prefill_len + spec.decode_steps <= rec.config["sliding_window"] + 1:
+        raise AssertionError(f"{spec.name}: need T + N > W + 1 so that the window edge is crossed")
+
+
+def record_qwen3(spec: CaseSpec) -> Recording:
+    from transformers import Qwen3Config, Qwen3Model
+    layer_type = spec.layer_type or "full_attention"
+    cfg = _qk_norm_config(QWEN3_DEFAULTS, spec.config, layer_type, "full_attention")
+    cfg["use_sliding_window"] = layer_type == "sliding_attention" or cfg.get("use_sliding_window", False)
+    rec = _hf_record(spec, Qwen3Config, Qwen3Model, cfg)
+    _check_hooked_layer(rec, spec, layer_type)
+    return rec
+
+
+def record_gemma3(spec: CaseSpec) -> Recording:
+    from transformers import Gemma3TextConfig, Gemma3TextModel
+    layer_type = spec.layer_type or "sliding_attention"
+    other = "full_attention" if layer_type == "sliding_attention" else "sliding_attention"
+    cfg = _qk_norm_config(GEMMA3_DEFAULTS, spec.config, layer_type, other)
+    rec = _hf_record(spec, Gemma3TextConfig, Gemma3TextModel, cfg,
+                     init_params=lambda attn, g: _draw_params(attn, g, {"q_norm.weight": (0.0, HF_NORM_WEIGHT_STD),
+                                                                        "k_norm.weight": (0.0, HF_NORM_WEIGHT_STD)}))
+    _check_hooked_layer(rec, spec, layer_type)
+    if rec.config.get("attn_logit_softcapping") is not None:
+        raise AssertionError(f"{spec.name}: attn_logit_softcapping must stay null (5.17 never applies it)")
+    return rec
+
+
+def _rope_inv_freq_any64(dim: int, rp: dict[str, Any]):
+    """rope_inv_freq64 plus linear scaling (every frequency divided by factor)."""
+    if rp.get("rope_type", "default") == "linear":
+        return rope_inv_freq64(dim, {"rope_type": "default", "rope_theta": rp["rope_theta"]}) / float(rp["factor"])
+    return rope_inv_freq64(dim, rp)
+
+
+def _qk_norm64(rec: Recording, spec: CaseSpec, *, gain_offset: float, scale: float, rope_parameters: dict[str, Any],
+               window_shift: int = 0, no_norm: bool = False, norm_after_rope: bool = False):
+    c = rec.config
+    H, G, d = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    L = spec.prefill_len + spec.decode_steps
+    p = {k: v.to(torch.float64) for k, v in rec.params.items()}
+    x = rec.hidden_states.to(torch.float64)[0]
+    positions = torch.arange(spec.position_offset, spec.position_offset + L)
+    inv = _rope_inv_freq_any64(d, rope_parameters)
+
+    def norm(t, w):
+        return t if no_norm else rms_norm64(t, gain_offset + w, c["rms_norm_eps"])
+
+    def rotate(t):
+        return rope64(t, positions, inv, interleaved=False)
+
+    q = _linear64(x, p, "q_proj").reshape(L, H, d)
+    k = _linear64(x, p, "k_proj").reshape(L, G, d)
+    if norm_after_rope:
+        q, k = norm(rotate(q), p["q_norm.weight"]), norm(rotate(k), p["k_norm.weight"])
+    else:
+        q, k = rotate(norm(q, p["q_norm.weight"])), rotate(norm(k, p["k_norm.weight"]))
+    v = _linear64(x, p, "v_proj").reshape(L, G, d)
+    sliding = c["layer_types"][HF_HOOKED_LAYER] == "sliding_attention"
+    window = c["sliding_window"] + window_shift if sliding else None
+    out = _linear64(windowed_attention64(q, k, v, scale, window), p, "o_proj")
+    return _split_expected(out, spec.prefill_len)
+
+
+def _qwen3_64(rec: Recording, spec: CaseSpec, **kw):
+    c = rec.config
+    kw.setdefault("gain_offset", 0.0)
+    kw.setdefault("scale", c["head_dim"] ** -0.5)
+    kw.setdefault("rope_parameters", c["rope_parameters"])
+    return _qk_norm64(rec, spec, **kw)
+
+
+def check_qwen3(rec: Recording, spec: CaseSpec) -> dict[str, Any]:
+    return _qwen3_64(rec, spec)
+
+
+def contrasts_qwen3(rec: Recording, spec: CaseSpec) -> dict[str, float]:
+    out = {"no_qk_norm": _contrast_error(rec, _qwen3_64(rec, spec, no_norm=True)),
+           "qk_norm_after_rope": _contrast_error(rec, _qwen3_64(rec, spec, norm_after_rope=True)),
+           "gain_1_plus_w": _contrast_error(rec, _qwen3_64(rec, spec, gain_offset=1.0))}
+    if rec.config["layer_types"][HF_HOOKED_LAYER] == "sliding_attention":
+        out["window_edge_q-k<=W"] = _contrast_error(rec, _qwen3_64(rec, spec, window_shift=1))
+    return out
+
+
+def describe_qwen3(rec: Recording, spec: CaseSpec) -> str:
+    c = rec.config
+    return (f"{c['layer_types'][HF_HOOKED_LAYER]:<17} hidden={c['hidden_size']} d={c['head_dim']} "
+            f"H={c['num_attention_heads']} G={c['num_key_value_heads']} W={c.get('sliding_window')} "
+            f"theta={c['rope_parameters']['rope_theta']:g} bias={c['attention_bias']} offset={spec.position_offset}")
+
+
+register_reference(
+    "qwen3", layer_type="full_attention", record=record_qwen3, check=check_qwen3, describe=describe_qwen3,
+    contrasts=contrasts_qwen3,
+    summary="transformers Qwen3Attention (eager) in a tiny Qwen3Model: GQA, per-head QK RMSNorm (gain w) before RoPE")
+
+
+def _gemma3_64(rec: Recording, spec: CaseSpec, *, other_layer_rope: bool = False, linear_scaling: bool = True, **kw):
+    c = rec.config
+    layer_type = c["layer_types"][HF_HOOKED_LAYER]
+    if other_layer_rope:
+        layer_type = "full_attention" if layer_type == "sliding_attention" else "sliding_attention"
+    rp = dict(c["rope_parameters"][layer_type])
+    if not linear_scaling:
+        rp = {"rope_type": "default", "rope_theta": rp["rope_theta"]}
+    kw.setdefault("gain_offset", 1.0)
+    kw.setdefault("scale", float(c["query_pre_attn_scalar"]) ** -0.5)
+    return _qk_norm64(rec, spec, rope_parameters=rp, **kw)
+
+
+def check_gemma3(rec: Recording, spec: CaseSpec) -> dict[str, Any]:
+    return _gemma3_64(rec, spec)
+
+
+def contrasts_gemma3(rec: Recording, spec: CaseSpec) -> dict[str, float]:
+    c = rec.config
+    out = {"gain_w_not_1_plus_w": _contrast_error(rec, _gemma3_64(rec, spec, gain_offset=0.0)),
+           "scale_head_dim": _contrast_error(rec, _gemma3_64(rec, spec, scale=c["head_dim"] ** -0.5)),
+           "other_layer_kind_rope": _contrast_error(rec, _gemma3_64(rec, spec, other_layer_rope=True))}
+    if c["layer_types"][HF_HOOKED_LAYER] == "sliding_attention":
+        out["window_edge_q-k<=W"] = _contrast_error(rec, _gemma3_64(rec, spec, window_shift=1))
+    elif c["rope_parameters"]["full_attention"].get("rope_type") == "linear":
+        out["no_linear_scaling"] = _contrast_error(rec, _gemma3_64(rec, spec, linear_scaling=False))
+    return out
+
+
+def describe_gemma3(rec: Recording, spec: CaseSpec) -> str:
+    c = rec.config
+    lt = c["layer_types"][HF_HOOKED_LAYER]
+    rp = c["rope_parameters"][lt]
+    return (f"{lt:<17} hidden={c['hidden_size']} d={c['head_dim']} H={c['num_attention_heads']} "
+            f"G={c['num_key_value_heads']} W={c['sliding_window']} query_pre_attn_scalar={c['query_pre_attn_scalar']} "
+            f"rope={rp.get('rope_type')} theta={rp['rope_theta']:g} factor={rp.get('factor')} "
+            f"offset={spec.position_offset}")
+
+
+register_reference(
+    "gemma3", layer_type="sliding_attention", record=record_gemma3, check=check_gemma3, describe=describe_gemma3,
+    contrasts=contrasts_gemma3,
+    summary="transformers Gemma3Attention (eager) in a tiny Gemma3TextModel: GQA, per-head QK RMSNorm (gain 1 + w), "
+            "query_pre_attn_scalar, local/global RoPE, sliding window 0<=q-k<W")
+
+# Gemma 3's two rotary settings (Gemma 3 technical report: local base 10,000; global base 1,000,000 with positional
+# interpolation by 8), in transformers 5's per-layer-kind form.
+_GEMMA3_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}}
+add_case(CaseSpec(
+    name="qwen3_qk_norm_gqa", reference="qwen3", seed=15001, prefill_len=9, decode_steps=5,
+    layer_type="full_attention",
+    config={"hidden_size": 64, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 16,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}},
+    description="transformers Qwen3Attention: GQA H = 8, G = 2, head_dim 16, q and k RMSNorm'd per head (gain w) "
+                "before RoPE (theta 1e6, half-split); prefill 9, then 5 decode steps through DynamicCache."))
+add_case(CaseSpec(
+    name="qwen3_qk_norm_sliding_bias_offset", reference="qwen3", seed=15002, prefill_len=6, decode_steps=7,
+    layer_type="sliding_attention", position_offset=50,
+    config={"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 8,
+            "attention_bias": True, "sliding_window": 4,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}},
+    description="transformers Qwen3Attention, a sliding_attention layer (use_sliding_window, sliding_window 4): MQA "
+                "H = 4, G = 1, head_dim 8, biases on q, k, v and o_proj, QK RMSNorm before RoPE; positions start at "
+                "50; prefill 6, then 7 decode steps (T + N = 13 > W + 1)."))
+add_case(CaseSpec(
+    name="gemma3_sliding_w4_local_base", reference="gemma3", seed=15101, prefill_len=9, decode_steps=6,
+    layer_type="sliding_attention",
+    config={"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "query_pre_attn_scalar": 24, "sliding_window": 4, "rope_parameters": json.loads(json.dumps(_GEMMA3_ROPE))},
+    description="transformers Gemma3Attention, a local (sliding_attention, window 4) layer of a model whose other "
+                "layer is global: GQA H = 4, G = 2, head_dim 16, QK RMSNorm with gain 1 + w, scores scaled by "
+                "query_pre_attn_scalar^-1/2 = 24^-1/2 (not 16^-1/2), RoPE base 10000 (the local base; the global "
+                "layer's is 1e6 with linear factor 8); prefill 9, then 6 decode steps."))
+add_case(CaseSpec(
+    name="gemma3_global_linear8_offset", reference="gemma3", seed=15102, prefill_len=8, decode_steps=5,
+    layer_type="full_attention", position_offset=100,
+    config={"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16,
+            "query_pre_attn_scalar": 24, "sliding_window": 4, "rope_parameters": json.loads(json.dumps(_GEMMA3_ROPE))},
+    description="transformers Gemma3Attention, a global (full_attention) layer beside a local one: MQA H = 4, G = 1, "
+                "head_dim 16, QK RMSNorm with gain 1 + w, query_pre_attn_scalar 24, RoPE base 1e6 with linear "
+                "scaling 8 (as Gemma 3 ships its global layers; the local layer's base is 10000, its window 4); "
+                "positions start at 100; prefill 8, then 5 decode steps."))
 
 
 # ---- Reference "qwen3_next": transformers' Qwen3NextGatedDeltaNet ("linear_attention" layers) ---------

@@ -266,38 +266,81 @@ af::YarnScaling read_yarn_fields(const Case& c, const Fields& params) {
   return yarn;
 }
 
+af::Rope read_rope_parameters(const Case& c, const Fields& params, std::int64_t head_dim, af::RopeLayout layout) {
+  const double theta = params.number("rope_theta");
+  if (params.number_or("partial_rotary_factor", 1.0) != 1.0)
+    throw CaseError(fmt::format("{} {} is not supported (expected 1)", params.label("partial_rotary_factor"),
+                                params.at("partial_rotary_factor").dump()));
+  const std::string type = params.string_or("rope_type", params.string_or("type", "default"));
+  try {
+    if (type == "default") return af::Rope(head_dim, theta, layout);
+    if (type == "llama3")
+      return af::Rope(
+          head_dim, theta, layout,
+          af::Llama3Scaling{params.number("factor"), params.number("low_freq_factor"),
+                            params.number("high_freq_factor"), params.number("original_max_position_embeddings")});
+    if (type == "linear") {
+      static const std::set<std::string> known = {"rope_type", "type", "rope_theta", "partial_rotary_factor", "factor"};
+      for (const auto& [key, value] : params.json().items())
+        if (!known.contains(key))
+          throw CaseError(fmt::format("{} ({}) is a linear-scaling field this build does not know", params.label(key),
+                                      value.dump()));
+      return af::Rope(head_dim, theta, layout, af::LinearScaling{params.number("factor")});
+    }
+    if (type == "yarn") return af::Rope(head_dim, theta, layout, read_yarn_fields(c, params));
+  } catch (const af::Error& e) {
+    throw CaseError(fmt::format("{}: config rope settings: {}", c.name, e.what()));
+  }
+  throw CaseError(fmt::format("{} \"{}\" is not supported (this build knows default, llama3, linear and yarn)",
+                              params.label("rope_type"), type));
+}
+
 // transformers 5 keeps the rotary settings in `rope_parameters`; earlier versions used `rope_theta` and
 // `rope_scaling`. Either is read.
 af::Rope read_hf_rope(const Case& c, std::int64_t head_dim, af::RopeLayout layout) {
   const Fields config = c.config_fields();
-  std::optional<Fields> params;
-  double theta = 0.0;
-  if (config.given("rope_parameters")) {
-    params = config.object("rope_parameters");
-    theta = params->number("rope_theta");
-  } else {
-    theta = config.number("rope_theta");
-    if (config.given("rope_scaling")) params = config.object("rope_scaling");
-  }
-  if (params && params->number_or("partial_rotary_factor", 1.0) != 1.0)
-    throw CaseError(fmt::format("{} {} is not supported (expected 1)", params->label("partial_rotary_factor"),
-                                params->at("partial_rotary_factor").dump()));
-  std::optional<af::Llama3Scaling> scaling;
-  try {
-    if (params) {
-      const std::string type = params->string_or("rope_type", params->string_or("type", "default"));
-      if (type == "llama3") {
-        scaling =
-            af::Llama3Scaling{params->number("factor"), params->number("low_freq_factor"),
-                              params->number("high_freq_factor"), params->number("original_max_position_embeddings")};
-      } else if (type == "yarn") {
-        return af::Rope(head_dim, theta, layout, read_yarn_fields(c, *params));
-      } else if (type != "default") {
-        throw CaseError(fmt::format("{} \"{}\" is not supported (this build knows default, llama3 and yarn)",
-                                    params->label("rope_type"), type));
-      }
+  if (config.given("rope_parameters"))
+    return read_rope_parameters(c, config.object("rope_parameters"), head_dim, layout);
+  if (!config.given("rope_scaling")) {
+    try {
+      return af::Rope(head_dim, config.number("rope_theta"), layout);
+    } catch (const af::Error& e) {
+      throw CaseError(fmt::format("{}: config rope settings: {}", c.name, e.what()));
     }
-    return af::Rope(head_dim, theta, layout, scaling);
+  }
+  // The older form: theta beside the scaling object; read them as one.
+  nlohmann::json merged = config.at("rope_scaling");
+  merged["rope_theta"] = config.number("rope_theta");
+  return read_rope_parameters(c, Fields(c.name, merged, "config.rope_scaling"), head_dim, layout);
+}
+
+DeepseekRope read_deepseek_rope(const Case& c) {
+  const Fields config = c.config_fields();
+  nlohmann::json merged;
+  std::string where = "config.rope_parameters";
+  if (config.given("rope_parameters")) {
+    merged = config.at("rope_parameters");
+  } else {
+    where = "config.rope_scaling";
+    merged = config.given("rope_scaling") ? config.at("rope_scaling") : nlohmann::json::object();
+    merged["rope_theta"] = config.number("rope_theta");
+  }
+  const Fields params(c.name, merged, where);
+  DeepseekRope out;
+  out.theta = params.number("rope_theta");
+  const std::string type = params.string_or("rope_type", params.string_or("type", "default"));
+  if (type == "yarn") {
+    out.yarn = read_yarn_fields(c, params);
+  } else if (type != "default") {
+    throw CaseError(fmt::format("{} \"{}\" is not supported for DeepSeek's MLA (this build: default and yarn)",
+                                params.label("rope_type"), type));
+  }
+  return out;
+}
+
+af::Rope DeepseekRope::rope(const Case& c, std::int64_t dim, af::RopeLayout layout) const {
+  try {
+    return yarn ? af::Rope(dim, theta, layout, *yarn) : af::Rope(dim, theta, layout);
   } catch (const af::Error& e) {
     throw CaseError(fmt::format("{}: config rope settings: {}", c.name, e.what()));
   }
@@ -319,6 +362,32 @@ af::GroupedWeights read_grouped_weights(const Case& c, const af::GroupedShape& s
   return w;
 }
 
+Outputs replay_qk_norm_layer(const Case& c, const af::GroupedShape& shape, const af::GroupedWeights& weights,
+                             const af::QkNorm& norm, const af::Rope& rope, const af::AttentionOptions& options,
+                             std::int64_t window) {
+  const std::int64_t h = shape.hidden, T = c.prefill_len, N = c.decode_steps;
+  const af::Tensor x = c.tensor("input.hidden_states", af::Shape{1, T + N, h}).reshaped(af::Shape{T + N, h});
+  const std::vector<std::int64_t> positions = c.positions(T + N);
+  const auto replay = [&](auto& cache) {
+    Outputs out{af::qk_norm_attention(x.matrix().rows_slice(0, T), std::span(positions).first(T), shape, weights, norm,
+                                      rope, options, cache),
+                af::Tensor(af::Shape{N, h}), window > 0 ? "ring" : "full"};
+    for (std::int64_t i = 0; i < N; ++i) {
+      const af::Tensor step =
+          af::qk_norm_attention(x.matrix().rows_slice(T + i, 1), std::span(positions).subspan(T + i, 1), shape, weights,
+                                norm, rope, options, cache);
+      std::ranges::copy(step.values(), out.decode.matrix().row(i).begin());
+    }
+    return out;
+  };
+  if (window > 0) {
+    af::RollingKvCache ring(window, shape.kv_heads, shape.head_dim);
+    return replay(ring);
+  }
+  af::GroupedKvCache cache(T + N, shape.kv_heads, shape.head_dim);
+  return replay(cache);
+}
+
 const std::map<std::string, Runner>& runners() {
   static const std::map<std::string, Runner> table = {
       {"sdpa", run_sdpa},
@@ -333,6 +402,8 @@ const std::map<std::string, Runner>& runners() {
       {"minimax", run_minimax},
       {"qwen3_next", run_qwen3_next},
       {"kimi_linear", run_kimi_linear},
+      {"qwen3", run_qwen3},
+      {"gemma3", run_gemma3},
   };
   return table;
 }

@@ -4,6 +4,7 @@
 #include "af/error.hpp"
 #include "af/grouped_attention.hpp"
 #include "af/mla.hpp"
+#include "af/qk_norm.hpp"
 #include "af/rope.hpp"
 #include "af/safetensors.hpp"
 #include "af/tensor.hpp"
@@ -13,6 +14,7 @@
 #include <filesystem>
 #include <functional>
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
 #include <string_view>
@@ -151,9 +153,26 @@ struct Outputs {
 af::GroupedShape read_hf_grouped_shape(const Case& c);
 
 /// The rotary embedding of a Hugging Face config: theta and type from `rope_parameters` (transformers 5) or
-/// `rope_theta` / `rope_scaling` (earlier); types "default", "llama3" and "yarn" (every yarn field read, an
+/// `rope_theta` / `rope_scaling` (earlier); types "default", "llama3", "linear" and "yarn" (every yarn field read, an
 /// unknown one rejected by name); partial rotation is rejected.
 af::Rope read_hf_rope(const Case& c, std::int64_t head_dim, af::RopeLayout layout);
+
+/// The rotary embedding of one rope parameters object (`params`, e.g. `config.rope_parameters` or, for a model
+/// with one per layer kind, `config.rope_parameters.sliding_attention`): `rope_theta` and `rope_type` "default",
+/// "llama3", "linear" (every frequency divided by `factor`) or "yarn"; partial rotation is rejected, and so is an
+/// unknown field of a linear or yarn object.
+af::Rope read_rope_parameters(const Case& c, const Fields& params, std::int64_t head_dim, af::RopeLayout layout);
+
+/// The rotary settings of a DeepSeek (MLA) config: theta, and YaRN's fields when `rope_type` is "yarn" (empty for
+/// "default"; any other type is a CaseError). MLA needs YaRN's fields twice: for the rotation and for the softmax
+/// scale's mscale^2 (af::mla_softmax_scale).
+struct DeepseekRope {
+  double theta = 0.0;
+  std::optional<af::YarnScaling> yarn;
+  /// The rotation of `dim` dimensions in `layout`; CaseError when the settings are out of range.
+  af::Rope rope(const Case& c, std::int64_t dim, af::RopeLayout layout) const;
+};
+DeepseekRope read_deepseek_rope(const Case& c);
 
 /// YaRN's settings as transformers reads them (modeling_rope_utils, `_compute_yarn_parameters`) from one rope
 /// parameters object: `factor` (null: max_position_embeddings / original), `original_max_position_embeddings`,
@@ -174,6 +193,12 @@ af::MlaShape read_hf_mla_shape(const Case& c);
 /// The MLA projections under their Hugging Face names (q_a_proj, q_a_layernorm, q_b_proj or q_proj,
 /// kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj), checked against `shape`; a bias tensor is a CaseError.
 af::MlaWeights read_mla_weights(const Case& c, const af::MlaShape& shape);
+
+/// Replays the case through one QK-norm layer (af::qk_norm_attention): the prefill of T tokens, then the N decode
+/// steps, at the case's positions; through a ring of `window` slots, or (window 0) a cache of the whole stream.
+Outputs replay_qk_norm_layer(const Case& c, const af::GroupedShape& shape, const af::GroupedWeights& weights,
+                             const af::QkNorm& norm, const af::Rope& rope, const af::AttentionOptions& options,
+                             std::int64_t window);
 
 /// Every way the library computes the case's mechanism; each must pass.
 using Runner = std::function<std::vector<Outputs>(const Case&)>;
@@ -208,5 +233,7 @@ std::vector<Outputs> run_flex_block_mask(const Case& c);
 std::vector<Outputs> run_minimax(const Case& c);
 std::vector<Outputs> run_qwen3_next(const Case& c);
 std::vector<Outputs> run_kimi_linear(const Case& c);
+std::vector<Outputs> run_qwen3(const Case& c);
+std::vector<Outputs> run_gemma3(const Case& c);
 
 }  // namespace oracle

@@ -1,46 +1,27 @@
 // The `deepseek_v3` reference: Hugging Face's DeepseekV3Attention (multi-head latent attention), recorded from a
 // tiny random-weight model. The library computes it along both of MLA's exact paths from the latent cache:
-// naive (rebuild per-head keys and values) and absorbed (fold the up-projections into query and output).
+// naive (rebuild per-head keys and values) and absorbed (fold the up-projections into query and output). With YaRN
+// (DeepSeek-V3 as released) the rotary frequencies are YaRN's and the softmax scale carries mscale^2.
 #include "af/mla.hpp"
 #include "oracle.hpp"
 
 #include <fmt/format.h>
-
-#include <cmath>
 
 namespace oracle {
 
 std::vector<Outputs> run_deepseek_v3(const Case& c) {
   const af::MlaShape s = read_hf_mla_shape(c);
 
-  // RoPE: theta from rope_parameters (transformers 5) or rope_theta; scaled variants (YaRN) are not implemented.
-  const Fields config = c.config_fields();
-  double theta = 0.0;
-  std::optional<Fields> scaling;
-  if (config.given("rope_parameters")) {
-    scaling = config.object("rope_parameters");
-    theta = scaling->number("rope_theta");
-  } else {
-    theta = config.number("rope_theta");
-    if (config.given("rope_scaling")) scaling = config.object("rope_scaling");
-  }
-  if (scaling) {
-    const std::string type = scaling->string_or("rope_type", scaling->string_or("type", "default"));
-    if (type != "default")
-      throw CaseError(fmt::format("{} \"{}\" is not supported for deepseek_v3 (this build: default)",
-                                  scaling->label("rope_type"), type));
-  }
-  // rope_interleave (the default): the checkpoint's rope dimensions are adjacent pairs. Hugging Face permutes them
-  // to the half-split layout before rotating; the scores are the same as rotating adjacent pairs in place.
-  const bool interleave = config.boolean_or("rope_interleave", true);
-  const af::Rope rope = [&] {
-    try {
-      return af::Rope(s.qk_rope_head_dim, theta, interleave ? af::RopeLayout::adjacent : af::RopeLayout::half_split);
-    } catch (const af::Error& e) {
-      throw CaseError(fmt::format("{}: config rope settings: {}", c.name, e.what()));
-    }
-  }();
-  const double scale = 1.0 / std::sqrt(static_cast<double>(s.qk_head_dim()));
+  // RoPE: theta, and YaRN's settings when rope_type is "yarn" (as DeepSeek-V3 ships: factor 40, mscale and
+  // mscale_all_dim 1, original context 4096). rope_interleave (the default): the checkpoint's rope dimensions are
+  // adjacent pairs. Hugging Face permutes them to the half-split layout before rotating; the scores are the same as
+  // rotating adjacent pairs in place.
+  const DeepseekRope settings = read_deepseek_rope(c);
+  const bool interleave = c.config_fields().boolean_or("rope_interleave", true);
+  const af::Rope rope =
+      settings.rope(c, s.qk_rope_head_dim, interleave ? af::RopeLayout::adjacent : af::RopeLayout::half_split);
+  // 1/sqrt(qk_head_dim), times YaRN's mscale(factor, mscale_all_dim)^2 when the rope is scaled.
+  const double scale = af::mla_softmax_scale(s, settings.yarn);
 
   const af::MlaWeights w = read_mla_weights(c, s);
 

@@ -8,8 +8,6 @@
 
 #include <fmt/format.h>
 
-#include <cmath>
-
 namespace oracle {
 
 std::vector<Outputs> run_deepseek_v32(const Case& c) {
@@ -34,24 +32,13 @@ std::vector<Outputs> run_deepseek_v32(const Case& c) {
     throw CaseError(fmt::format("{}: {}", c.name, e.what()));
   }
 
-  const Fields rp = c.config_fields().object("rope_parameters");
-  const std::string type = rp.string_or("rope_type", "default");
-  if (type != "default")
-    throw CaseError(
-        fmt::format("{} \"{}\" is not supported for deepseek_v32 (this build: default)", rp.label("rope_type"), type));
-  const double theta = rp.number("rope_theta");
   // MLA rotates adjacent pairs (Hugging Face permutes them to half-split first: the same scores); the indexer
-  // rotates half-split pairs of its first qk_rope_head_dim dimensions.
-  const auto rope = [&](std::int64_t dim, af::RopeLayout layout) {
-    try {
-      return af::Rope(dim, theta, layout);
-    } catch (const af::Error& e) {
-      throw CaseError(fmt::format("{}: config rope settings: {}", c.name, e.what()));
-    }
-  };
-  const af::Rope mla_rope = rope(s.qk_rope_head_dim, af::RopeLayout::adjacent);
-  const af::Rope index_rope = rope(ix.rope_dim, af::RopeLayout::half_split);
-  const double scale = 1.0 / std::sqrt(static_cast<double>(s.qk_head_dim()));
+  // rotates half-split pairs of its first qk_rope_head_dim dimensions. Both use the model's one rotary embedding
+  // (YaRN's frequencies when the config asks for them); MLA's softmax scale carries YaRN's mscale^2.
+  const DeepseekRope settings = read_deepseek_rope(c);
+  const af::Rope mla_rope = settings.rope(c, s.qk_rope_head_dim, af::RopeLayout::adjacent);
+  const af::Rope index_rope = settings.rope(c, ix.rope_dim, af::RopeLayout::half_split);
+  const double scale = af::mla_softmax_scale(s, settings.yarn);
 
   const af::MlaWeights w = read_mla_weights(c, s);
   af::IndexerWeights iw;

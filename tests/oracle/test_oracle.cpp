@@ -284,6 +284,38 @@ TEST_CASE("oracle_check exits 2 on a yarn field or rope type it does not know, n
   }
 }
 
+TEST_CASE("oracle_check exits 1 when a QK-norm gain, Gemma's scalar or rope base, or DeepSeek's YaRN mscale differs",
+          "[oracle][qk_norm][yarn]") {
+  SECTION("one channel of a Qwen3 key-norm gain") {
+    const fs::path dir = copy_named_case("qwen3_qk_norm_gqa", "qwen3_k_norm_changed");
+    rewrite_tensors(dir, [](std::map<std::string, af::Tensor>& t) { t.at("k_norm.weight").data()[3] += 0.2f; });
+    CHECK(oracle_check_status(dir) == 1);
+  }
+  SECTION("one channel of a Gemma 3 query-norm gain") {
+    const fs::path dir = copy_named_case("gemma3_sliding_w4_local_base", "gemma3_q_norm_changed");
+    rewrite_tensors(dir, [](std::map<std::string, af::Tensor>& t) { t.at("q_norm.weight").data()[5] += 0.2f; });
+    CHECK(oracle_check_status(dir) == 1);
+  }
+  for (const auto& [source, pointer, value] :
+       {std::tuple{"gemma3_sliding_w4_local_base", "/config/query_pre_attn_scalar", 16.0},
+        std::tuple{"gemma3_sliding_w4_local_base", "/config/rope_parameters/sliding_attention/rope_theta", 1e6},
+        std::tuple{"gemma3_global_linear8_offset", "/config/rope_parameters/full_attention/factor", 1.0},
+        std::tuple{"deepseek_v3_yarn", "/config/rope_parameters/mscale_all_dim", 0.0},
+        std::tuple{"deepseek_v32_k4_yarn", "/config/rope_parameters/mscale_all_dim", 0.0}}) {
+    INFO(source << " " << pointer);
+    const fs::path dir = copy_named_case(source, std::string(source) + "_setting_changed");
+    edit_json(dir, [&](nlohmann::json& r) { r[nlohmann::json::json_pointer(pointer)] = value; });
+    CHECK(oracle_check_status(dir) == 1);
+  }
+}
+
+TEST_CASE("oracle_check refuses a Gemma 3 case with attention softcapping, naming the field", "[oracle][qk_norm]") {
+  const fs::path dir = copy_named_case("gemma3_global_linear8_offset", "gemma3_softcap");
+  edit_json(dir, [](nlohmann::json& r) { r["config"]["attn_logit_softcapping"] = 50.0; });
+  CHECK(oracle_check_status(dir) == 2);
+  CHECK_THAT(log_of(dir), Catch::Matchers::Contains("attn_logit_softcapping"));
+}
+
 // ------------------------------------------------------------------------------------------------------------------
 // Perturbations over every kind of reference: each must turn a passing case into a failing one (exit 1).
 
@@ -310,6 +342,11 @@ const std::vector<Subject>& subjects() {
       {"sdpa_sinks_s2_w4_gqa", "q_proj.weight", false},
       {"flex_block_mask_strided_b4", "q_proj.weight", false},
       {"flex_block_mask_chunked_transformers_b4", "q_proj.weight", false},  // transformers' chunked mask
+      {"qwen3_qk_norm_gqa", "q_proj.weight", true},
+      {"qwen3_qk_norm_sliding_bias_offset", "q_proj.weight", true},
+      {"gemma3_sliding_w4_local_base", "q_proj.weight", true},
+      {"gemma3_global_linear8_offset", "q_proj.weight", true},
+      {"deepseek_v3_yarn", "q_b_proj.weight", true},
   };
   return all;
 }

@@ -10,6 +10,7 @@
 #include "af/tensor.hpp"
 
 #include <cstdint>
+#include <optional>
 #include <span>
 
 namespace af {
@@ -65,6 +66,13 @@ enum class MlaPath {
   naive,     ///< reconstruct K_h = [W_UK_h c ; k_pe] and V_h = W_UV_h c for every cached token, then attend
   absorbed,  ///< score with (W_UK_h^T q_nope_h) . c + q_pe_h . k_pe, mix latents, then apply W_UV_h once
 };
+
+/// The softmax scale of an MLA layer as DeepSeek-V2/V3 compute it: 1/sqrt(qk_nope_head_dim + qk_rope_head_dim),
+/// and, when the rotary embedding uses YaRN with a non-zero `mscale_all_dim`, times yarn_mscale(factor,
+/// mscale_all_dim)^2. DeepSeek-V3 as released (YaRN factor 40, mscale_all_dim 1) thus scales its scores by
+/// (0.1 ln 40 + 1)^2 = 1.874 more than 1/sqrt(192): the longer context's entropy correction is applied to every
+/// score dimension, not only to the rotated ones. Throws af::Error on an invalid shape.
+double mla_softmax_scale(const MlaShape& shape, const std::optional<YarnScaling>& yarn);
 
 /// RMSNorm of each row in place: x / sqrt(mean(x^2) + eps) * gain.
 void rms_norm_rows(Matrix x, std::span<const float> gain, double eps);

@@ -32,6 +32,18 @@ struct Llama3Scaling {
   double original_context = 8192.0;
 };
 
+/// Linear position interpolation (`rope_type: "linear"`; Chen et al. 2023, "Extending Context Window of Large
+/// Language Models via Positional Interpolation"): every frequency divided by `factor`, as if positions were
+/// `factor` times closer together. Gemma 3's global layers ship it with factor 8.
+struct LinearScaling {
+  double factor = 1.0;
+};
+
+/// YaRN's magnitude correction 0.1 w ln(factor) + 1 for a weight w (`mscale` or `mscale_all_dim`), or 1 when
+/// factor <= 1. YaRN multiplies the rotated q and k by a ratio of two of these; DeepSeek-V3 also multiplies its
+/// softmax scale by the square of the one weighted by `mscale_all_dim` (af::mla_softmax_scale).
+double yarn_mscale(double factor, double weight);
+
 /// YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension of Large Language Models";
 /// `rope_type: "yarn"`, as gpt-oss ships it). Pair i rotates `original_context / wavelength_i` times over the
 /// pretraining context. Pairs that rotate at least `beta_fast` times keep their frequency (extrapolation),
@@ -64,6 +76,8 @@ class Rope {
  public:
   /// `head_dim` must be even and positive, `base` (theta) > 1. Throws af::Error otherwise.
   Rope(std::int64_t head_dim, double base, RopeLayout layout, std::optional<Llama3Scaling> scaling = std::nullopt);
+  /// RoPE with every frequency divided by `linear.factor`. Throws af::Error for factor < 1 or the conditions above.
+  Rope(std::int64_t head_dim, double base, RopeLayout layout, const LinearScaling& linear);
   /// RoPE with YaRN's frequencies and attention factor. Throws af::Error for factor < 1, original_context <= 0,
   /// beta_fast < beta_slow, a non-positive attention factor, or the conditions above.
   Rope(std::int64_t head_dim, double base, RopeLayout layout, const YarnScaling& yarn);
