@@ -333,6 +333,7 @@ const std::map<std::string, Runner>& runners() {
       {"minimax", run_minimax},
       {"qwen3_next", run_qwen3_next},
       {"kimi_linear", run_kimi_linear},
+      {"gemma3n", run_gemma3n},
   };
   return table;
 }

@@ -208,5 +208,6 @@ std::vector<Outputs> run_flex_block_mask(const Case& c);
 std::vector<Outputs> run_minimax(const Case& c);
 std::vector<Outputs> run_qwen3_next(const Case& c);
 std::vector<Outputs> run_kimi_linear(const Case& c);
+std::vector<Outputs> run_gemma3n(const Case& c);
 
 }  // namespace oracle
