@@ -409,10 +409,8 @@ int main(int argc, char** argv) {
     checks.expect_true("reading the ring after a prompt longer than W breaks every row but the last",
                        rows_wrong == rows_expected);
 
-    // [cache-card]
     const af::CrossLayerModel e2b = af::gemma3n_e2b(), e4b = af::gemma3n_e4b();
     const std::vector<std::int64_t> contexts{4096, 32768, 131072};
-    // [/cache-card]
     fmt::print("\nCache card: Gemma 3n cross-layer KV sharing (bf16; {})\n", e4b.source);
     fmt::print("  projected:   every layer q [H d] = [{}]; only a layer that keeps a cache k, v [G d] = [{}] each\n",
                e4b.heads * e4b.head_dim, e4b.kv_heads * e4b.head_dim);
