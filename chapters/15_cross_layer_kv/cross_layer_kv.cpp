@@ -420,12 +420,13 @@ int main(int argc, char** argv) {
         "  stored:      prefill of T: sliding caches [min(T, {}), {}, {}], full caches [T, {}, {}]; decode "
         "step t: min(t + 1, {}) and t + 1 rows\n",
         e4b.window, e4b.kv_heads, e4b.head_dim, e4b.kv_heads, e4b.head_dim, e4b.window);
-    fmt::print("  per token:   {} B per cache; {} written per token\n", e4b.bytes_per_token_per_cache(),
-               fmt::join(
-                   std::vector<std::string>{
-                       fmt::format("{}: {} caches, {} B", e2b.name, e2b.plan.owners(), e2b.bytes_written_per_token()),
-                       fmt::format("{}: {} caches, {} B", e4b.name, e4b.plan.owners(), e4b.bytes_written_per_token())},
-                   "; "));
+    fmt::print(
+        "  per token:   {} B per layer that keeps a cache; per model {}: {} caches, {} B, and {}: {} caches, {} B "
+        "(against {} B and {} B without sharing)\n",
+        af::with_thousands(e4b.bytes_per_token_per_cache()), e2b.name, e2b.plan.owners(),
+        af::with_thousands(e2b.bytes_written_per_token()), e4b.name, e4b.plan.owners(),
+        af::with_thousands(e4b.bytes_written_per_token()), af::with_thousands(e2b.unshared().bytes_written_per_token()),
+        af::with_thousands(e4b.unshared().bytes_written_per_token()));
     fmt::print("  {:<14} {:>8} {:>16} {:>16} {:>18} {:>16}\n", "model", "context", "held, sharing", "held, unshared",
                "read per step", "entries read");
     for (const af::CrossLayerModel* m : {&e2b, &e4b})
@@ -519,6 +520,20 @@ int main(int argc, char** argv) {
       numbers.set(key + "_growth_unshared",
                   af::with_thousands(m->unshared().plan.owners(LayerKind::full) * m->bytes_per_token_per_cache()));
     }
+    // Which caches E4B's sharing layers read, and how many of each kind, for the prose.
+    std::int64_t readers_sliding = 0, readers_full = 0, sliding_source = -1, full_source = -1;
+    for (std::int64_t l = 0; l < e4b.plan.layers(); ++l)
+      if (!e4b.plan.owns(l)) {
+        const bool full = e4b.plan.kinds[static_cast<std::size_t>(l)] == LayerKind::full;
+        (full ? readers_full : readers_sliding) += 1;
+        (full ? full_source : sliding_source) = e4b.plan.source[static_cast<std::size_t>(l)];
+      }
+    numbers.set("e4b_readers", af::with_thousands(e4b.plan.readers()));
+    numbers.set("e4b_readers_sliding", af::with_thousands(readers_sliding));
+    numbers.set("e4b_readers_full", af::with_thousands(readers_full));
+    numbers.set("e4b_sliding_source", af::with_thousands(sliding_source));
+    numbers.set("e4b_full_source", af::with_thousands(full_source));
+    numbers.set("e4b_full_caches", af::with_thousands(e4b.plan.owners(LayerKind::full)));
     numbers.print("e4b_projection_saved_percent", "{:.1f}",
                   100.0 * (1.0 - static_cast<double>(e4b.projection_macs_per_token()) /
                                      static_cast<double>(e4b_unshared.projection_macs_per_token())));
