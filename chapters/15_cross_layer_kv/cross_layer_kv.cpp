@@ -222,6 +222,42 @@ std::vector<af::Gemma3nWeights> random_layers(af::Rng& rng, const af::Gemma3nSha
   return layers;
 }
 
+// [what-sharing-cannot-see]
+// The layers between a source and its reader write into the residual stream; the reader's keys, projected from
+// the source's input, never see what they wrote. A probe: those layers add a direction u to token p (the needle)
+// and give the last token a query for u. Keys read channels 0..m-1 and queries channels m..2m-1 of a 2m-wide
+// hidden state, so the last token does not match itself; every position is 0, so only content decides. Returns
+// the weight the last query gives token p with keys of the reader's own input, and with the source's keys.
+std::pair<double, double> needle_weights(af::Rng& rng, std::int64_t n, std::int64_t m) {
+  const af::Gemma3nShape shape{af::GroupedShape{2 * m, 1, 1, 2 * m}, n, 1e4, 1e6, 1e-6};
+  af::Gemma3nWeights w{Tensor(Shape{2 * m, 2 * m}), Tensor(Shape{2 * m}),        Tensor(Shape{2 * m, 2 * m}),
+                       Tensor(Shape{2 * m}),        Tensor(Shape{2 * m, 2 * m}), Tensor(Shape{2 * m, 2 * m})};
+  for (std::int64_t i = 0; i < 2 * m; ++i) {
+    w.q_norm.data()[i] = w.k_norm.data()[i] = 1.0f;
+    w.v_proj.data()[i * 2 * m + i] = w.o_proj.data()[i * 2 * m + i] = 1.0f;
+    if (i < m) w.q_proj.data()[i * 2 * m + m + i] = w.k_proj.data()[i * 2 * m + i] = 1.0f;
+  }
+  const Tensor source_input = af::random_normal(Shape{n, 2 * m}, rng), u = af::random_normal(Shape{m}, rng);
+  const std::int64_t p = rng.below(static_cast<std::uint64_t>(n - 1));
+  Tensor reader_input = source_input;
+  for (std::int64_t i = 0; i < m; ++i) {
+    reader_input.data()[p * 2 * m + i] += 4.0f * u.data()[i];           // the needle, in key channels
+    reader_input.data()[(n - 1) * 2 * m + m + i] = 4.0f * u.data()[i];  // the question, in query channels
+  }
+  const std::vector<std::int64_t> positions(static_cast<std::size_t>(n), 0);
+  const Tensor q = af::gemma3n_queries(reader_input.matrix().rows_slice(n - 1, 1), std::span(positions).first(1), shape,
+                                       LayerKind::full, w);
+  const auto weight_on_needle = [&](const Tensor& input) {
+    const Tensor k = af::gemma3n_keys_values(input.matrix(), positions, shape, LayerKind::full, w).first;
+    std::vector<float> scores;
+    for (std::int64_t j = 0; j < n; ++j) scores.push_back(static_cast<float>(af::dot(q.values(), k.matrix().row(j))));
+    af::softmax(scores);
+    return double{scores[static_cast<std::size_t>(p)]};
+  };
+  return {weight_on_needle(reader_input), weight_on_needle(source_input)};
+}
+// [/what-sharing-cannot-see]
+
 std::string kinds_text(const af::KvSharingPlan& plan) {
   std::string text;
   for (std::int64_t l = 0; l < plan.layers(); ++l)
@@ -409,6 +445,24 @@ int main(int argc, char** argv) {
     checks.expect_true("reading the ring after a prompt longer than W breaks every row but the last",
                        rows_wrong == rows_expected);
 
+    // What a sharing layer cannot see, averaged over trials of the probe.
+    const std::int64_t probe_tokens = std::max<std::int64_t>(prompt, 2), trials = 200;
+    double own_keys = 0.0, source_keys = 0.0;
+    af::Rng probe_rng(seed * 1000 + 15);
+    for (std::int64_t trial = 0; trial < trials; ++trial) {
+      const auto [own, borrowed] = needle_weights(probe_rng, probe_tokens, head_dim);
+      own_keys += own / static_cast<double>(trials);
+      source_keys += borrowed / static_cast<double>(trials);
+    }
+    fmt::print(
+        "\nWhat a sharing layer cannot see: weight the last query gives a needle written by the layers between "
+        "source and reader (mean of {} trials, {} tokens, keys of {} channels)\n",
+        trials, probe_tokens, head_dim);
+    fmt::print("  {:<36} {:>8.4f}\n  {:<36} {:>8.4f}\n  {:<36} {:>8.4f}\n", "keys of the reader's own input", own_keys,
+               "keys of its source's input (shared)", source_keys, "uniform, 1 / tokens",
+               1.0 / static_cast<double>(probe_tokens));
+    checks.expect_true("the needle is found with the reader's own keys, not with its source's", own_keys > source_keys);
+
     const af::CrossLayerModel e2b = af::gemma3n_e2b(), e4b = af::gemma3n_e4b();
     const std::vector<std::int64_t> contexts{4096, 32768, 131072};
     fmt::print("\nCache card: Gemma 3n cross-layer KV sharing (bf16; {})\n", e4b.source);
@@ -503,6 +557,9 @@ int main(int argc, char** argv) {
     numbers.set("window", af::with_thousands(window));
     numbers.print("weights_copied_error", "{:.2g}", weights_copied);
     numbers.set("ring_rows_wrong", af::with_thousands(rows_wrong));
+    numbers.print("needle_own_keys", "{:.2f}", own_keys);
+    numbers.print("needle_source_keys", "{:.2f}", source_keys);
+    numbers.set("needle_tokens", af::with_thousands(probe_tokens));
     for (const af::CrossLayerModel* m : {&e2b, &e4b}) {
       const std::string key = m == &e2b ? "e2b" : "e4b";
       for (const std::int64_t t : contexts) {
