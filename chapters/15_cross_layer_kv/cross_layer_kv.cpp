@@ -6,7 +6,8 @@
 // af::cross_layer_stack), a float64 recomputation, and the equivalence that defines it: the same stack with every
 // layer keeping its own cache, into which a sharing layer copies its source's keys and values, gives the same
 // output bit for bit, and holds the copies that sharing saves. Prints the cache card of Gemma 3n E2B and E4B, a
-// table of how sharing composes with sliding windows and GQA, and what is still computed; shows two ways to get it
+// table of how sharing composes with sliding windows and GQA, and what is still computed; measures what a sharing
+// layer cannot see (a needle written by the layers between its source and itself) and shows two ways to get sharing
 // wrong (copying the source's weights instead of its keys, and reading a ring after a long prompt was written into
 // it); writes the data of the chapter's figures.
 //
