@@ -2970,6 +2970,165 @@ add_case(CaseSpec(name="kimi_linear_kda_h2", reference="kimi_linear", seed=14101
                               "through the cache's convolution and [1, 2, 8, 8] recurrent states."))
 
 
+# ---- Reference "gemma3n": transformers' Gemma3nTextAttention, cross-layer KV sharing ------------------
+#
+# A tiny Gemma3nTextModel whose last `num_kv_shared_layers` layers keep no cache: each reads the keys and values
+# of the last earlier layer of its own type (sliding or full), which the model hands it per call in
+# `shared_kv_states` (the owner stores the full-length keys and values of the call there, because a sliding
+# cache past its window no longer holds a long prompt's early keys). The hooked module of a reader has only
+# q_proj, q_norm and o_proj; the pre-hook records the shared keys and values it is given at every call, and the
+# case stores them once per token as `input.shared_keys` and `input.shared_values` [1, G, T+N, d] (after the
+# owner's k_norm, v_norm and RoPE), checking that each call's hand-off is exactly the rows the ring of a sliding
+# owner (the last W - 1 tokens before the call, then the call's own) or the whole cache of a full owner holds.
+# An owner's case records the layer that computes them: k_proj, v_proj, k_norm (with gain), v_norm (no gain).
+# Gemma 3n's attention: an RMSNorm with gain on every query and key head, one without gain on every value head,
+# half-split RoPE with rope_parameters[layer_type].rope_theta, softmax scale 1 (no 1/sqrt(d)), and the window
+# 0 <= q - k < sliding_window on sliding layers.
+
+GEMMA3N_DEFAULTS = {
+    "vocab_size": 64,
+    "vocab_size_per_layer_input": 64,
+    "hidden_size_per_layer_input": 8,
+    "intermediate_size": 64,
+    "laurel_rank": 4,
+    "altup_num_inputs": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
+                    "full_attention"],
+    "num_hidden_layers": 5,
+    "num_kv_shared_layers": 2,
+}
+
+
+def record_gemma3n(spec: CaseSpec) -> Recording:
+    from transformers import DynamicCache, Gemma3nTextConfig
+    from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextModel
+    kwargs = json.loads(json.dumps(GEMMA3N_DEFAULTS))
+    kwargs.update(spec.config)
+    layer = kwargs.pop("hooked_layer")
+    config = Gemma3nTextConfig(**kwargs)
+    if config.layer_types[layer] != spec.layer_type:
+        raise AssertionError(f"{spec.name}: layer {layer} is {config.layer_types[layer]}, not {spec.layer_type}")
+    torch.manual_seed(spec.seed)
+    model = Gemma3nTextModel._from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
+    attn = model.layers[layer].self_attn
+    owner = attn.kv_shared_layer_index if attn.is_kv_shared_layer else None
+    g = seeded_generator(spec.seed)
+    params = _hf_init_params(attn, g)
+    handed: list[tuple[Any, Any]] = []
+
+    def kv_hook(module, args, kwargs_):
+        if owner is not None:
+            k, v = kwargs_["shared_kv_states"][owner]
+            handed.append((k.detach().clone(), v.detach().clone()))
+        return None
+
+    handle = attn.register_forward_pre_hook(kv_hook, with_kwargs=True)
+    try:
+        pos, hidden_states, prefill, decode, cache = _record_through_cache(spec, model, attn, config, g,
+                                                                           lambda: DynamicCache(config=config))
+    finally:
+        handle.remove()
+    T, N = spec.prefill_len, spec.decode_steps
+    extra, meta = {}, {"module": f"layers.{layer}.self_attn", "layer_index": layer}
+    if len(cache.layers) != config.num_hidden_layers - config.num_kv_shared_layers:
+        raise AssertionError(f"{spec.name}: the cache has {len(cache.layers)} layers")
+    if owner is not None:
+        keys = torch.cat([handed[0][0]] + [k[:, :, -1:, :] for k, _ in handed[1:]], dim=2).contiguous()
+        values = torch.cat([handed[0][1]] + [v[:, :, -1:, :] for _, v in handed[1:]], dim=2).contiguous()
+        W = config.sliding_window if config.layer_types[layer] == "sliding_attention" else None
+        for i, (k, v) in enumerate(handed):
+            stop = T + i                                  # call 0 is the prefill, call i >= 1 the token T + i - 1
+            start = 0 if i == 0 or W is None else max(0, stop - W)
+            if not (torch.equal(k, keys[:, :, start:stop, :]) and torch.equal(v, values[:, :, start:stop, :])):
+                raise AssertionError(f"{spec.name}: call {i} was handed {tuple(k.shape)} keys, not tokens "
+                                     f"{start}..{stop - 1}")
+        extra = {"input.shared_keys": keys, "input.shared_values": values}
+        meta.update({"kv_shared_layer_index": owner,
+                     "handed_lengths": [int(k.shape[2]) for k, _ in handed]})
+    return Recording(config=json_safe(config.to_dict()), params=params, hidden_states=hidden_states,
+                     position_ids=pos, prefill=prefill, decode=decode, extra=extra, meta=meta)
+
+
+def _gemma3n64(rec: Recording, spec: CaseSpec, *, scale: float | None = None, window_shift: int = 0,
+               no_window: bool = False, other_base: bool = False, value_gain_free: bool = True):
+    c = rec.config
+    layer = rec.meta["layer_index"]
+    kind = c["layer_types"][layer]
+    H, G, d = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    L = spec.prefill_len + spec.decode_steps
+    eps = c["rms_norm_eps"]
+    p = {k: v.to(torch.float64) for k, v in rec.params.items()}
+    x = rec.hidden_states.to(torch.float64)[0]
+    positions = torch.arange(L)
+    rope_kind = ("full_attention" if kind == "sliding_attention" else "sliding_attention") if other_base else kind
+    inv = rope_inv_freq64(d, c["rope_parameters"][rope_kind])
+    q = rms_norm64(_linear64(x, p, "q_proj").reshape(L, H, d), p["q_norm.weight"], eps)
+    q = rope64(q, positions, inv, interleaved=False)
+    if "k_proj.weight" in p:
+        k = rms_norm64(_linear64(x, p, "k_proj").reshape(L, G, d), p["k_norm.weight"], eps)
+        k = rope64(k, positions, inv, interleaved=False)
+        v = _linear64(x, p, "v_proj").reshape(L, G, d)
+        if value_gain_free:
+            v = rms_norm64(v, 1.0, eps)
+    else:
+        k = rec.extra["input.shared_keys"].to(torch.float64)[0].transpose(0, 1)      # [L, G, d]
+        v = rec.extra["input.shared_values"].to(torch.float64)[0].transpose(0, 1)
+    window = None if (no_window or kind == "full_attention") else c["sliding_window"] + window_shift
+    out = windowed_attention64(q, k, v, 1.0 if scale is None else scale, window)
+    return _split_expected(_linear64(out, p, "o_proj"), spec.prefill_len)
+
+
+def check_gemma3n(rec: Recording, spec: CaseSpec) -> dict[str, Any]:
+    return _gemma3n64(rec, spec)
+
+
+def contrasts_gemma3n(rec: Recording, spec: CaseSpec) -> dict[str, float]:
+    d = rec.config["head_dim"]
+    out = {"scale_1/sqrt(d)": _contrast_error(rec, _gemma3n64(rec, spec, scale=d ** -0.5)),
+           "rope_base_of_other_kind": _contrast_error(rec, _gemma3n64(rec, spec, other_base=True))}
+    if rec.config["layer_types"][rec.meta["layer_index"]] == "sliding_attention":
+        out["no_window"] = _contrast_error(rec, _gemma3n64(rec, spec, no_window=True))
+        out["window_edge_q-k<=W"] = _contrast_error(rec, _gemma3n64(rec, spec, window_shift=1))
+    if "k_proj.weight" in rec.params:
+        out["no_value_norm"] = _contrast_error(rec, _gemma3n64(rec, spec, value_gain_free=False))
+    return out
+
+
+def describe_gemma3n(rec: Recording, spec: CaseSpec) -> str:
+    c = rec.config
+    layer = rec.meta["layer_index"]
+    role = (f"reads layer {rec.meta['kv_shared_layer_index']} (handed {rec.meta['handed_lengths']})"
+            if "kv_shared_layer_index" in rec.meta else "keeps its cache")
+    return (f"layer={layer}/{c['num_hidden_layers']} shared={c['num_kv_shared_layers']} H={c['num_attention_heads']} "
+            f"G={c['num_key_value_heads']} d={c['head_dim']} W={c['sliding_window']} {role}")
+
+
+register_reference(
+    "gemma3n", layer_type="sliding_attention", record=record_gemma3n, check=check_gemma3n,
+    describe=describe_gemma3n, contrasts=contrasts_gemma3n,
+    summary="transformers Gemma3nTextAttention in a tiny Gemma3nTextModel: a layer that reads an earlier layer's "
+            "keys and values (shared_kv_states), or one that keeps its own")
+
+GEMMA3N_SIZES = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+                 "sliding_window": 4}
+
+add_case(CaseSpec(name="gemma3n_shared_sliding_w4", reference="gemma3n", seed=15101, prefill_len=7, decode_steps=6,
+                  layer_type="sliding_attention", config={**GEMMA3N_SIZES, "hooked_layer": 3},
+                  description="Gemma 3n layer 3 of 5 (sliding, window 4) keeps no cache: it reads layer 1's keys and "
+                              "values, handed to it per call (the whole prefill of 7, then the owner's ring of 3 "
+                              "plus the new token). H = 4, G = 2, d = 8; the prefill and decode run past the window."))
+add_case(CaseSpec(name="gemma3n_shared_full", reference="gemma3n", seed=15102, prefill_len=5, decode_steps=5,
+                  layer_type="full_attention", config={**GEMMA3N_SIZES, "hooked_layer": 4},
+                  description="Gemma 3n layer 4 of 5 (full) keeps no cache: it reads layer 2's keys and values, the "
+                              "whole context at every call. H = 4, G = 2, d = 8, RoPE base of the full layers."))
+add_case(CaseSpec(name="gemma3n_owner_sliding_w4", reference="gemma3n", seed=15103, prefill_len=6, decode_steps=5,
+                  layer_type="sliding_attention", config={**GEMMA3N_SIZES, "hooked_layer": 1},
+                  description="Gemma 3n layer 1 of 5 (sliding, window 4), the layer whose cache layer 3 reads: "
+                              "q, k and v projections, q/k RMSNorm with gain, v RMSNorm without, scale 1."))
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="directory to write <out>/<case>/{case.json,tensors.safetensors}")

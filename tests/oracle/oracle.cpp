@@ -404,6 +404,7 @@ const std::map<std::string, Runner>& runners() {
       {"kimi_linear", run_kimi_linear},
       {"qwen3", run_qwen3},
       {"gemma3", run_gemma3},
+      {"gemma3n", run_gemma3n},
   };
   return table;
 }

@@ -235,5 +235,6 @@ std::vector<Outputs> run_qwen3_next(const Case& c);
 std::vector<Outputs> run_kimi_linear(const Case& c);
 std::vector<Outputs> run_qwen3(const Case& c);
 std::vector<Outputs> run_gemma3(const Case& c);
+std::vector<Outputs> run_gemma3n(const Case& c);
 
 }  // namespace oracle

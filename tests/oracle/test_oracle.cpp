@@ -250,6 +250,20 @@ TEST_CASE("oracle_check exits 1 when one channel of a KDA case's per-channel dec
   CHECK(oracle_check_status(dir) == 1);
 }
 
+TEST_CASE("oracle_check exits 1 when a Gemma 3n reader's handed-over key differs, 2 when its source disagrees",
+          "[oracle][gemma3n]") {
+  const fs::path key = copy_named_case("gemma3n_shared_sliding_w4", "gemma3n_shared_key");
+  rewrite_tensors(key, [](auto& t) {
+    af::Tensor& keys = t.at("input.shared_keys");
+    keys.data()[keys.numel() - 1] += 0.5f;
+  });
+  CHECK(oracle_check_status(key) == 1);
+  const fs::path source = copy_named_case("gemma3n_shared_full", "gemma3n_shared_source");
+  edit_json(source, [](nlohmann::json& root) { root["kv_shared_layer_index"] = 3; });
+  CHECK(oracle_check_status(source) == 2);
+  CHECK_THAT(log_of(source), Catch::Matchers::Contains("kv_shared_layer_index 3 (the sharing rule gives layer 2)"));
+}
+
 TEST_CASE("oracle_check exits 2 on a yarn field or rope type it does not know, naming it", "[oracle][yarn]") {
   SECTION("an unknown yarn field") {
     const fs::path dir = copy_named_case("gpt_oss_full_yarn_mscale", "yarn_unknown_field");
@@ -347,6 +361,8 @@ const std::vector<Subject>& subjects() {
       {"gemma3_sliding_w4_local_base", "q_proj.weight", true},
       {"gemma3_global_linear8_offset", "q_proj.weight", true},
       {"deepseek_v3_yarn", "q_b_proj.weight", true},
+      {"gemma3n_shared_sliding_w4", "q_proj.weight", true},  // reads layer 1's handed-over keys and values
+      {"gemma3n_owner_sliding_w4", "q_proj.weight", true},
   };
   return all;
 }
@@ -611,6 +627,10 @@ TEST_CASE("oracle_check names a config field of the wrong JSON type or range", "
       {"minimax_lightning_layer2_block4", "/config/hidden_act", 7, "hidden_act"},
       {"minimax_lightning_layer2_block4", "/layer_idx", "1", "layer_idx"},
       {"minimax_full_gqa_layer3", "/config/layer_types", "full_attention", "layer_types"},
+      {"gemma3n_shared_full", "/config/num_kv_shared_layers", 5, "num_kv_shared_layers"},
+      {"gemma3n_shared_full", "/layer_index", "4", "layer_index"},
+      {"gemma3n_shared_sliding_w4", "/config/layer_types", "sliding_attention", "layer_types"},
+      {"gemma3n_shared_sliding_w4", "/config/rope_parameters/full_attention/rope_theta", "1e6", "rope_theta"},
       {"sdpa_sinks_s2_w4_gqa", "/config/sinks", -1, "sinks"},
       {"flex_block_mask_all_b5", "/config/block", "5", "block"},
       {"flex_block_mask_chunked_transformers_b4", "/config/mask_mod", "my_mask_mod", "mask_mod"},
