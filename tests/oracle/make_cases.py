@@ -5,7 +5,8 @@ Each case is one directory, <out>/<name>/, holding
   case.json            reference, layer_type, config, prefill_len, decode_steps, seed, tolerance,
                        description, generator
   tensors.safetensors  the module's parameters under their Hugging Face names, input.hidden_states,
-                       input.position_ids, expected.prefill, expected.decode
+                       input.position_ids, expected.prefill, expected.decode (and, for some references,
+                       expected.selected.* indices or the layer's cache, expected.{prefill,final}.*)
 
 Usage (on a machine with torch, transformers and safetensors; runs on the CPU in float32):
   python3 tests/oracle/make_cases.py --out tests/oracle/cases            # every case
@@ -46,7 +47,8 @@ DEVICE = "cpu"
 DTYPE_NAME = "float32"
 
 # The contract's default tolerance: pass when max|got - expected| <= max_abs * max(1, max|expected|), where
-# max|expected| is taken over all expected.* float tensors of the case together.
+# max|expected| is taken over expected.prefill and expected.decode together (a recorded cache state,
+# expected.<when>.<kind>, is compared against its own scale).
 DEFAULT_TOLERANCE = {"max_abs": 1e-4, "relative_to": "max(1, max|expected|)"}
 
 # The generator's own float64 recomputation must agree with the recorded float32 outputs to this,
@@ -2733,6 +2735,9 @@ add_case(CaseSpec(
 # q, k: x / sqrt(sum x^2 + 1e-6) per head, q also times dk^-0.5; value head h reads key head h // r;
 # beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias); per step S <- exp(g) S, u = beta (v - S^T k),
 # S <- S + k u^T, o = S^T q; then o / sqrt(mean o^2 + eps) * norm.weight * silu(z) per value head; out_proj.
+# A linear case also saves the layer's cache after the prefill and after the last call (_linear_state_recorder):
+# conv_state [1, C, K], the last K convolution inputs oldest first (the library keeps K - 1: the update never
+# reads the oldest again), and recurrent_state [1, Hv, dk, dv], S above.
 
 QWEN3_NEXT_DEFAULTS = {
     "vocab_size": 64,
