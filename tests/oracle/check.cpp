@@ -83,6 +83,32 @@ void check_positions(const Case& c) {
                                   positions[i], i, largest));
 }
 
+/// Compares the library's cache with the recorded one (StateComparison) and appends its line to `report`: the
+/// same bound as the outputs' (the case's max_abs, times max(1, max|expected|) over this comparison's values when
+/// the tolerance is relative), NaN and infinity failing. False when it fails; true when it passes or the case does
+/// not record the tensor (the line says so).
+bool compare_state(const Case& c, const StateComparison& state, std::string& report) {
+  constexpr std::string_view prefix = "expected.";
+  const std::string label =
+      state.tensor.starts_with(prefix) ? state.tensor.substr(prefix.size()) : state.tensor;  // e.g. prefill.conv_state
+  if (!state.expected) {
+    report += fmt::format("    cache {} not compared (the case has no {})\n", label, state.tensor);
+    return true;
+  }
+  if (state.expected->shape() != state.got.shape()) {
+    report += fmt::format("    cache {} ({}): FAIL: the library holds {} where the case's part is {}\n", label,
+                          state.what, state.got.shape().str(), state.expected->shape().str());
+    return false;
+  }
+  const double error = af::max_abs_diff(state.got.values(), state.expected->values());
+  const double tolerance =
+      c.relative_to_expected ? af::scaled_tolerance(c.max_abs, af::max_abs(state.expected->values())) : c.max_abs;
+  const bool pass = af::within_tolerance(error, tolerance);
+  report += fmt::format("    cache {} ({})  max abs error {:.2e}  tolerance {:.2e}  {}\n", label, state.what, error,
+                        tolerance, pass ? "PASS" : "FAIL");
+  return pass;
+}
+
 /// Checks the case; the verdict and the lines, or an exception for a malformed case.
 CheckResult check_or_throw(const Case& c, const std::map<std::string, Runner>& table) {
   const auto runner = table.find(c.reference);
@@ -156,6 +182,9 @@ CheckResult check_or_throw(const Case& c, const std::map<std::string, Runner>& t
     // The case and the path on one line, the comparison on the next, so that a line fits the book's code column.
     result.report += fmt::format("{:<30} {}\n    max abs error {:.2e}  tolerance {:.2e}{}  {}\n", c.name, mechanism,
                                  error, tolerance, selection_note, pass ? "PASS" : "FAIL");
+    for (const StateComparison& state : got.states) {
+      if (!compare_state(c, state, result.report)) result.verdict = Verdict::fail;
+    }
   }
   // (Only once everything was compared: a runner that returned nothing or the wrong shape has failed already.)
   if (const auto unread = c.tensors.unread(); compared_everything && !unread.empty())

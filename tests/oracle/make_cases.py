@@ -5,7 +5,8 @@ Each case is one directory, <out>/<name>/, holding
   case.json            reference, layer_type, config, prefill_len, decode_steps, seed, tolerance,
                        description, generator
   tensors.safetensors  the module's parameters under their Hugging Face names, input.hidden_states,
-                       input.position_ids, expected.prefill, expected.decode
+                       input.position_ids, expected.prefill, expected.decode (and, for some references,
+                       expected.selected.* indices or the layer's cache, expected.{prefill,final}.*)
 
 Usage (on a machine with torch, transformers and safetensors; runs on the CPU in float32):
   python3 tests/oracle/make_cases.py --out tests/oracle/cases            # every case
@@ -46,7 +47,8 @@ DEVICE = "cpu"
 DTYPE_NAME = "float32"
 
 # The contract's default tolerance: pass when max|got - expected| <= max_abs * max(1, max|expected|), where
-# max|expected| is taken over all expected.* float tensors of the case together.
+# max|expected| is taken over expected.prefill and expected.decode together (a recorded cache state,
+# expected.<when>.<kind>, is compared against its own scale).
 DEFAULT_TOLERANCE = {"max_abs": 1e-4, "relative_to": "max(1, max|expected|)"}
 
 # The generator's own float64 recomputation must agree with the recorded float32 outputs to this,
@@ -2112,10 +2114,11 @@ def _draw_params(module, g, drawn: dict[str, tuple[float, float]]) -> dict[str, 
     return params
 
 
-def _record_through_cache(spec: CaseSpec, model, attn, config, g, make_cache):
+def _record_through_cache(spec: CaseSpec, model, attn, config, g, make_cache, after_call=None):
     """Random token ids from `g`; a prefill of T tokens and N single-token steps of `model` through the cache
-    `make_cache()` builds (the model's own), with `attn`'s inputs and outputs hooked. Returns (position ids,
-    hidden_states, prefill, decode, cache)."""
+    `make_cache()` builds (the model's own), with `attn`'s inputs and outputs hooked. `after_call(i, cache)`, when
+    given, runs after each call of the model (i = 0 the prefill, i = 1 .. N the decode steps), e.g. to copy what
+    the cache holds then. Returns (position ids, hidden_states, prefill, decode, cache)."""
     T, N = spec.prefill_len, spec.decode_steps
     L = T + N
     ids = torch.randint(0, config.vocab_size, (1, L), generator=g, dtype=torch.int64)
@@ -2136,9 +2139,13 @@ def _record_through_cache(spec: CaseSpec, model, attn, config, g, make_cache):
         with torch.no_grad():
             cache = make_cache()
             model(input_ids=ids[:, :T], position_ids=pos[:, :T], past_key_values=cache, use_cache=True)
+            if after_call is not None:
+                after_call(0, cache)
             for i in range(N):
                 model(input_ids=ids[:, T + i:T + i + 1], position_ids=pos[:, T + i:T + i + 1],
                       past_key_values=cache, use_cache=True)
+                if after_call is not None:
+                    after_call(i + 1, cache)
     finally:
         for h in handles:
             h.remove()
@@ -2149,6 +2156,69 @@ def _record_through_cache(spec: CaseSpec, model, attn, config, g, make_cache):
     decode = (torch.cat(seen["output"][1:], dim=1) if N else
               torch.zeros(1, 0, config.hidden_size, dtype=torch.float32)).contiguous()
     return pos, hidden_states, prefill, decode, cache
+
+
+def _linear_state_recorder(spec: CaseSpec, layer: int):
+    """An `after_call` for _record_through_cache that copies what the hooked linear-attention layer's cache entry
+    (transformers' LinearAttentionLayer inside DynamicCache) holds after the prefill and after the last call: its
+    convolution state conv_states[0] [1, C, K] and its recurrent state recurrent_states[0] [1, H, d_k, d_v], as
+    expected.{prefill,final}.{conv_state,recurrent_state}. The entry must hold exactly one state of each kind
+    (index 0): one convolution over [q | k | v] together, not one per projection. Returns (after_call, the dict
+    it fills)."""
+    states: dict[str, Any] = {}
+
+    def after_call(i, cache):
+        if i not in (0, spec.decode_steps):
+            return
+        entry = cache.layers[layer]
+        conv = [j for j, ready in entry.is_conv_states_initialized.items() if ready]
+        recurrent = [j for j, ready in entry.is_recurrent_states_initialized.items() if ready]
+        if conv != [0] or recurrent != [0]:
+            raise AssertionError(f"{spec.name}: layer {layer}'s cache holds conv states {conv} and recurrent states "
+                                 f"{recurrent}; want exactly [0] of each")
+        whens = (["prefill"] if i == 0 else []) + (["final"] if i == spec.decode_steps else [])
+        for when in whens:
+            for kind, value in (("conv_state", entry.conv_states[0]), ("recurrent_state", entry.recurrent_states[0])):
+                if value.dtype != torch.float32:
+                    raise AssertionError(f"{spec.name}: the cache's {kind} is {value.dtype}, want float32")
+                states[f"expected.{when}.{kind}"] = value.detach().clone().contiguous()
+
+    return after_call, states
+
+
+def _conv_state64(mixed, t: int, K: int, *, reversed_time: bool = False):
+    """What the reference's convolution state holds after t tokens, from the formula: the convolution's inputs
+    (mixed [L, C], before the convolution) at positions t-K .. t-1, zeros before the first token, laid out
+    [1, C, K] oldest first. reversed_time: newest first (a deliberate mistake)."""
+    padded = torch.cat([torch.zeros(K, mixed.shape[1], dtype=torch.float64), mixed[:t]])
+    window = padded[-K:]                                                       # [K, C]
+    if reversed_time:
+        window = window.flip(0)
+    return window.T.unsqueeze(0).contiguous()
+
+
+def _delta_states64(states_at: dict[int, Any], mixed, T: int, L: int, K: int, *, conv_state_reversed: bool = False,
+                    final_state_step_early: bool = False) -> dict[str, Any]:
+    """The expected.{prefill,final}.{conv_state,recurrent_state} tensors from a float64 recomputation:
+    `states_at[t]` is the delta rule's state [H, d_k, d_v] after t tokens. The two flags are deliberate mistakes
+    (contrasts): the convolution state newest first, and the final recurrent state one token early."""
+    final = L - 1 if final_state_step_early else L
+    return {"expected.prefill.conv_state": _conv_state64(mixed, T, K),
+            "expected.prefill.recurrent_state": states_at[T].unsqueeze(0),
+            "expected.final.conv_state": _conv_state64(mixed, L, K, reversed_time=conv_state_reversed),
+            "expected.final.recurrent_state": states_at[final].unsqueeze(0)}
+
+
+def _state_contrasts(rec: Recording, spec: CaseSpec, recompute) -> dict[str, float]:
+    """Contrasts on the recorded cache states: `recompute(**flags)` is the float64 recomputation with a deliberate
+    mistake; each error is relative to max(1, max|recorded state|)."""
+    out = {"conv_state_newest_first": relative_error(rec.extra["expected.final.conv_state"],
+                                                     recompute(conv_state_reversed=True)["expected.final.conv_state"])}
+    if spec.decode_steps > 0:
+        out["final_state_one_token_early"] = relative_error(
+            rec.extra["expected.final.recurrent_state"],
+            recompute(final_state_step_early=True)["expected.final.recurrent_state"])
+    return out
 
 
 def record_minimax(spec: CaseSpec) -> Recording:
@@ -2324,7 +2394,8 @@ def validate(rec: Recording, spec: CaseSpec) -> float:
         if t.is_floating_point() and t.dtype != torch.float32:
             raise AssertionError(f"{spec.name}: {name} is {t.dtype}, want float32")
     for name, t in [("input.hidden_states", rec.hidden_states), ("expected.prefill", rec.prefill),
-                    ("expected.decode", rec.decode)] + list(rec.params.items()):
+                    ("expected.decode", rec.decode)] + list(rec.params.items()) + [
+                        (n, t) for n, t in rec.extra.items() if t.is_floating_point()]:
         if not torch.isfinite(t).all():
             raise AssertionError(f"{spec.name}: {name} is not finite")
         if t.numel() and float(t.abs().max()) == 0.0:
@@ -2335,6 +2406,9 @@ def validate(rec: Recording, spec: CaseSpec) -> float:
     worst = 0.0
     for name, want in recomputed.items():
         got = saved[name]
+        if tuple(got.shape) != tuple(want.shape):
+            raise AssertionError(f"{spec.name}: {name} is {tuple(got.shape)}; the float64 recomputation gives "
+                                 f"{tuple(want.shape)}")
         if got.numel() == 0:
             continue
         err = relative_error(got, want)
@@ -2398,7 +2472,10 @@ def write_checked_case(args, spec: CaseSpec, gen: dict[str, Any]) -> None:
         raise AssertionError(f"{e}; contrasts {contrasts}") from e
     # Determinism: a second recording from the same seed must be bit-identical.
     again = REFERENCES[spec.reference].record(spec)
-    for a, b in [(rec.prefill, again.prefill), (rec.decode, again.decode)]:
+    if sorted(rec.extra) != sorted(again.extra):
+        raise AssertionError(f"{spec.name}: two recordings from seed {spec.seed} hold different extra tensors")
+    for a, b in [(rec.prefill, again.prefill), (rec.decode, again.decode)] + [(rec.extra[n], again.extra[n])
+                                                                              for n in rec.extra]:
         if not torch.equal(a, b):
             raise AssertionError(f"{spec.name}: two recordings from seed {spec.seed} differ")
     max_expected = max(float(t.abs().max()) for t in (rec.prefill, rec.decode) if t.numel())
@@ -2658,6 +2735,9 @@ add_case(CaseSpec(
 # q, k: x / sqrt(sum x^2 + 1e-6) per head, q also times dk^-0.5; value head h reads key head h // r;
 # beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias); per step S <- exp(g) S, u = beta (v - S^T k),
 # S <- S + k u^T, o = S^T q; then o / sqrt(mean o^2 + eps) * norm.weight * silu(z) per value head; out_proj.
+# A linear case also saves the layer's cache after the prefill and after the last call (_linear_state_recorder):
+# conv_state [1, C, K], the last K convolution inputs oldest first (the library keeps K - 1: the update never
+# reads the oldest again), and recurrent_state [1, Hv, dk, dv], S above.
 
 QWEN3_NEXT_DEFAULTS = {
     "vocab_size": 64,
@@ -2695,13 +2775,14 @@ def record_qwen3_next(spec: CaseSpec) -> Recording:
                                     "k_norm.weight": (0.0, HF_NORM_WEIGHT_STD),
                                     "dt_bias": (0.0, 0.5),
                                     "A_log": (-0.5, 0.5)})                       # rates exp(A_log) ~ 0.1 .. 3
+    after_call, states = _linear_state_recorder(spec, layer) if linear else (None, {})
     pos, hidden_states, prefill, decode, cache = _record_through_cache(spec, model, attn, config, g,
-                                                                       lambda: DynamicCache(config=config))
+                                                                       lambda: DynamicCache(config=config), after_call)
     meta = {"module": f"layers.{layer}.{'linear_attn' if linear else 'self_attn'}", "layer_idx": layer}
     if linear:
         meta["state_shape"] = list(cache.layers[layer].recurrent_states[0].shape)
     return Recording(config=json_safe(config.to_dict()), params=params, hidden_states=hidden_states,
-                     position_ids=pos, prefill=prefill, decode=decode, meta=meta)
+                     position_ids=pos, prefill=prefill, decode=decode, extra=states, meta=meta)
 
 
 def _qwen3_next_full64(rec: Recording, spec: CaseSpec, *, no_gate: bool = False, plain_gain: bool = False,
@@ -2737,7 +2818,7 @@ def _qwen3_next_full64(rec: Recording, spec: CaseSpec, *, no_gate: bool = False,
 
 
 def _qwen3_next64(rec: Recording, spec: CaseSpec, *, no_conv: bool = False, head_modulo: bool = False,
-                  no_l2norm: bool = False):
+                  no_l2norm: bool = False, **state_mistakes):
     c = rec.config
     Hk, Hv = c["linear_num_key_heads"], c["linear_num_value_heads"]
     dk, dv, K = c["linear_key_head_dim"], c["linear_value_head_dim"], c["linear_conv_kernel_dim"]
@@ -2769,6 +2850,7 @@ def _qwen3_next64(rec: Recording, spec: CaseSpec, *, no_conv: bool = False, head
     beta = torch.sigmoid(b)
     gate = -torch.exp(p["A_log"]) * F.softplus(a + p["dt_bias"])             # [L, Hv]
     out = torch.zeros(L, Hv, dv, dtype=torch.float64)
+    states_at = {t: torch.zeros(Hv, dk, dv, dtype=torch.float64) for t in range(L + 1)}   # after t tokens
     for h in range(Hv):
         kh = h % Hk if head_modulo else h // r
         S = torch.zeros(dk, dv, dtype=torch.float64)
@@ -2777,8 +2859,10 @@ def _qwen3_next64(rec: Recording, spec: CaseSpec, *, no_conv: bool = False, head
             u = beta[t, h] * (v[t, h] - S.T @ k[t, kh])
             S = S + torch.outer(k[t, kh], u)
             out[t, h] = S.T @ q[t, kh]
+            states_at[t + 1][h] = S
     y = out / torch.sqrt((out * out).mean(-1, keepdim=True) + c["rms_norm_eps"]) * p["norm.weight"] * F.silu(z)
-    return _split_expected(y.reshape(L, Hv * dv) @ p["out_proj.weight"].T, spec.prefill_len)
+    return (_split_expected(y.reshape(L, Hv * dv) @ p["out_proj.weight"].T, spec.prefill_len)
+            | _delta_states64(states_at, mixed, spec.prefill_len, L, K, **state_mistakes))
 
 
 def check_qwen3_next(rec: Recording, spec: CaseSpec) -> dict[str, Any]:
@@ -2792,6 +2876,7 @@ def contrasts_qwen3_next(rec: Recording, spec: CaseSpec) -> dict[str, float]:
                 "rotate_whole_head": _contrast_error(rec, _qwen3_next_full64(rec, spec, full_rotary=True))}
     out = {"no_conv": _contrast_error(rec, _qwen3_next64(rec, spec, no_conv=True)),
            "no_l2norm": _contrast_error(rec, _qwen3_next64(rec, spec, no_l2norm=True))}
+    out |= _state_contrasts(rec, spec, lambda **mistake: _qwen3_next64(rec, spec, **mistake))
     c = rec.config
     if c["linear_num_value_heads"] > c["linear_num_key_heads"] > 1:
         out["value_head_h_mod_Hk"] = _contrast_error(rec, _qwen3_next64(rec, spec, head_modulo=True))
@@ -2892,16 +2977,17 @@ def record_kimi_linear(spec: CaseSpec) -> Recording:
     params = _draw_params(attn, g, {"o_norm.weight": (1.0, HF_NORM_WEIGHT_STD),
                                     "forget_gate.dt_bias": (0.0, 0.5),
                                     "forget_gate.A_log": (-1.0, 0.5)})
+    after_call, states = _linear_state_recorder(spec, layer)
     pos, hidden_states, prefill, decode, cache = _record_through_cache(spec, model, attn, config, g,
-                                                                       lambda: DynamicCache(config=config))
+                                                                       lambda: DynamicCache(config=config), after_call)
     return Recording(config=json_safe(config.to_dict()), params=params, hidden_states=hidden_states,
-                     position_ids=pos, prefill=prefill, decode=decode,
+                     position_ids=pos, prefill=prefill, decode=decode, extra=states,
                      meta={"module": f"layers.{layer}.self_attn", "layer_idx": layer,
                            "state_shape": list(cache.layers[layer].recurrent_states[0].shape)})
 
 
 def _kimi_linear64(rec: Recording, spec: CaseSpec, *, per_head_decay: bool = False, silu_gate: bool = False,
-                   no_conv: bool = False):
+                   no_conv: bool = False, **state_mistakes):
     c = rec.config
     H, d, K = c["linear_num_heads"], c["linear_head_dim"], c["linear_conv_kernel_dim"]
     L = spec.prefill_len + spec.decode_steps
@@ -2925,6 +3011,7 @@ def _kimi_linear64(rec: Recording, spec: CaseSpec, *, per_head_decay: bool = Fal
         gate = gate.mean(-1, keepdim=True).expand(L, H, d)
     beta = torch.sigmoid(x @ p["b_proj.weight"].T)
     out = torch.zeros(L, H, d, dtype=torch.float64)
+    states_at = {t: torch.zeros(H, d, d, dtype=torch.float64) for t in range(L + 1)}       # after t tokens
     for h in range(H):
         S = torch.zeros(d, d, dtype=torch.float64)
         for t in range(L):
@@ -2932,10 +3019,12 @@ def _kimi_linear64(rec: Recording, spec: CaseSpec, *, per_head_decay: bool = Fal
             u = beta[t, h] * (v[t, h] - S.T @ k[t, h])
             S = S + torch.outer(k[t, h], u)
             out[t, h] = S.T @ q[t, h]
+            states_at[t + 1][h] = S
     og = (x @ p["g_a_proj.weight"].T @ p["g_b_proj.weight"].T).reshape(L, H, d)
     act = F.silu(og) if silu_gate else torch.sigmoid(og)
     y = out / torch.sqrt((out * out).mean(-1, keepdim=True) + c["rms_norm_eps"]) * p["o_norm.weight"] * act
-    return _split_expected(y.reshape(L, H * d) @ p["o_proj.weight"].T, spec.prefill_len)
+    return (_split_expected(y.reshape(L, H * d) @ p["o_proj.weight"].T, spec.prefill_len)
+            | _delta_states64(states_at, mixed, spec.prefill_len, L, K, **state_mistakes))
 
 
 def check_kimi_linear(rec: Recording, spec: CaseSpec) -> dict[str, Any]:
@@ -2945,7 +3034,8 @@ def check_kimi_linear(rec: Recording, spec: CaseSpec) -> dict[str, Any]:
 def contrasts_kimi_linear(rec: Recording, spec: CaseSpec) -> dict[str, float]:
     return {"decay_per_head": _contrast_error(rec, _kimi_linear64(rec, spec, per_head_decay=True)),
             "silu_output_gate": _contrast_error(rec, _kimi_linear64(rec, spec, silu_gate=True)),
-            "no_conv": _contrast_error(rec, _kimi_linear64(rec, spec, no_conv=True))}
+            "no_conv": _contrast_error(rec, _kimi_linear64(rec, spec, no_conv=True))} | _state_contrasts(
+                rec, spec, lambda **mistake: _kimi_linear64(rec, spec, **mistake))
 
 
 def describe_kimi_linear(rec: Recording, spec: CaseSpec) -> str:

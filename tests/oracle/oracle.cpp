@@ -388,6 +388,34 @@ Outputs replay_qk_norm_layer(const Case& c, const af::GroupedShape& shape, const
   return replay(cache);
 }
 
+std::vector<StateComparison> delta_cache_comparisons(const Case& c, const std::string& when,
+                                                     const af::Tensor& conv_inputs, std::int64_t conv_kernel,
+                                                     const af::Tensor& state) {
+  const std::int64_t K = conv_kernel, channels = conv_inputs.dim(1), kept = K - 1;
+  std::vector<StateComparison> out;
+
+  // The convolution: the library's row j (token-major) is the reference's column j + 1 (channel-major).
+  StateComparison conv{fmt::format("expected.{}.conv_state", when), fmt::format("last {} of {} inputs", kept, K),
+                       std::nullopt, af::Tensor(af::Shape{kept, channels})};
+  std::copy(conv_inputs.data(), conv_inputs.data() + kept * channels, conv.got.data());
+  if (c.tensors.contains(conv.tensor)) {
+    const af::Tensor recorded = c.tensor(conv.tensor, af::Shape{1, channels, K});
+    af::Tensor mapped(af::Shape{kept, channels});
+    for (std::int64_t j = 0; j < kept; ++j)
+      for (std::int64_t ch = 0; ch < channels; ++ch) mapped.data()[j * channels + ch] = recorded.data()[ch * K + j + 1];
+    conv.expected = std::move(mapped);
+  }
+  out.push_back(std::move(conv));
+
+  // The delta rule's state: [1, H, d_k, d_v] and [H, d_k, d_v] hold the same elements in the same order.
+  StateComparison rule{fmt::format("expected.{}.recurrent_state", when), state.shape().str(), std::nullopt, state};
+  if (c.tensors.contains(rule.tensor))
+    rule.expected =
+        c.tensor(rule.tensor, af::Shape{1, state.dim(0), state.dim(1), state.dim(2)}).reshaped(state.shape());
+  out.push_back(std::move(rule));
+  return out;
+}
+
 const std::map<std::string, Runner>& runners() {
   static const std::map<std::string, Runner> table = {
       {"sdpa", run_sdpa},

@@ -138,6 +138,20 @@ struct Selection {
   std::vector<std::int64_t> indices;  ///< rows * k, row-major
 };
 
+/// What the library's cache holds at one point of the replay, beside what the reference's cache held there
+/// (`expected.<when>.<kind>`, e.g. `expected.prefill.conv_state`). The runner maps the layouts: `expected` is the
+/// part of the recorded tensor the library keeps, in the library's layout, the same shape as `got`; `what` says
+/// which part (for the line). `expected` is empty when the case does not record the tensor (an older case): the
+/// line then says that it was not compared. `oracle_check` compares like an output (max abs error within the
+/// case's max_abs, times max(1, max|expected|) of this comparison's values when the tolerance is relative; NaN
+/// and infinity fail) and prints one line per comparison.
+struct StateComparison {
+  std::string tensor;                  ///< the case's tensor name
+  std::string what;                    ///< which part of it is compared, in words
+  std::optional<af::Tensor> expected;  ///< absent: the case does not record it
+  af::Tensor got;
+};
+
 /// What a runner returns: the outputs of the prefill [T, hidden] and of the N decode steps [N, hidden], and,
 /// for a mechanism with several exact ways to compute it (MLA's naive and absorbed paths), which way.
 struct Outputs {
@@ -146,7 +160,20 @@ struct Outputs {
   std::string path;
   /// For a mechanism that selects (DSA, CSA): the entries it chose, one per `expected.selected.<name>` tensor.
   std::vector<Selection> selected = {};
+  /// For a mechanism whose cache is a state (the delta rule): the library's cache beside the recorded one.
+  std::vector<StateComparison> states = {};
 };
+
+/// The comparisons of a delta-rule layer's cache (af::GatedDeltaNetCache, af::KimiDeltaCache) after the call
+/// named `when` ("prefill" or "final") with the case's `expected.<when>.conv_state` [1, C, K] and
+/// `expected.<when>.recurrent_state` [1, H, d_k, d_v]. transformers' cache keeps the convolution's last K inputs
+/// (oldest first, channel-major); the library keeps the last K - 1 (`conv_inputs` [K - 1, C], token-major), since
+/// the oldest of K is never used again: the last K - 1 columns are compared. The recurrent state has the
+/// library's layout [H, d_k, d_v] already. A tensor the case does not hold is reported as not compared; one of
+/// another shape is a CaseError naming it.
+std::vector<StateComparison> delta_cache_comparisons(const Case& c, const std::string& when,
+                                                     const af::Tensor& conv_inputs, std::int64_t conv_kernel,
+                                                     const af::Tensor& state);
 
 /// The attention sizes of a Hugging Face decoder config (hidden_size, num_attention_heads, num_key_value_heads
 /// defaulting to the head count, head_dim defaulting to hidden / heads), validated; CaseError otherwise.

@@ -3,7 +3,8 @@
 // depthwise convolution with SiLU over [q | k | v] (its last inputs cached); unit q and k, q times d^-0.5; a
 // log-decay per key channel, -exp(A_log[h]) softplus(f_b(f_a x) + dt_bias); beta = sigmoid(b_proj x); the gated
 // delta rule (chunked prefill, recurrent decode); RMSNorm per head times sigmoid(g_b(g_a x)); o_proj. Computed
-// twice: chunks of 64 and chunks of 7.
+// twice: chunks of 64 and chunks of 7, each time comparing the cache after the prefill and after the last call
+// with the reference's where the case records it (delta_cache_comparisons).
 #include "af/gated_deltanet.hpp"
 #include "oracle.hpp"
 
@@ -50,10 +51,14 @@ Outputs run_path(const Case& c, std::int64_t chunk) {
   af::KimiDeltaCache cache(s);
   Outputs out{af::kimi_delta_attention(x.matrix().rows_slice(0, T), s, w, cache, chunk), af::Tensor(af::Shape{N, h}),
               fmt::format("chunked prefill (chunks of {}), recurrent decode", chunk)};
+  // The cache after the prefill and after the last call, beside what the reference's cache held then.
+  out.states = delta_cache_comparisons(c, "prefill", cache.conv_inputs, s.conv_kernel, cache.state);
   for (std::int64_t i = 0; i < N; ++i) {
     const af::Tensor step = af::kimi_delta_attention(x.matrix().rows_slice(T + i, 1), s, w, cache, chunk);
     std::ranges::copy(step.values(), out.decode.matrix().row(i).begin());
   }
+  for (StateComparison& compared : delta_cache_comparisons(c, "final", cache.conv_inputs, s.conv_kernel, cache.state))
+    out.states.push_back(std::move(compared));
   return out;
 }
 

@@ -4,7 +4,9 @@
 // width linear_conv_kernel_dim with SiLU over q, k and v (its last inputs cached); unit q and k, q times
 // d_k^-0.5; value head h reads key head h / (Hv / Hk); beta = sigmoid(b), log-decay -exp(A_log) softplus(a +
 // dt_bias); the gated delta rule (chunked prefill, recurrent decode); a gated RMSNorm per value head (eps
-// rms_norm_eps); out_proj. Computed twice: chunks of 64 as the reference prefills, and chunks of 5.
+// rms_norm_eps); out_proj. Computed twice: chunks of 64 as the reference prefills, and chunks of 5; each time the
+// cache (convolution inputs and delta-rule state) after the prefill and after the last call is compared with the
+// reference's where the case records it (delta_cache_comparisons).
 // The full-attention layers (Qwen3NextAttention): GQA whose q_proj gives per head [q | gate], q and k
 // RMSNorm'd per head with the gain 1 + w, RoPE on the first head_dim x partial_rotary_factor channels
 // (half-split), scale d^-0.5, causal, the output times sigmoid(gate), o_proj.
@@ -59,10 +61,14 @@ Outputs run_path(const Case& c, std::int64_t chunk) {
   af::GatedDeltaNetCache cache(s);
   Outputs out{af::gated_deltanet(x.matrix().rows_slice(0, T), s, w, cache, chunk), af::Tensor(af::Shape{N, h}),
               fmt::format("chunked prefill (chunks of {}), recurrent decode", chunk)};
+  // The cache after the prefill and after the last call, beside what the reference's cache held then.
+  out.states = delta_cache_comparisons(c, "prefill", cache.conv_inputs, s.conv_kernel, cache.state);
   for (std::int64_t i = 0; i < N; ++i) {
     const af::Tensor step = af::gated_deltanet(x.matrix().rows_slice(T + i, 1), s, w, cache, chunk);
     std::ranges::copy(step.values(), out.decode.matrix().row(i).begin());
   }
+  for (StateComparison& compared : delta_cache_comparisons(c, "final", cache.conv_inputs, s.conv_kernel, cache.state))
+    out.states.push_back(std::move(compared));
   return out;
 }
 

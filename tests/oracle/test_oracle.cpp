@@ -449,6 +449,66 @@ TEST_CASE("oracle_check fails one changed element of a decode row, swapped heads
   }
 }
 
+TEST_CASE("oracle_check exits 1 when one element of a delta-rule case's recorded cache differs", "[oracle][delta]") {
+  // transformers keeps the convolution's last K inputs [1, C, K] (oldest first); the library the last K - 1, which
+  // oracle_check compares with columns 1 .. K-1. Element 3 of the flat tensor is channel 0's newest input (column
+  // K - 1 = 3 for K = 4), one the next output reads; element 5 of the recurrent state is S[head 0][0][5].
+  for (const std::string name : {"qwen3_next_gdn_hk2_hv4", "qwen3_next_gdn_short_prefill", "kimi_linear_kda_h2"}) {
+    {
+      const fs::path dir = copy_named_case(name, name + "_untouched_states");
+      CHECK(oracle_check_status(dir) == 0);
+      const std::string text = log_of(dir);
+      for (const std::string compared :
+           {"prefill.conv_state", "prefill.recurrent_state", "final.conv_state", "final.recurrent_state"}) {
+        INFO(text);
+        CHECK_THAT(text, Catch::Matchers::Contains("cache " + compared + " ("));
+      }
+    }
+    for (const auto& [tensor, index] : {std::pair<std::string, std::int64_t>{"expected.prefill.conv_state", 3},
+                                        {"expected.prefill.recurrent_state", 5},
+                                        {"expected.final.conv_state", 3},
+                                        {"expected.final.recurrent_state", 5}}) {
+      const fs::path dir = copy_named_case(name, name + "_changed_" + tensor);
+      rewrite_tensors(dir, [&](auto& floats) { floats.at(tensor).data()[index] += 0.01f; });  // > 25x the tolerance
+      INFO(name << " " << tensor);
+      CHECK(oracle_check_status(dir) == 1);
+      const std::string label = tensor.substr(std::string("expected.").size());
+      const std::string text = log_of(dir);
+      INFO(text);
+      CHECK_THAT(text, Catch::Matchers::Contains("cache " + label + " (") && Catch::Matchers::Contains("FAIL"));
+    }
+  }
+}
+
+TEST_CASE("oracle_check leaves the oldest of transformers' K convolution inputs alone", "[oracle][delta]") {
+  // The next output never reads it (the update shifts it out first), and the library does not keep it.
+  const fs::path dir = copy_named_case("qwen3_next_gdn_hk2_hv4", "qwen3_next_oldest_conv_input_changed");
+  rewrite_tensors(dir, [](auto& floats) { floats.at("expected.final.conv_state").data()[0] += 1.0f; });
+  CHECK(oracle_check_status(dir) == 0);
+}
+
+TEST_CASE("oracle_check checks a delta-rule case without recorded states on its outputs alone", "[oracle][delta]") {
+  // An older case records no cache: its lines say so, and it passes or fails on its outputs.
+  const fs::path dir = copy_named_case("kimi_linear_kda_h2", "kimi_linear_no_states");
+  rewrite_tensors(dir, [](auto& floats) {
+    for (const char* when : {"prefill", "final"})
+      for (const char* kind : {"conv_state", "recurrent_state"})
+        floats.erase(fmt::format("expected.{}.{}", when, kind));
+  });
+  CHECK(oracle_check_status(dir) == 0);
+  CHECK_THAT(log_of(dir),
+             Catch::Matchers::Contains("cache final.recurrent_state not compared (the case has no expected.final"));
+  // A recorded state of another shape is malformed, named.
+  require_malformed(
+      "qwen3_next_gdn_short_prefill", "qwen3_next_state_misshapen",
+      [](const fs::path& d) {
+        rewrite_tensors(d, [](auto& floats) {
+          floats.at("expected.prefill.conv_state") = af::Tensor(af::Shape{1, 48, 3});  // K - 1 columns, not K
+        });
+      },
+      "expected.prefill.conv_state");
+}
+
 TEST_CASE("A runner that returns nothing, NaN, the wrong shape or throws does not pass", "[oracle][runner]") {
   const auto table_of = [](const oracle::Runner& runner) {
     std::map<std::string, oracle::Runner> table;
