@@ -701,9 +701,12 @@ double indexer_loss_forward(std::span<const T> scores, std::span<const T> target
     if (keys.empty()) continue;
     const T* I = scores.data() + t * dims.keys;
     const T* p = target.data() + t * dims.keys;
+    double mass = 0;
+    for (const Index s : keys) mass += p[s];
+    if (!(mass > 0)) continue;
     const double lse = log_sum_exp(I, keys);
-    for (const Index s : keys)  // p log p - p log softmax(I)
-      if (p[s] > 0) loss += p[s] * (std::log(static_cast<double>(p[s])) - (I[s] - lse));
+    for (const Index s : keys)  // p log p - p log softmax(I), p normalised over A_t
+      if (p[s] > 0) loss += p[s] / mass * (std::log(p[s] / mass) - (I[s] - lse));
   }
   return loss;
 }
@@ -723,10 +726,11 @@ void indexer_loss_backward(std::span<const T> scores, std::span<const T> target,
     const T* I = scores.data() + t * dims.keys;
     const T* p = target.data() + t * dims.keys;
     T* dI = d_scores.data() + t * dims.keys;
-    const double lse = log_sum_exp(I, keys);
     double mass = 0;
     for (const Index s : keys) mass += p[s];
-    for (const Index s : keys) dI[s] += static_cast<T>(d_loss * (mass * std::exp(I[s] - lse) - p[s]));
+    if (!(mass > 0)) continue;
+    const double lse = log_sum_exp(I, keys);
+    for (const Index s : keys) dI[s] += static_cast<T>(d_loss * (std::exp(I[s] - lse) - p[s] / mass));
   }
 }
 // [/indexer-loss]

@@ -177,12 +177,14 @@ void indexer_target(std::span<const T> probs, std::int64_t heads, std::int64_t q
 /// The indexer's training loss, sum over queries t of KL(p_t || softmax(I_t)) over the keys of a set A_t, with
 /// p = `target` `[T, S]` (detached) and I = `scores` `[T, S]`. A_t is every key query t may see (the dense warm-up
 /// stage) when `selected` is empty, otherwise the non-negative entries of row t of `selected` `[T, top_k]`
-/// (the sparse stage; causal, no repeats). Entries of p outside A_t are not read; terms with p = 0 count 0.
+/// (the sparse stage; causal, no repeats). p is restricted to A_t and L1-normalised there (a no-op when it comes
+/// from attention over the same keys), so each term is a KL divergence of two distributions and >= 0; a query
+/// whose p has no mass on A_t adds nothing; terms with p = 0 count 0.
 template <class T>
 double indexer_loss_forward(std::span<const T> scores, std::span<const T> target, const IndexerDims& dims,
                             std::span<const std::int64_t> selected, std::int64_t top_k);
 
-/// The gradient of indexer_loss_forward times `d_loss`: adds d_loss ((sum_{A_t} p) softmax(I_t) - p_t) on A_t
+/// The gradient of indexer_loss_forward times `d_loss`: adds d_loss (softmax(I_t) - p_t / sum_{A_t} p) on A_t
 /// into `d_scores` `[T, S]` (0 elsewhere).
 template <class T>
 void indexer_loss_backward(std::span<const T> scores, std::span<const T> target, const IndexerDims& dims,
