@@ -146,6 +146,10 @@ TEST_CASE("the gated delta rule's backward equals central differences in q, k, v
                                    fd_error(g, dg, loss), fd_error(beta, db, loss)});
     INFO("T " << d.steps << ", H " << d.heads << ", d_k " << d.key_dim << ", d_v " << d.value_dim);
     CHECK(error < tolerance);
+    // The backward adds into the gradients it is given: a second call doubles them.
+    Vec twice = dg;
+    af::grad::delta_rule_backward<double>(q, k, v, g, beta, saved, d, upstream, dq, dk, dv, twice, db);
+    for (std::size_t i = 0; i < dg.size(); ++i) CHECK(twice[i] == Approx(2 * dg[i]));
   }
 }
 
