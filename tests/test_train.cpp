@@ -430,13 +430,13 @@ TEST_CASE("AdamW's first two steps match a hand computation", "[train]") {
   CHECK(std::abs(expected1[0] - 0.4895) < 1e-6);  // 0.5 * 0.999 - 0.01
   // Step 2 with twice the gradient: m = 0.09 g + 0.2 g = 0.29 g, v = 0.0475 g^2 + 0.2 g^2 = 0.2475 g^2;
   // corrected by 1 - 0.81 = 0.19 and 1 - 0.9025 = 0.0975: the step is lr (0.29 / 0.19) / sqrt(0.2475 / 0.0975)
-  // sign(g) = 0.0095798... sign(g).
+  // sign(g) = 0.0095799 sign(g).
   std::vector<float> g2(g1.size());
   for (std::size_t i = 0; i < g1.size(); ++i) g2[i] = 2.0f * g1[i];
   const std::vector<float> before = params;
   adamw.step(params, g2, lr);
   const double ratio = (0.29 / 0.19) / std::sqrt(0.2475 / 0.0975);
-  CHECK(std::abs(ratio - 0.957981) < 1e-6);
+  CHECK(std::abs(ratio - 0.9579859) < 1e-7);
   const double expected2[] = {before[0] * (1.0 - lr * 0.1) - lr * ratio, before[1] * (1.0 - lr * 0.1) + lr * ratio,
                               before[2] - lr * ratio};
   for (int i = 0; i < 3; ++i) CHECK(std::abs(params[static_cast<std::size_t>(i)] - expected2[i]) < 1e-6);
@@ -461,24 +461,29 @@ TEST_CASE("The cosine schedule warms up linearly and decays to its final rate; c
 }
 
 TEST_CASE("A tiny model learns to predict the previous token", "[train]") {
+  // Two layers of two heads, hidden 16, 150 steps of 8 random sequences: a fresh model scores ln 8 = 2.08 nats;
+  // one that has learnt to attend one position back scores near 0 (0.0005 here; under 0.01 for other seeds).
   train::ModelConfig config;
   config.vocab = 8;
   config.hidden = 16;
-  config.layers = 1;
+  config.layers = 2;
   config.ffn = 32;
   const train::Model model = softmax_model(config, {2, 2, 8, 0, 10000.0});
   af::Rng rng(9);
   const auto held_out = previous_token_batch(rng, 8, 12, config.vocab);
+  const std::int64_t steps = 150;
   train::TrainConfig train_config;
-  train_config.schedule = {2e-2, 2e-3, 5, 80};
+  train_config.schedule = {2e-2, 2e-3, 5, steps};
   train_config.adamw.weight_decay = 0.0;
+  train_config.threads = 1;
   train::Trainer trainer(model, model.initial_parameters(5), train_config);
-  const double before = train::batch_loss(model, trainer.parameters(), held_out, 0);
-  for (int step = 0; step < 80; ++step) trainer.train_step(previous_token_batch(rng, 8, 12, config.vocab));
-  const double after = train::batch_loss(model, trainer.parameters(), held_out, 0);
+  const double before = train::batch_loss(model, trainer.parameters(), held_out, 1);
+  for (std::int64_t step = 0; step < steps; ++step) trainer.train_step(previous_token_batch(rng, 8, 12, config.vocab));
+  const double after = train::batch_loss(model, trainer.parameters(), held_out, 1);
   INFO("held-out loss " << before << " -> " << after << " (ln 8 = " << std::log(8.0) << ")");
   CHECK(std::abs(before - std::log(8.0)) < 0.1);  // a fresh model is near uniform
-  CHECK(after < 0.3);
+  CHECK(after < 0.05);
+  CHECK(trainer.steps_done() == steps);
 }
 
 TEST_CASE("Training arguments out of range throw af::Error naming the value", "[train]") {
@@ -549,7 +554,7 @@ double max_abs(std::span<const float> values) {
 
 /// Runs the recorded Llama case in scalar type T and compares the loss, the logits and every gradient.
 /// Tolerances, relative to the largest magnitude of each expected tensor: loss 1e-5, logits 1e-5, gradients
-/// 2e-4 (float32 on both sides; the sums run in different orders).
+/// 3e-5 (the reference is float32; the float run sums in other orders, the double run does not round).
 template <class T>
 void check_llama_case(const af::SafetensorsFile& file, const nlohmann::json& case_json) {
   const auto& hf = case_json.at("config");
@@ -628,7 +633,7 @@ void check_llama_case(const af::SafetensorsFile& file, const nlohmann::json& cas
     }
   }
   INFO("gradients: worst max error / largest gradient " << worst_ratio << " (" << worst_name << ")");
-  CHECK(worst_ratio <= 2e-4);
+  CHECK(worst_ratio <= 3e-5);
 }
 
 }  // namespace

@@ -611,20 +611,22 @@ Model::Model(const ModelConfig& config, const std::function<std::unique_ptr<Mixe
   require(config.init_std >= 0.0, "Model: init_std is {} (expected >= 0)", config.init_std);
   require(static_cast<bool>(make_mixer), "Model: no mixer factory given");
   const std::int64_t d = config.hidden, ffn = config.ffn;
-  layout_.add("embed_tokens.weight", {config.vocab, d}, Init::normal, false);
+  embedding_ = layout_.add("embed_tokens.weight", {config.vocab, d}, Init::normal, false);
   for (std::int64_t l = 0; l < config.layers; ++l) {
-    layout_.add(layer_name(l, "input_layernorm.weight"), {d}, Init::ones, false);
+    BlockSlices block;
+    block.mixer_norm = layout_.add(layer_name(l, "input_layernorm.weight"), {d}, Init::ones, false);
     std::unique_ptr<Mixer> mixer = make_mixer(l);
     require(mixer != nullptr, "Model: the mixer factory returned no mixer for layer {}", l);
     mixer->add_parameters(layout_, layer_name(l, "mixer."));
     mixers_.push_back(std::move(mixer));
-    layout_.add(layer_name(l, "post_attention_layernorm.weight"), {d}, Init::ones, false);
-    layout_.add(layer_name(l, "mlp.gate_proj.weight"), {ffn, d}, Init::normal, true);
-    layout_.add(layer_name(l, "mlp.up_proj.weight"), {ffn, d}, Init::normal, true);
-    layout_.add(layer_name(l, "mlp.down_proj.weight"), {d, ffn}, Init::output_projection, true);
+    block.mlp_norm = layout_.add(layer_name(l, "post_attention_layernorm.weight"), {d}, Init::ones, false);
+    block.gate = layout_.add(layer_name(l, "mlp.gate_proj.weight"), {ffn, d}, Init::normal, true);
+    block.up = layout_.add(layer_name(l, "mlp.up_proj.weight"), {ffn, d}, Init::normal, true);
+    block.down = layout_.add(layer_name(l, "mlp.down_proj.weight"), {d, ffn}, Init::output_projection, true);
+    blocks_.push_back(block);
   }
-  layout_.add("norm.weight", {d}, Init::ones, false);
-  layout_.add("lm_head.weight", {config.vocab, d}, Init::normal, true);
+  final_norm_ = layout_.add("norm.weight", {d}, Init::ones, false);
+  head_ = layout_.add("lm_head.weight", {config.vocab, d}, Init::normal, true);
 }
 
 std::vector<float> Model::initial_parameters(std::uint64_t seed) const {
@@ -658,39 +660,36 @@ double Model::run(std::span<const T> params, const Sequence& sequence, double sc
   const auto n = static_cast<std::size_t>(length * d);
   const T eps = static_cast<T>(config_.rms_eps);
   const auto matrix = [&](std::vector<T>& values) { return View<T>{values.data(), length, d}; };
-  const auto param = [&](const std::string& name) { return layout_.slice(name).matrix(params); };
-  const auto gain = [&](const std::string& name) { return layout_.slice(name).values(params); };
+  const auto param = [&](std::size_t index) { return layout_.slice(index).matrix(params); };
+  const auto gain = [&](std::size_t index) { return layout_.slice(index).values(params); };
 
   // Forward, keeping every activation the backward needs.
   std::vector<T> residual(n);
-  embedding_forward(param("embed_tokens.weight"), sequence.tokens, matrix(residual));
+  embedding_forward(param(embedding_), sequence.tokens, matrix(residual));
   std::vector<LayerTape<T>> tapes(static_cast<std::size_t>(config_.layers));
   std::vector<T> branch(n);
   for (std::int64_t l = 0; l < config_.layers; ++l) {
     LayerTape<T>& tape = tapes[static_cast<std::size_t>(l)];
+    const BlockSlices& block = blocks_[static_cast<std::size_t>(l)];
     tape.input = residual;
     tape.mixer_inv_rms.resize(static_cast<std::size_t>(length));
     tape.mixer_normed.resize(n);
-    rms_norm_forward<T>(matrix(tape.input), gain(layer_name(l, "input_layernorm.weight")), eps,
-                        matrix(tape.mixer_normed), tape.mixer_inv_rms);
+    rms_norm_forward<T>(matrix(tape.input), gain(block.mixer_norm), eps, matrix(tape.mixer_normed), tape.mixer_inv_rms);
     tape.mixer = mixers_[static_cast<std::size_t>(l)]->forward(params, matrix(tape.mixer_normed), matrix(branch));
     for (std::size_t i = 0; i < n; ++i) residual[i] += branch[i];
     tape.middle = residual;
     tape.mlp_inv_rms.resize(static_cast<std::size_t>(length));
     tape.mlp_normed.resize(n);
-    rms_norm_forward<T>(matrix(tape.middle), gain(layer_name(l, "post_attention_layernorm.weight")), eps,
-                        matrix(tape.mlp_normed), tape.mlp_inv_rms);
-    const MlpWeights<const T> mlp{param(layer_name(l, "mlp.gate_proj.weight")),
-                                  param(layer_name(l, "mlp.up_proj.weight")),
-                                  param(layer_name(l, "mlp.down_proj.weight"))};
+    rms_norm_forward<T>(matrix(tape.middle), gain(block.mlp_norm), eps, matrix(tape.mlp_normed), tape.mlp_inv_rms);
+    const MlpWeights<const T> mlp{param(block.gate), param(block.up), param(block.down)};
     mlp_forward<T>(matrix(tape.mlp_normed), mlp, matrix(branch), tape.mlp);
     for (std::size_t i = 0; i < n; ++i) residual[i] += branch[i];
   }
   std::vector<T> final_inv_rms(static_cast<std::size_t>(length)), final_normed(n);
-  rms_norm_forward<T>(matrix(residual), gain("norm.weight"), eps, matrix(final_normed), final_inv_rms);
+  rms_norm_forward<T>(matrix(residual), gain(final_norm_), eps, matrix(final_normed), final_inv_rms);
   std::vector<T> logits(static_cast<std::size_t>(length * config_.vocab));
   const View<T> logits_view{logits.data(), length, config_.vocab};
-  linear_forward<T>(matrix(final_normed), param("lm_head.weight"), logits_view);
+  linear_forward<T>(matrix(final_normed), param(head_), logits_view);
   const double total_nll = cross_entropy_forward<T>(logits_view, sequence.targets);
   if (!backward) {
     if (logits_out != nullptr) *logits_out = std::move(logits);
@@ -698,39 +697,35 @@ double Model::run(std::span<const T> params, const Sequence& sequence, double sc
   }
 
   // Backward, in reverse.
-  const auto grad = [&](const std::string& name) { return layout_.slice(name).matrix(grads); };
-  const auto grad_values = [&](const std::string& name) { return layout_.slice(name).values(grads); };
+  const auto grad = [&](std::size_t index) { return layout_.slice(index).matrix(grads); };
+  const auto grad_values = [&](std::size_t index) { return layout_.slice(index).values(grads); };
   std::vector<T> dlogits(logits.size());
   cross_entropy_backward<T>(logits_view, sequence.targets, static_cast<T>(scale),
                             View<T>{dlogits.data(), length, config_.vocab});
   std::vector<T> dfinal(n), dresidual(n);
-  linear_backward<T>(matrix(final_normed), param("lm_head.weight"),
-                     View<const T>{dlogits.data(), length, config_.vocab}, matrix(dfinal), grad("lm_head.weight"));
-  rms_norm_backward<T>(matrix(residual), gain("norm.weight"), final_inv_rms, matrix(dfinal), matrix(dresidual),
-                       grad_values("norm.weight"));
+  linear_backward<T>(matrix(final_normed), param(head_), View<const T>{dlogits.data(), length, config_.vocab},
+                     matrix(dfinal), grad(head_));
+  rms_norm_backward<T>(matrix(residual), gain(final_norm_), final_inv_rms, matrix(dfinal), matrix(dresidual),
+                       grad_values(final_norm_));
   std::vector<T> dnormed(n);
   for (std::int64_t l = config_.layers - 1; l >= 0; --l) {
     const LayerTape<T>& tape = tapes[static_cast<std::size_t>(l)];
+    const BlockSlices& block = blocks_[static_cast<std::size_t>(l)];
     // dresidual is the gradient of the block's output; the MLP branch adds to it the gradient of `middle`.
     std::fill(dnormed.begin(), dnormed.end(), T(0));
-    const MlpWeights<const T> mlp{param(layer_name(l, "mlp.gate_proj.weight")),
-                                  param(layer_name(l, "mlp.up_proj.weight")),
-                                  param(layer_name(l, "mlp.down_proj.weight"))};
-    const MlpWeights<T> dmlp{grad(layer_name(l, "mlp.gate_proj.weight")), grad(layer_name(l, "mlp.up_proj.weight")),
-                             grad(layer_name(l, "mlp.down_proj.weight"))};
+    const MlpWeights<const T> mlp{param(block.gate), param(block.up), param(block.down)};
+    const MlpWeights<T> dmlp{grad(block.gate), grad(block.up), grad(block.down)};
     mlp_backward<T>(View<const T>{tape.mlp_normed.data(), length, d}, mlp, tape.mlp, matrix(dresidual), matrix(dnormed),
                     dmlp);
-    rms_norm_backward<T>(View<const T>{tape.middle.data(), length, d},
-                         gain(layer_name(l, "post_attention_layernorm.weight")), tape.mlp_inv_rms, matrix(dnormed),
-                         matrix(dresidual), grad_values(layer_name(l, "post_attention_layernorm.weight")));
+    rms_norm_backward<T>(View<const T>{tape.middle.data(), length, d}, gain(block.mlp_norm), tape.mlp_inv_rms,
+                         matrix(dnormed), matrix(dresidual), grad_values(block.mlp_norm));
     // dresidual is now the gradient of `middle`; the mixer branch adds the gradient of the block's input.
     std::fill(dnormed.begin(), dnormed.end(), T(0));
     mixers_[static_cast<std::size_t>(l)]->backward(params, *tape.mixer, matrix(dresidual), matrix(dnormed), grads);
-    rms_norm_backward<T>(View<const T>{tape.input.data(), length, d}, gain(layer_name(l, "input_layernorm.weight")),
-                         tape.mixer_inv_rms, matrix(dnormed), matrix(dresidual),
-                         grad_values(layer_name(l, "input_layernorm.weight")));
+    rms_norm_backward<T>(View<const T>{tape.input.data(), length, d}, gain(block.mixer_norm), tape.mixer_inv_rms,
+                         matrix(dnormed), matrix(dresidual), grad_values(block.mixer_norm));
   }
-  embedding_backward<T>(sequence.tokens, matrix(dresidual), grad("embed_tokens.weight"));
+  embedding_backward<T>(sequence.tokens, matrix(dresidual), grad(embedding_));
   if (logits_out != nullptr) *logits_out = std::move(logits);
   return total_nll;
 }

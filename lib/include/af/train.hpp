@@ -342,12 +342,16 @@ struct Sequence {
   std::vector<std::int32_t> targets;
 };
 
-/// A decoder-only language model: token embedding `embed_tokens.weight` [V, D]; L blocks of
-/// [RMSNorm (`layers.l.input_layernorm.weight`) -> mixer (`layers.l.mixer.*`) -> residual, RMSNorm
-/// (`layers.l.post_attention_layernorm.weight`) -> SwiGLU MLP (`layers.l.mlp.{gate,up,down}_proj.weight`) ->
-/// residual]; a final RMSNorm (`norm.weight`); an untied LM head `lm_head.weight` [V, D]. The names are
-/// Hugging Face Llama's without the `model.` prefix, with `mixer` for `self_attn`. Weight decay applies to
-/// every projection and the head, not to the embedding or the norm gains.
+/// A decoder-only language model. Its parameters carry Hugging Face Llama's names, without the prefix
+/// `model.`, and with `mixer` for `self_attn`:
+/// - the token embedding `embed_tokens.weight` [V, D];
+/// - L blocks, block l being x + mixer(RMSNorm(x)) then x + MLP(RMSNorm(x)): the gains
+///   `layers.l.input_layernorm.weight` and `layers.l.post_attention_layernorm.weight` [D], the mixer's own
+///   parameters under `layers.l.mixer.`, and the SwiGLU MLP's `layers.l.mlp.gate_proj.weight`,
+///   `layers.l.mlp.up_proj.weight` [ffn, D] and `layers.l.mlp.down_proj.weight` [D, ffn];
+/// - a final RMSNorm `norm.weight` [D] and an untied LM head `lm_head.weight` [V, D].
+///
+/// Weight decay applies to every projection and the head, not to the embedding or the norm gains.
 class Model {
  public:
   /// Builds the mixer of layer l with `make_mixer(l)` and lays out every parameter. Throws af::Error for a
@@ -384,9 +388,16 @@ class Model {
   double run(std::span<const T> params, const Sequence& sequence, double scale, std::span<T> grads,
              std::vector<T>* logits_out) const;
 
+  /// Indices in layout_ of one block's parameters besides the mixer's.
+  struct BlockSlices {
+    std::size_t mixer_norm = 0, mlp_norm = 0, gate = 0, up = 0, down = 0;
+  };
+
   ModelConfig config_;
   Layout layout_;
   std::vector<std::unique_ptr<Mixer>> mixers_;
+  std::vector<BlockSlices> blocks_;
+  std::size_t embedding_ = 0, final_norm_ = 0, head_ = 0;
 };
 
 // ---------------------------------------------------------------------------------------------------------
