@@ -164,6 +164,8 @@ void rms_norm_backward(View<const T> x, std::span<const T> gain, std::span<const
   }
 }
 
+// The inner loops carry `omp simd`: vectorised sums (a fixed lane order chosen at compile time, so results do not
+// depend on the thread count), several times faster than the scalar loops GCC keeps at -O2.
 template <class T>
 void linear_forward(View<const T> x, View<const T> weight, View<T> y) {
   if (x.cols != weight.cols || y.rows != x.rows || y.cols != weight.rows)
@@ -175,6 +177,7 @@ void linear_forward(View<const T> x, View<const T> weight, View<T> y) {
     for (std::int64_t o = 0; o < weight.rows; ++o) {
       const T* wo = weight.row(o);
       T sum = 0;
+#pragma omp simd reduction(+ : sum)
       for (std::int64_t i = 0; i < x.cols; ++i) sum += xr[i] * wo[i];
       yr[o] = sum;
     }
@@ -194,6 +197,7 @@ void linear_backward(View<const T> x, View<const T> weight, View<const T> dy, Vi
     for (std::int64_t o = 0; o < weight.rows; ++o) {
       const T g = dyr[o];
       const T* wo = weight.row(o);
+#pragma omp simd
       for (std::int64_t i = 0; i < x.cols; ++i) dxr[i] += g * wo[i];
     }
   }
@@ -202,6 +206,7 @@ void linear_backward(View<const T> x, View<const T> weight, View<const T> dy, Vi
     for (std::int64_t r = 0; r < x.rows; ++r) {
       const T g = dy(r, o);
       const T* xr = x.row(r);
+#pragma omp simd
       for (std::int64_t i = 0; i < x.cols; ++i) dwo[i] += g * xr[i];
     }
   }
@@ -376,6 +381,7 @@ void attention_forward(View<const T> q, View<const T> k, View<const T> v, const 
       for (std::size_t n = 0; n < keys.size(); ++n) {
         const T* kj = k.row(keys[n]) + g * d;
         T dot = 0;
+#pragma omp simd reduction(+ : dot)
         for (std::int64_t c = 0; c < d; ++c) dot += qi[c] * kj[c];
         scores[n] = dot * scale;
         max_score = std::max(max_score, scores[n]);
@@ -392,6 +398,7 @@ void attention_forward(View<const T> q, View<const T> k, View<const T> v, const 
         const T w = scores[n] / total;
         wi[keys[n]] = w;
         const T* vj = v.row(keys[n]) + g * d;
+#pragma omp simd
         for (std::int64_t c = 0; c < d; ++c) oi[c] += w * vj[c];
       }
     }
@@ -427,10 +434,12 @@ void attention_backward(View<const T> q, View<const T> k, View<const T> v, const
         if (wi[j] == T(0)) continue;
         const T* vj = v.row(j) + g * d;
         T dp = 0;
+#pragma omp simd reduction(+ : dp)
         for (std::int64_t c = 0; c < d; ++c) dp += doi[c] * vj[c];
         dweights[static_cast<std::size_t>(j)] = dp;
         weighted_sum += wi[j] * dp;
         T* dvj = dv.row(j) + g * d;
+#pragma omp simd
         for (std::int64_t c = 0; c < d; ++c) dvj[c] += wi[j] * doi[c];
       }
       const T* qi = q.row(i) + h * d;
@@ -440,6 +449,7 @@ void attention_backward(View<const T> q, View<const T> k, View<const T> v, const
         const T ds = wi[j] * (dweights[static_cast<std::size_t>(j)] - weighted_sum) * scale;
         const T* kj = k.row(j) + g * d;
         T* dkj = dk.row(j) + g * d;
+#pragma omp simd
         for (std::int64_t c = 0; c < d; ++c) {
           dqi[c] += ds * kj[c];
           dkj[c] += ds * qi[c];
