@@ -179,7 +179,7 @@ TEST_CASE("SwiGLU and the SwiGLU MLP backward equal finite differences", "[train
   }
 }
 
-TEST_CASE("RoPE backward equals finite differences and undoes the rotation", "[train]") {
+TEST_CASE("RoPE backward equals finite differences; RoPE rotates half-split pairs", "[train]") {
   af::Rng rng(5);
   const std::int64_t rows = 5, head_dim = 6, heads = 2;
   auto x = random_values(rng, rows * heads * head_dim);
