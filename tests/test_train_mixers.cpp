@@ -362,8 +362,8 @@ TEST_CASE("DSA with top_k >= T equals softmax attention on the same weights", "[
 
 TEST_CASE("A model with DSA mixers has the main path's gradient of central differences and none into the indexer",
           "[train_mixers]") {
-  // top_k 2 of 6 positions: the selection really drops keys; the perturbations of 1e-6 do not change it (the
-  // index scores of these inputs are separated by far more).
+  // top_k 2 of 6 positions: the selection really drops keys. A perturbation of 1e-6 that changed the selection
+  // would show as an error far above the tolerance.
   const train::Model model(tiny_config(), [](std::int64_t) {
     return std::make_unique<train::DsaMixer>(8, train::DsaOptions{2, 1, 4, 10000.0, 2, 3, 2, 0.0});
   });

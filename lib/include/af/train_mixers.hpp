@@ -223,7 +223,7 @@ struct DsaOptions {
 /// part of its q and k, its key LayerNorm and FP8 are left out.
 ///
 /// Training, as the DeepSeek-V3.2 paper states it for the sparse stage: the top-k selection has no gradient, so
-/// the main loss sends no gradient into the indexer (nor do its parameters receive one from it); the indexer is
+/// the main loss sends no gradient into the indexer's parameters; the indexer is
 /// trained by its own loss, the KL divergence between the main attention's distribution (computed densely over
 /// every causal key in the forward, detached, summed over the heads and L1-normalised, then restricted to the
 /// selected keys and renormalised) and the softmax of the index scores over the selected keys, averaged over the
