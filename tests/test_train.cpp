@@ -223,7 +223,7 @@ TEST_CASE("Attention backward equals finite differences for MHA, GQA, MQA, a win
             if (j == i || rng.below(2) == 0) keys.push_back(j);  // the query's own key and a random half
           allowed.push_back(keys);
         }
-    const train::AttentionShape shape{c.heads, c.kv_heads, d, c.window, allowed};
+    const train::AttentionShape shape{c.heads, c.kv_heads, d, c.window, allowed, 0};
     auto q = random_values(rng, length * c.heads * d);
     auto k = random_values(rng, length * c.kv_heads * d);
     auto v = random_values(rng, length * c.kv_heads * d);

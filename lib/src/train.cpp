@@ -53,6 +53,7 @@ std::vector<float> initial_parameters(const Layout& layout, std::uint64_t seed, 
   const double output_stddev = stddev / std::sqrt(2.0 * static_cast<double>(layers));
   for (const Slice& slice : layout.slices()) {
     const std::span<float> values = slice.values(std::span<float>(params));
+    const double fan_in_bound = 1.0 / std::sqrt(static_cast<double>(slice.size / slice.shape[0]));
     for (float& value : values) {
       switch (slice.init) {
         case Init::normal:
@@ -66,6 +67,12 @@ std::vector<float> initial_parameters(const Layout& layout, std::uint64_t seed, 
           break;
         case Init::zeros:
           value = 0.0f;
+          break;
+        case Init::fan_in_uniform:
+          value = static_cast<float>(rng.uniform(-fan_in_bound, fan_in_bound));
+          break;
+        case Init::log_decay_rate:
+          value = static_cast<float>(portable_log(rng.uniform(0.01, 16.0)));
           break;
       }
     }
@@ -316,6 +323,7 @@ void check_attention_shape(const AttentionShape& shape, std::int64_t length, con
   require(shape.heads >= 1 && shape.kv_heads >= 1 && shape.head_dim >= 1,
           "{}: heads {}, kv_heads {}, head_dim {} (expected each >= 1)", op, shape.heads, shape.kv_heads,
           shape.head_dim);
+  require(shape.value_dim >= 0, "{}: value_dim is {} (expected >= 1, or 0 for head_dim)", op, shape.value_dim);
   require(shape.heads % shape.kv_heads == 0, "{}: heads {} is not a multiple of kv_heads {}", op, shape.heads,
           shape.kv_heads);
   require(shape.window >= 0, "{}: window is {} (expected >= 0; 0 for none)", op, shape.window);
@@ -357,13 +365,15 @@ void attention_forward(View<const T> q, View<const T> k, View<const T> v, const 
                        std::span<T> weights) {
   const std::int64_t length = q.rows;
   check_attention_shape(shape, length, "attention_forward");
-  const std::int64_t d = shape.head_dim, heads = shape.heads, group_size = shape.heads / shape.kv_heads;
-  if (q.cols != heads * d || k.cols != shape.kv_heads * d || k.rows != length || v.rows != length || v.cols != k.cols ||
-      out.rows != length || out.cols != q.cols)
+  const std::int64_t d = shape.head_dim, dv = shape.value_channels(), heads = shape.heads,
+                     group_size = shape.heads / shape.kv_heads;
+  if (q.cols != heads * d || k.cols != shape.kv_heads * d || k.rows != length || v.rows != length ||
+      v.cols != shape.kv_heads * dv || out.rows != length || out.cols != heads * dv)
     fail(
-        "attention_forward: q [{}, {}], k [{}, {}], v [{}, {}], out [{}, {}] (expected q and out [T, {}], k and v "
-        "[T, {}])",
-        q.rows, q.cols, k.rows, k.cols, v.rows, v.cols, out.rows, out.cols, heads * d, shape.kv_heads * d);
+        "attention_forward: q [{}, {}], k [{}, {}], v [{}, {}], out [{}, {}] (expected q [T, {}], k [T, {}], v [T, "
+        "{}], out [T, {}])",
+        q.rows, q.cols, k.rows, k.cols, v.rows, v.cols, out.rows, out.cols, heads * d, shape.kv_heads * d,
+        shape.kv_heads * dv, heads * dv);
   require(static_cast<std::int64_t>(weights.size()) == heads * length * length,
           "attention_forward: weights has {} values (expected heads * T * T = {})", weights.size(),
           heads * length * length);
@@ -392,14 +402,14 @@ void attention_forward(View<const T> q, View<const T> k, View<const T> v, const 
         total += s;
       }
       T* wi = weights.data() + (h * length + i) * length;
-      T* oi = out.row(i) + h * d;
-      std::fill_n(oi, d, T(0));
+      T* oi = out.row(i) + h * dv;
+      std::fill_n(oi, dv, T(0));
       for (std::size_t n = 0; n < keys.size(); ++n) {
         const T w = scores[n] / total;
         wi[keys[n]] = w;
-        const T* vj = v.row(keys[n]) + g * d;
+        const T* vj = v.row(keys[n]) + g * dv;
 #pragma omp simd
-        for (std::int64_t c = 0; c < d; ++c) oi[c] += w * vj[c];
+        for (std::int64_t c = 0; c < dv; ++c) oi[c] += w * vj[c];
       }
     }
   }
@@ -410,11 +420,15 @@ void attention_backward(View<const T> q, View<const T> k, View<const T> v, const
                         std::span<const T> weights, View<const T> dout, View<T> dq, View<T> dk, View<T> dv) {
   const std::int64_t length = q.rows;
   check_attention_shape(shape, length, "attention_backward");
-  const std::int64_t d = shape.head_dim, heads = shape.heads, group_size = shape.heads / shape.kv_heads;
-  if (q.cols != heads * d || k.cols != shape.kv_heads * d || k.rows != length || v.rows != length || v.cols != k.cols)
-    fail("attention_backward: q [{}, {}], k [{}, {}], v [{}, {}] (expected q [T, {}], k and v [T, {}])", q.rows, q.cols,
-         k.rows, k.cols, v.rows, v.cols, heads * d, shape.kv_heads * d);
-  require_same_shape("attention_backward", "q", q, "dout", dout);
+  const std::int64_t d = shape.head_dim, dv_head = shape.value_channels(), heads = shape.heads,
+                     group_size = shape.heads / shape.kv_heads;
+  if (q.cols != heads * d || k.cols != shape.kv_heads * d || k.rows != length || v.rows != length ||
+      v.cols != shape.kv_heads * dv_head || dout.rows != length || dout.cols != heads * dv_head)
+    fail(
+        "attention_backward: q [{}, {}], k [{}, {}], v [{}, {}], dout [{}, {}] (expected q [T, {}], k [T, {}], v [T, "
+        "{}], dout [T, {}])",
+        q.rows, q.cols, k.rows, k.cols, v.rows, v.cols, dout.rows, dout.cols, heads * d, shape.kv_heads * d,
+        shape.kv_heads * dv_head, heads * dv_head);
   require_same_shape("attention_backward", "q", q, "dq", dq);
   require_same_shape("attention_backward", "k", k, "dk", dk);
   require_same_shape("attention_backward", "v", v, "dv", dv);
@@ -427,20 +441,20 @@ void attention_backward(View<const T> q, View<const T> k, View<const T> v, const
     const std::int64_t g = h / group_size;
     for (std::int64_t i = 0; i < length; ++i) {
       const T* wi = weights.data() + (h * length + i) * length;
-      const T* doi = dout.row(i) + h * d;
+      const T* doi = dout.row(i) + h * dv_head;
       // Masked keys have weight exactly 0, so they contribute nothing below.
       T weighted_sum = 0;  // sum_j P_ij dP_ij
       for (std::int64_t j = 0; j <= i; ++j) {
         if (wi[j] == T(0)) continue;
-        const T* vj = v.row(j) + g * d;
+        const T* vj = v.row(j) + g * dv_head;
         T dp = 0;
 #pragma omp simd reduction(+ : dp)
-        for (std::int64_t c = 0; c < d; ++c) dp += doi[c] * vj[c];
+        for (std::int64_t c = 0; c < dv_head; ++c) dp += doi[c] * vj[c];
         dweights[static_cast<std::size_t>(j)] = dp;
         weighted_sum += wi[j] * dp;
-        T* dvj = dv.row(j) + g * d;
+        T* dvj = dv.row(j) + g * dv_head;
 #pragma omp simd
-        for (std::int64_t c = 0; c < d; ++c) dvj[c] += wi[j] * doi[c];
+        for (std::int64_t c = 0; c < dv_head; ++c) dvj[c] += wi[j] * doi[c];
       }
       const T* qi = q.row(i) + h * d;
       T* dqi = dq.row(i) + h * d;
@@ -537,7 +551,7 @@ std::string SoftmaxAttention::describe() const {
 }
 
 AttentionShape SoftmaxAttention::attention_shape() const {
-  return {options_.heads, options_.kv_heads, options_.head_dim, options_.window, {}};
+  return {options_.heads, options_.kv_heads, options_.head_dim, options_.window, {}, 0};
 }
 
 template <class T>

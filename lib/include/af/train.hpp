@@ -59,6 +59,8 @@ enum class Init {
   output_projection,  ///< normal(0, stddev / sqrt(2 L)): projections that write into the residual stream
   ones,               ///< 1: RMSNorm gains
   zeros,              ///< 0: biases and gates that should start closed
+  fan_in_uniform,     ///< uniform(-1/sqrt(n), 1/sqrt(n)), n = size / shape[0]: torch's default for nn.Conv1d
+  log_decay_rate,     ///< log(uniform(0.01, 16)): Qwen3-Next's A_log, decay rates exp(A_log) in [0.01, 16)
 };
 
 /// One named parameter: a slice of the flat parameter vector.
@@ -109,8 +111,9 @@ class Layout {
 
 /// Fills a parameter vector for `layout`, slice by slice in layout order, drawing from af::Rng(seed) with
 /// normals for Init::normal (standard deviation `stddev`) and Init::output_projection (`stddev / sqrt(2
-/// layers)`, GPT-2's scaling, so the residual stream's variance does not grow with depth), ones and zeros for
-/// the others. Deterministic on every platform. Throws af::Error for stddev < 0 or layers < 1.
+/// layers)`, GPT-2's scaling, so the residual stream's variance does not grow with depth), uniforms for
+/// Init::fan_in_uniform and Init::log_decay_rate (its logarithm af::portable_log), ones and zeros for the
+/// others. Deterministic on every platform. Throws af::Error for stddev < 0 or layers < 1.
 std::vector<float> initial_parameters(const Layout& layout, std::uint64_t seed, double stddev, std::int64_t layers);
 
 // ---------------------------------------------------------------------------------------------------------
@@ -185,19 +188,25 @@ void rope_backward(View<T> dx, std::int64_t head_dim, double base);
 /// - when `window` > 0, i - window < j (a window of `window` keys, the query's own included);
 /// - when `allowed_keys` is not empty, j is in allowed_keys[g * T + i] for the query's kv group g (DSA-style
 ///   top-k selection: one strictly increasing list of key positions per query per kv group).
+/// Queries and keys have `head_dim` channels per head (the scale is 1/sqrt(head_dim)); values and outputs have
+/// `value_dim` (MLA's d_v differs from its d_n + d_r), or head_dim when value_dim is 0.
 struct AttentionShape {
   std::int64_t heads = 1;
   std::int64_t kv_heads = 1;
   std::int64_t head_dim = 1;
   std::int64_t window = 0;
   std::span<const std::vector<std::int32_t>> allowed_keys;
+  std::int64_t value_dim = 0;
+
+  /// The channels of a value head: value_dim, or head_dim when it is 0.
+  std::int64_t value_channels() const { return value_dim > 0 ? value_dim : head_dim; }
 };
 
-/// softmax(q k^T / sqrt(d) + mask) v per head. `q` is `[T, heads * d]`, `k` and `v` `[T, kv_heads * d]`, `out`
-/// `[T, heads * d]`; `weights` [heads, T, T] receives the attention weights (zero where masked), which the
-/// backward needs. Throws af::Error for mismatched shapes, heads not a multiple of kv_heads, a negative
-/// window, a malformed allowed-key list (wrong count, a key outside [0, i], not strictly increasing), or a
-/// query left with no key.
+/// softmax(q k^T / sqrt(d) + mask) v per head. `q` is `[T, heads * d]`, `k` `[T, kv_heads * d]`, `v`
+/// `[T, kv_heads * d_v]`, `out` `[T, heads * d_v]` (d_v = shape.value_channels()); `weights` [heads, T, T] receives the
+/// attention weights (zero where masked), which the backward needs. Throws af::Error for mismatched shapes, heads not a
+/// multiple of kv_heads, a negative window, a malformed allowed-key list (wrong count, a key outside [0, i], not
+/// strictly increasing), or a query left with no key.
 template <class T>
 void attention_forward(View<const T> q, View<const T> k, View<const T> v, const AttentionShape& shape, View<T> out,
                        std::span<T> weights);
