@@ -315,6 +315,30 @@ std::vector<Row> rows() {
        "a 128 x 128 state per head in 70 lightning layers; K and V (8 x 128) in 10 softmax layers",
        "exact recall of more than about d pairs per head in the linear layers (ch 13); its own kernels",
        "MiniMax-01 and M1 (M2 went back to full attention)"});
+  // A delta-rule layer keeps one state per value head and the short convolution's last 3 inputs; each state
+  // element costs 7 FLOPs a token (decay, retrieval, write, read-out).
+  const auto delta_state = [](std::int64_t layers, std::int64_t state_heads, std::int64_t conv_channels) {
+    return Term{layers,
+                (state_heads * 128 * 128 + 3 * conv_channels) * 2,
+                7.0 * state_heads * 128 * 128,
+                [](std::int64_t t) { return t > 0 ? std::int64_t{1} : std::int64_t{0}; },
+                [](std::int64_t) { return std::int64_t{1}; },
+                all_tokens()};
+  };
+  table.push_back({"Gated DeltaNet hybrid 3:1 (14)", "Qwen3-Next-80B-A3B", false,
+                   accounting_of(af::qwen3_next_80b_a3b(bf16, bf16)),
+                   closed_form({dense_term(12, 16, 2, 256, 2), delta_state(36, 32, 2 * 16 * 128 + 32 * 128)}),
+                   "a 128 x 128 state per value head (32) and 3 convolution inputs in 36 Gated DeltaNet layers; K "
+                   "and V (2 x 256) in 12 gated attention layers",
+                   "recall of old keys in the delta-rule layers (a state of about d recent items per head, ch 14); "
+                   "its own kernels",
+                   "Qwen3-Next (and Qwen3.5)"});
+  table.push_back({"KDA + MLA hybrid 3:1 (14)", "Kimi-Linear-48B-A3B", false,
+                   accounting_of(af::kimi_linear_48b_a3b(bf16, bf16)),
+                   closed_form({mla_term(7, 32, 512, 64), delta_state(20, 32, 3 * 32 * 128)}),
+                   "a 128 x 128 state per head (32) and 3 convolution inputs in 20 KDA layers; MLA's latent (512) "
+                   "and key part (64) in 7 layers",
+                   "as Qwen3-Next's linear layers; the MLA layers' FLOPs", "Kimi Linear"});
   // [/rows]
   return table;
 }
