@@ -62,7 +62,7 @@ nitpick_ignore_regex = [
 # reports as a duplicate declaration; only those namespace declarations are let through, so that a real
 # entity documented twice still fails the build.
 class _NamespaceRedeclaration(logging.Filter):
-    namespaces = {"af", "kernels", "af::kernels", "gguf", "af::gguf", "llama", "af::llama", "detail", "af::detail", "grad", "af::grad"}
+    namespaces = {"af", "kernels", "af::kernels", "gguf", "af::gguf", "llama", "af::llama", "detail", "af::detail", "grad", "af::grad", "train", "af::train"}
 
     def filter(self, record):
         args = record.args if isinstance(record.args, tuple) else ()
