@@ -244,6 +244,13 @@ TEST_CASE("one captured CUDA graph of paged decode serves new lengths written to
 
     cudaStream_t stream = nullptr;
     CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    // One ordinary call first (it also loads the kernels' module before the capture), checked at full length.
+    out.fill_bytes(0xFF);
+    af::kernels::paged_decode_attention(plan, s, d.q.data(), d.k.data(), d.v.data(), d.block_table.data(),
+                                        d.lengths.data(), out.data(), problem.scale, workspace.data(), workspace.size(),
+                                        stream);
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+    require_matches(problem, out.download(), plan.splits);
     cudaGraph_t graph = nullptr;
     cudaGraphExec_t exec = nullptr;
     CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
