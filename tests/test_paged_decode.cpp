@@ -158,8 +158,10 @@ TEST_CASE("paged decode's reference rejects bad lengths, page ids and sizes, nam
   s.page_size = 12;
   REQUIRE_THROWS_WITH(call(), Contains("page_size is 12"));
   s.page_size = 16;
+  s.kv_heads = 2;
   s.q_heads = 3;
-  REQUIRE_THROWS_WITH(call(), Contains("q_heads is 3"));
+  REQUIRE_THROWS_WITH(call(), Contains("q_heads is 3") && Contains("multiple of kv_heads = 2"));
+  s.kv_heads = 1;
   s.q_heads = 2;
   p.k.pop_back();
   REQUIRE_THROWS_AS(call(), af::Error);
