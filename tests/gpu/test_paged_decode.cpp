@@ -224,6 +224,24 @@ TEST_CASE("paged decode stays exact when one key dominates the softmax", "[paged
     }
 }
 
+TEST_CASE("paged decode reads pages that several sequences share (a common prefix)", "[paged]") {
+  const PagedDecodeShape s{.batch = 3,
+                           .q_heads = 8,
+                           .kv_heads = 1,
+                           .head_dim = 128,
+                           .page_size = 16,
+                           .max_pages_per_seq = 10,
+                           .num_pages = 1};
+  PagedProblem problem = make_problem(s, {150, 70, 80}, 5500);
+  // Sequence b starts with sequence 0's first 2b (full) pages, as a fork of a common prompt would.
+  for (std::int64_t b = 1; b < 3; ++b)
+    for (std::int64_t i = 0; i < 2 * b; ++i)
+      problem.block_table[static_cast<std::size_t>(b * s.max_pages_per_seq + i)] =
+          problem.block_table[static_cast<std::size_t>(i)];
+  problem.compute_expected();
+  for (int splits : {0, 1, 4}) check_paged(problem, splits);
+}
+
 TEST_CASE("one captured CUDA graph of paged decode serves new lengths written to device memory", "[paged][graph]") {
   for (std::int64_t head_dim : {64, 128}) {
     const PagedDecodeShape s{.batch = 4,
