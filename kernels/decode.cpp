@@ -43,13 +43,15 @@ void validate(const DecodeShape& s, DecodeVersion version) {
           name_of(version));
 }
 
+}  // namespace
+
 // [choose-splits]
 // Splits along the cached sequence when the batch alone cannot fill the machine. With `base` blocks per
 // split and `slots` blocks resident at once, s splits run in ceil(base * s / slots) waves, each as long as
 // keys_per_split plus a fixed cost per block (loading the queries, the first tile's latency, merging the
 // warps, writing the partial): about 128 keys' worth on the H100, fitted to the sweep in kernels/NOTES.md.
 // Take the s with the smallest estimate, the fewest splits on a tie, never below 256 keys per split.
-int choose_splits(std::int64_t base, std::int64_t slots, std::int64_t seq_len) {
+int detail::choose_splits(std::int64_t base, std::int64_t slots, std::int64_t seq_len) {
   constexpr std::int64_t min_keys = 256, max_splits = 128, block_cost_keys = 128;
   if (base >= slots) return 1;  // the machine is full already: splits would only add the combine
   const std::int64_t limit = std::max<std::int64_t>(1, std::min(max_splits, seq_len / min_keys));
@@ -67,7 +69,6 @@ int choose_splits(std::int64_t base, std::int64_t slots, std::int64_t seq_len) {
   return static_cast<int>(best);
 }
 // [/choose-splits]
-}  // namespace
 
 std::string_view name_of(DecodeVersion version) {
   for (const auto& [v, name] : names)
@@ -100,7 +101,7 @@ DecodePlan plan_decode(const DecodeShape& shape, DecodeVersion version, int sm_c
                            : detail::gqa_blocks_per_sm(static_cast<int>(shape.head_dim), group);
     const std::int64_t slots = std::int64_t{sm_count} * std::max(per_sm, 1);
     plan.splits = splits > 0 ? static_cast<int>(std::min<std::int64_t>(splits, shape.seq_len))
-                             : choose_splits(base, slots, shape.seq_len);
+                             : detail::choose_splits(base, slots, shape.seq_len);
     require(plan.splits <= 65535, "decode: splits is {} (expected at most 65535)", plan.splits);
   }
   // Every split holds at least one key: recount after rounding the keys per split up.

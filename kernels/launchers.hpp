@@ -42,4 +42,20 @@ int gqa_blocks_per_sm(int head_dim, int group);
 constexpr int mma_heads_per_block = 16;
 int mma_blocks_per_sm(int head_dim, bool pipelined);
 
+// The split count for `base` blocks per split, `slots` resident blocks and `seq_len` keys (decode.cpp).
+int choose_splits(std::int64_t base, std::int64_t slots, std::int64_t seq_len);
+
+// Paged decode (decode_paged.cu): `base.k` and `base.v` are the page pools [num_pages, kv_heads, page_size, D];
+// base.seq_len and base.keys_per_split are unused (the lengths are read on the device).
+struct PagedDecodeArgs {
+  DecodeArgs base;
+  const std::int32_t* block_table;  // [batch, max_pages_per_seq]
+  const std::int32_t* lengths;      // [batch], on the device
+  int page_shift;                   // log2(page_size)
+  int max_pages_per_seq;
+  int pages_per_split;
+};
+void launch_decode_paged(const PagedDecodeArgs& args, cudaStream_t stream);
+int paged_blocks_per_sm(int head_dim, int group);
+
 }  // namespace af::kernels::detail

@@ -1,0 +1,236 @@
+// Paged, ragged decode attention (issue 20): version 3's split-KV kernel (decode_v2_gqa.cu) reading the
+// cache through a block table. K and V live in a pool of pages [num_pages, kv_heads, page_size, D]; sequence
+// b's token j is in page block_table[b][j / page_size], slot j % page_size. The lengths are read from device
+// memory, so one captured CUDA graph serves every decode step. The split count is fixed on the host from the
+// capacity (max_pages_per_seq pages), so a split may lie wholly past its sequence's length: it writes an
+// empty partial (output 0, log-sum-exp -inf) that the combine kernel weights by exp2(-inf) = 0.
+#include "decode_common.cuh"
+
+#include "af/kernels/cuda_check.hpp"
+#include "af/kernels/warp.cuh"
+
+namespace af::kernels::detail {
+namespace {
+
+constexpr int paged_warps = 4;
+constexpr int paged_unroll = 4;  // key rows per lane loaded before the first is used
+
+// [paged-address]
+// Element offset in the pool of key (or value) j of KV head `kv_head`, this lane's 8 dimensions at `dims`.
+// The table row is the sequence's; lanes reading the same key read the same table entry (one broadcast).
+template <int D>
+__device__ __forceinline__ std::int64_t paged_offset(const std::int32_t* table, std::int64_t j, int page_shift,
+                                                     int kv_heads, int kv_head, int dims) {
+  const std::int64_t page = __ldg(table + (j >> page_shift));
+  const std::int64_t slot = j & ((std::int64_t{1} << page_shift) - 1);
+  return (((page * kv_heads + kv_head) << page_shift) + slot) * D + dims;
+}
+// [/paged-address]
+
+// D: head_dim. Heads: query heads per block (the group, or a slice of 8 of it when the group exceeds 8).
+template <int D, int Heads>
+__global__ void __launch_bounds__(paged_warps * 32) decode_paged_kernel(PagedDecodeArgs pa) {
+  const DecodeArgs& a = pa.base;
+  constexpr int lanes_per_key = D / 8;               // 16 bytes per lane per key row
+  constexpr int keys_per_step = 32 / lanes_per_key;  // key rows one warp load instruction covers
+  constexpr int keys_per_chunk = keys_per_step * paged_unroll;
+  const int group = a.q_heads / a.kv_heads, tiles = (group + Heads - 1) / Heads;
+  const int split = blockIdx.x, kv_head = blockIdx.y / tiles, tile = blockIdx.y % tiles, b = blockIdx.z;
+  const int h0 = kv_head * group + tile * Heads, rows = min(Heads, group - tile * Heads);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int slot = lane / lanes_per_key, chunk = lane % lanes_per_key;  // which key row, which 8 dims
+
+  // [paged-split-range]
+  // This split's pages, cut at the sequence's length (read on the device; clamped to the capacity so that
+  // no length can send a read past the table's row).
+  const std::int64_t capacity = std::int64_t{pa.max_pages_per_seq} << pa.page_shift;
+  const std::int64_t length = min(capacity, max(std::int64_t{0}, std::int64_t{__ldg(pa.lengths + b)}));
+  const std::int64_t keys_per_split = std::int64_t{pa.pages_per_split} << pa.page_shift;
+  const std::int64_t key_begin = split * keys_per_split;
+  const std::int64_t key_end = min(length, key_begin + keys_per_split);
+  const std::int32_t* table = pa.block_table + std::int64_t{b} * pa.max_pages_per_seq;
+  if (key_begin >= key_end) {
+    // An empty split: nothing to read. Its partial weighs nothing in the combine; with one split (a length
+    // of 0, which the API rules out) the output is NaN rather than stale memory.
+    for (int idx = threadIdx.x; idx < rows * D; idx += blockDim.x) {
+      const std::int64_t head = std::int64_t{b} * a.q_heads + h0 + idx / D;
+      const int d = idx % D;
+      if (a.splits == 1) {
+        a.out[head * D + d] = to_bf16(__int_as_float(0x7fc00000));
+      } else {
+        a.partial_o[(head * a.splits + split) * D + d] = 0.0f;
+        if (d == 0) a.partial_lse[head * a.splits + split] = -INFINITY;
+      }
+    }
+    return;
+  }
+  // [/paged-split-range]
+
+  // This lane's 8 dimensions of every query of the group, pre-scaled to log2 units.
+  float q[Heads][8];
+#pragma unroll
+  for (int h = 0; h < Heads; ++h) {
+    uint4 words = make_uint4(0, 0, 0, 0);
+    if (h < rows) words = load16(a.q + (std::int64_t{b} * a.q_heads + h0 + h) * D + chunk * 8);
+    const std::uint32_t w[4] = {words.x, words.y, words.z, words.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      q[h][2 * i] = bf16_lo(w[i]) * a.scale_log2;
+      q[h][2 * i + 1] = bf16_hi(w[i]) * a.scale_log2;
+    }
+  }
+  float m[Heads], l[Heads], acc[Heads][8];
+#pragma unroll
+  for (int h = 0; h < Heads; ++h) {
+    m[h] = -FLT_MAX;
+    l[h] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[h][i] = 0.0f;
+  }
+
+  for (std::int64_t first = key_begin + warp * keys_per_chunk; first < key_end; first += paged_warps * keys_per_chunk) {
+    // [paged-load]
+    // As in version 3, every load of the chunk before using any; each key's address goes through the table.
+    uint4 kr[paged_unroll], vr[paged_unroll];
+#pragma unroll
+    for (int u = 0; u < paged_unroll; ++u) {
+      const std::int64_t key = min(first + u * keys_per_step + slot, key_end - 1);  // clamped, masked below
+      const std::int64_t at = paged_offset<D>(table, key, pa.page_shift, a.kv_heads, kv_head, chunk * 8);
+      kr[u] = load16(a.k + at);
+      vr[u] = load16(a.v + at);
+    }
+    // [/paged-load]
+    float s[paged_unroll][Heads];
+#pragma unroll
+    for (int u = 0; u < paged_unroll; ++u) {
+      const std::uint32_t w[4] = {kr[u].x, kr[u].y, kr[u].z, kr[u].w};
+      const bool valid = first + u * keys_per_step + slot < key_end;
+#pragma unroll
+      for (int h = 0; h < Heads; ++h) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dot = fmaf(q[h][2 * i + 1], bf16_hi(w[i]), fmaf(q[h][2 * i], bf16_lo(w[i]), dot));
+        dot = warp_sum<lanes_per_key>(dot);
+        s[u][h] = valid ? dot : -INFINITY;
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < Heads; ++h) {
+      float chunk_max = s[0][h];
+#pragma unroll
+      for (int u = 1; u < paged_unroll; ++u) chunk_max = fmaxf(chunk_max, s[u][h]);
+      const float m_new = fmaxf(m[h], chunk_max), alpha = exp2f(m[h] - m_new);
+      l[h] *= alpha;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[h][i] *= alpha;
+#pragma unroll
+      for (int u = 0; u < paged_unroll; ++u) {
+        const float p = exp2f(s[u][h] - m_new);  // 0 for a masked key
+        l[h] += p;
+        const std::uint32_t w[4] = {vr[u].x, vr[u].y, vr[u].z, vr[u].w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          acc[h][2 * i] = fmaf(p, bf16_lo(w[i]), acc[h][2 * i]);
+          acc[h][2 * i + 1] = fmaf(p, bf16_hi(w[i]), acc[h][2 * i + 1]);
+        }
+      }
+      m[h] = m_new;
+    }
+  }
+
+  // The key slots of a warp, then the warps of the block: the same merge as version 3.
+#pragma unroll
+  for (int offset = lanes_per_key; offset < 32; offset *= 2) {
+#pragma unroll
+    for (int h = 0; h < Heads; ++h) {
+      const float m_other = __shfl_xor_sync(0xffffffffu, m[h], offset);
+      const float m_new = fmaxf(m[h], m_other);
+      const float mine = exp2f(m[h] - m_new), theirs = exp2f(m_other - m_new);
+      l[h] = l[h] * mine + __shfl_xor_sync(0xffffffffu, l[h], offset) * theirs;
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        acc[h][i] = acc[h][i] * mine + __shfl_xor_sync(0xffffffffu, acc[h][i], offset) * theirs;
+      m[h] = m_new;
+    }
+  }
+  __shared__ float sm_o[paged_warps][Heads][D];
+  __shared__ float sm_m[paged_warps][Heads], sm_l[paged_warps][Heads];
+  if (slot == 0) {
+#pragma unroll
+    for (int h = 0; h < Heads; ++h) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) sm_o[warp][h][chunk * 8 + i] = acc[h][i];
+      if (chunk == 0) {
+        sm_m[warp][h] = m[h];
+        sm_l[warp][h] = l[h];
+      }
+    }
+  }
+  __syncthreads();
+  merge_warps_and_store<paged_warps, Heads, D>(sm_o, sm_m, sm_l, rows, a, b, h0, split);
+}
+
+template <int D, int Heads>
+void launch(const PagedDecodeArgs& a, cudaStream_t stream) {
+  const int group = a.base.q_heads / a.base.kv_heads, tiles = (group + Heads - 1) / Heads;
+  const dim3 grid(static_cast<unsigned>(a.base.splits), static_cast<unsigned>(a.base.kv_heads * tiles),
+                  static_cast<unsigned>(a.base.batch));
+  decode_paged_kernel<D, Heads><<<grid, paged_warps * 32, 0, stream>>>(a);
+  AF_CHECK_LAUNCH();
+}
+
+template <int D>
+void launch_for_dim(const PagedDecodeArgs& a, cudaStream_t stream) {
+  switch (gqa_heads_per_block(a.base.q_heads / a.base.kv_heads)) {
+    case 1:
+      launch<D, 1>(a, stream);
+      break;
+    case 2:
+      launch<D, 2>(a, stream);
+      break;
+    case 4:
+      launch<D, 4>(a, stream);
+      break;
+    default:
+      launch<D, 8>(a, stream);
+      break;
+  }
+}
+
+template <int D, int Heads>
+int occupancy() {
+  int blocks = 0;
+  CUDA_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_paged_kernel<D, Heads>, paged_warps * 32, 0));
+  return blocks;
+}
+
+template <int D>
+int occupancy_for_dim(int heads) {
+  switch (heads) {
+    case 1:
+      return occupancy<D, 1>();
+    case 2:
+      return occupancy<D, 2>();
+    case 4:
+      return occupancy<D, 4>();
+    default:
+      return occupancy<D, 8>();
+  }
+}
+
+}  // namespace
+
+int paged_blocks_per_sm(int head_dim, int group) {
+  const int heads = gqa_heads_per_block(group);
+  return head_dim == 64 ? occupancy_for_dim<64>(heads) : occupancy_for_dim<128>(heads);
+}
+
+void launch_decode_paged(const PagedDecodeArgs& a, cudaStream_t stream) {
+  if (a.base.head_dim == 64)
+    launch_for_dim<64>(a, stream);
+  else
+    launch_for_dim<128>(a, stream);
+}
+
+}  // namespace af::kernels::detail

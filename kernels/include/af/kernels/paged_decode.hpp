@@ -1,0 +1,44 @@
+#pragma once
+/// @file paged_decode.hpp
+/// Paged, ragged decode attention on the GPU (issue 20): the layout of af/paged_decode.hpp (a pool of bf16
+/// pages, a block table, per-sequence lengths in device memory), version 3's split-KV kernel reading through
+/// the block table, float32 accumulation. Nothing about the lengths is read on the host: the plan depends on
+/// the shape only (the capacity, not the lengths), so one captured CUDA graph serves every decode step as
+/// long as the pointers and the shape stay the same.
+///
+/// Requirements the host cannot check (device data): every lengths[b] in 1..capacity() (a length of 0 gives
+/// NaN outputs for that sequence; lengths are clamped to 0..capacity() so no read leaves the table's row);
+/// the block-table entries of each sequence's first ceil(lengths[b] / page_size) pages in 0..num_pages - 1.
+
+#include "af/paged_decode.hpp"
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace af::kernels {
+
+/// What a launch needs: the split count over each sequence's pages and the workspace of the partials.
+struct PagedDecodePlan {
+  int splits = 1;                   ///< blocks along each sequence's capacity (1: no combine step)
+  int pages_per_split = 1;          ///< pages per split (the last split may hold fewer)
+  std::size_t workspace_bytes = 0;  ///< partial outputs and log-sum-exps when splits > 1
+};
+
+/// Checks the shape (throws af::Error naming the bad value and what was expected: head_dim 64 or 128,
+/// page_size 8, 16, 32 or 64, ...) and chooses the split count from the capacity and the device's
+/// multiprocessor count as the dense decode does (`splits` > 0 forces a count, at most max_pages_per_seq).
+/// Call it once, outside the hot path: it asks the runtime for the kernel's occupancy.
+PagedDecodePlan plan_paged_decode(const af::PagedDecodeShape& shape, int sm_count, int splits = 0);
+
+/// Runs the paged decode on `stream`: out [batch, q_heads, head_dim] from q, the page pools k and v, the
+/// block table and the lengths (all device pointers, layouts in af/paged_decode.hpp). `workspace` holds at
+/// least `plan.workspace_bytes` bytes of device memory (may be null when that is 0). `scale` multiplies
+/// q . k (1 / sqrt(head_dim) usually). Launches only: safe to capture in a CUDA graph.
+void paged_decode_attention(const PagedDecodePlan& plan, const af::PagedDecodeShape& shape, const std::uint16_t* q,
+                            const std::uint16_t* k, const std::uint16_t* v, const std::int32_t* block_table,
+                            const std::int32_t* lengths, std::uint16_t* out, float scale, void* workspace,
+                            std::size_t workspace_bytes, cudaStream_t stream);
+
+}  // namespace af::kernels

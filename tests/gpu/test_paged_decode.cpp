@@ -1,0 +1,346 @@
+// Paged, ragged decode attention (issue 20): the kernel against the float64 CPU reference of
+// af/paged_decode.hpp, element by element, over random shapes, ragged lengths, shuffled block tables in a
+// shared pool, page sizes 8 to 64, forced split counts, and a captured CUDA graph replayed with new lengths.
+#include <catch2/catch.hpp>
+
+#include "af/error.hpp"
+#include "af/kernels/device_buffer.hpp"
+#include "af/kernels/paged_decode.hpp"
+#include "af/kernels/reference.hpp"
+#include "af/numeric.hpp"
+#include "af/paged_decode.hpp"
+#include "elementwise.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+#include <vector>
+
+using af::PagedDecodeShape;
+using af::kernels::DeviceBuffer;
+using af::kernels::PagedDecodePlan;
+
+namespace {
+
+int sm_count() {
+  int device = 0, count = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+// The CUDA-core bound of test_decode.cpp (derived there): the paged kernel does version 3's arithmetic on the
+// same bf16 values (float32 scores, softmax and sums, the output rounded to bf16), only the addresses differ.
+constexpr af_test::Tolerance tolerance{2e-5, 5e-3};
+
+// One paged problem: the pool, a shuffled block table, the lengths and the float64 reference.
+struct PagedProblem {
+  PagedDecodeShape shape;
+  std::vector<std::uint16_t> q, k, v;
+  std::vector<std::int32_t> block_table, lengths;
+  float scale = 1.0f;
+  std::vector<double> expected;
+
+  void compute_expected() { expected = af::paged_decode_f64(shape, q, k, v, block_table, lengths, scale); }
+};
+
+std::vector<std::uint16_t> random_bf16(std::size_t count, af::Rng& rng, float factor) {
+  std::vector<std::uint16_t> bits = af::kernels::random_bf16(count, rng);
+  for (auto& b : bits) b = af::bf16_bits(af::bf16_to_float(b) * factor);  // factor a power of two: exact
+  return bits;
+}
+
+// Random inputs: every sequence gets max_pages_per_seq distinct pages of one shared pool, in a shuffled order
+// (so consecutive pages of a sequence are far apart and the sequences interleave); the pool holds a few spare
+// pages that nobody uses. Table entries past a sequence's last used page are filled with an id far outside the
+// pool (-7): a kernel that reads one of them reads out of bounds, which compute-sanitizer reports.
+PagedProblem make_problem(PagedDecodeShape s, std::vector<std::int32_t> lengths, std::uint64_t seed,
+                          float q_factor = 1.0f, float k_factor = 1.0f) {
+  af::Rng rng(seed);
+  PagedProblem p;
+  s.num_pages = s.batch * s.max_pages_per_seq + 3;
+  p.shape = s;
+  p.lengths = std::move(lengths);
+  std::vector<std::int32_t> pages(static_cast<std::size_t>(s.num_pages));
+  std::iota(pages.begin(), pages.end(), 0);
+  for (std::size_t i = pages.size() - 1; i > 0; --i)
+    std::swap(pages[i], pages[static_cast<std::size_t>(rng.below(static_cast<std::int64_t>(i) + 1))]);
+  p.block_table.assign(static_cast<std::size_t>(s.batch * s.max_pages_per_seq), -7);
+  for (std::int64_t b = 0; b < s.batch; ++b) {
+    const std::int64_t used = (p.lengths[static_cast<std::size_t>(b)] + s.page_size - 1) / s.page_size;
+    for (std::int64_t i = 0; i < used; ++i)
+      p.block_table[static_cast<std::size_t>(b * s.max_pages_per_seq + i)] =
+          pages[static_cast<std::size_t>(b * s.max_pages_per_seq + i)];
+  }
+  const auto pool = static_cast<std::size_t>(s.num_pages * s.page_values());
+  p.q = random_bf16(static_cast<std::size_t>(s.batch * s.q_heads * s.head_dim), rng, q_factor);
+  p.k = random_bf16(pool, rng, k_factor);
+  p.v = random_bf16(pool, rng, 1.0f);
+  p.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.head_dim)));
+  p.compute_expected();
+  return p;
+}
+
+std::string describe(const PagedProblem& p, int splits) {
+  const PagedDecodeShape& s = p.shape;
+  std::string lengths;
+  for (const std::int32_t l : p.lengths) lengths += (lengths.empty() ? "" : " ") + std::to_string(l);
+  return std::to_string(splits) + " splits: batch " + std::to_string(s.batch) + " q_heads " +
+         std::to_string(s.q_heads) + " kv_heads " + std::to_string(s.kv_heads) + " head_dim " +
+         std::to_string(s.head_dim) + " page_size " + std::to_string(s.page_size) + " max_pages_per_seq " +
+         std::to_string(s.max_pages_per_seq) + " lengths [" + lengths + "]";
+}
+
+std::string element_of(const PagedDecodeShape& s, std::size_t i) {
+  const auto index = static_cast<std::int64_t>(i);
+  const std::int64_t c = index % s.head_dim, h = index / s.head_dim % s.q_heads, b = index / s.head_dim / s.q_heads;
+  return "batch " + std::to_string(b) + ", q_head " + std::to_string(h) + " (kv_head " + std::to_string(h / s.group()) +
+         "), channel " + std::to_string(c);
+}
+
+void require_matches(const PagedProblem& p, const std::vector<std::uint16_t>& out_bits, int splits) {
+  const auto got = af::kernels::bf16_to_floats(out_bits);
+  const af_test::ElementwiseReport report =
+      af_test::compare_elementwise(got, p.expected, tolerance, [&](std::size_t i) { return element_of(p.shape, i); });
+  INFO(describe(p, splits));
+  INFO(report.message);
+  REQUIRE(report.failures == 0);
+}
+
+// Device copies of a problem's inputs.
+struct DeviceProblem {
+  DeviceBuffer<std::uint16_t> q, k, v;
+  DeviceBuffer<std::int32_t> block_table, lengths;
+  explicit DeviceProblem(const PagedProblem& p)
+      : q(std::span<const std::uint16_t>(p.q)),
+        k(std::span<const std::uint16_t>(p.k)),
+        v(std::span<const std::uint16_t>(p.v)),
+        block_table(std::span<const std::int32_t>(p.block_table)),
+        lengths(std::span<const std::int32_t>(p.lengths)) {}
+};
+
+// Runs the kernel with `splits` (0: the plan's choice), the output poisoned with NaN first, and checks every
+// output element against the float64 reference.
+void check_paged(const PagedProblem& p, int splits = 0) {
+  DeviceProblem d(p);
+  DeviceBuffer<std::uint16_t> out(p.q.size());
+  out.fill_bytes(0xFF);  // bf16 NaN: an element the kernel does not write fails the check
+  const PagedDecodePlan plan = af::kernels::plan_paged_decode(p.shape, sm_count(), splits);
+  DeviceBuffer<unsigned char> workspace(plan.workspace_bytes);
+  workspace.fill_bytes(0xFF);  // NaN partials: an empty split must write its partial, not leave it
+  af::kernels::paged_decode_attention(plan, p.shape, d.q.data(), d.k.data(), d.v.data(), d.block_table.data(),
+                                      d.lengths.data(), out.data(), p.scale, workspace.data(), workspace.size(),
+                                      nullptr);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  require_matches(p, out.download(), plan.splits);
+}
+
+// Ragged lengths for `batch` sequences of capacity `capacity`: the edge cases first (1, a page, a page plus
+// one, the full capacity, an odd length), then random ones.
+std::vector<std::int32_t> ragged_lengths(std::int64_t batch, std::int64_t page_size, std::int64_t capacity,
+                                         af::Rng& rng) {
+  const std::int64_t edges[] = {1, page_size, page_size + 1, capacity, 2 * page_size - 1, 3};
+  std::vector<std::int32_t> lengths;
+  for (std::int64_t b = 0; b < batch; ++b) {
+    const std::int64_t length = b < 6 ? edges[b] : 1 + rng.below(capacity);
+    lengths.push_back(static_cast<std::int32_t>(std::clamp<std::int64_t>(length, 1, capacity)));
+  }
+  return lengths;
+}
+
+}  // namespace
+
+TEST_CASE("paged decode equals the float64 reference on ragged batches with shuffled block tables", "[paged]") {
+  af::Rng rng(2000);
+  const std::int64_t groups[] = {1, 4, 8, 16, 20};
+  const std::int64_t dims[] = {64, 128};
+  const std::int64_t page_sizes[] = {8, 16, 32, 64};
+  for (int trial = 0; trial < 20; ++trial) {
+    PagedDecodeShape s;
+    s.batch = 1 + rng.below(8);
+    s.kv_heads = 1 + rng.below(2);
+    s.q_heads = s.kv_heads * groups[trial % 5];
+    s.head_dim = dims[rng.below(2)];
+    s.page_size = page_sizes[rng.below(4)];
+    const std::int64_t capacity = 1 + rng.below(trial % 4 == 0 ? 3000 : 400);
+    s.max_pages_per_seq = (capacity + s.page_size - 1) / s.page_size;
+    const PagedProblem problem = make_problem(s, ragged_lengths(s.batch, s.page_size, s.capacity(), rng),
+                                              5000 + static_cast<std::uint64_t>(trial));
+    for (int splits : {0, 1, 3}) check_paged(problem, splits);
+  }
+}
+
+TEST_CASE("paged decode is right for every split count, down to one page per split and splits past the length",
+          "[paged][split]") {
+  std::uint64_t seed = 5100;
+  for (std::int64_t page_size : {8, 16, 32})
+    for (std::int64_t head_dim : {64, 128}) {
+      // Capacity 40 pages; lengths from one token to all of it, so most splits of short sequences are empty.
+      const PagedDecodeShape s{.batch = 5,
+                               .q_heads = 8,
+                               .kv_heads = 2,
+                               .head_dim = head_dim,
+                               .page_size = page_size,
+                               .max_pages_per_seq = 40,
+                               .num_pages = 1};
+      const std::vector<std::int32_t> lengths = {1, static_cast<std::int32_t>(page_size + 1),
+                                                 static_cast<std::int32_t>(40 * page_size),
+                                                 static_cast<std::int32_t>(7 * page_size - 3), 2};
+      const PagedProblem problem = make_problem(s, lengths, seed++);
+      for (int splits : {1, 2, 3, 7, 13, 40, 1000}) check_paged(problem, splits);
+    }
+}
+
+TEST_CASE("paged decode handles long sequences and every group size with its planned split count", "[paged][long]") {
+  std::uint64_t seed = 5200;
+  for (std::int64_t group : {1, 4, 8, 16, 20})
+    for (std::int64_t head_dim : {64, 128}) {
+      const PagedDecodeShape s{.batch = 3,
+                               .q_heads = group,
+                               .kv_heads = 1,
+                               .head_dim = head_dim,
+                               .page_size = 16,
+                               .max_pages_per_seq = 256,
+                               .num_pages = 1};
+      const PagedProblem problem = make_problem(s, {4096, 2049, 17}, seed++);
+      check_paged(problem);
+    }
+}
+
+TEST_CASE("paged decode stays exact when one key dominates the softmax", "[paged][peaked]") {
+  std::uint64_t seed = 5300;
+  for (std::int64_t group : {4, 20})
+    for (std::int64_t head_dim : {64, 128}) {
+      const PagedDecodeShape s{.batch = 4,
+                               .q_heads = 2 * group,
+                               .kv_heads = 2,
+                               .head_dim = head_dim,
+                               .page_size = 16,
+                               .max_pages_per_seq = 200,
+                               .num_pages = 1};
+      const PagedProblem problem = make_problem(s, {3001, 100, 1000, 16}, seed++, 4.0f, 2.0f);
+      for (int splits : {0, 7}) check_paged(problem, splits);
+    }
+}
+
+TEST_CASE("paged decode reads pages that several sequences share (a common prefix)", "[paged]") {
+  const PagedDecodeShape s{.batch = 3,
+                           .q_heads = 8,
+                           .kv_heads = 1,
+                           .head_dim = 128,
+                           .page_size = 16,
+                           .max_pages_per_seq = 10,
+                           .num_pages = 1};
+  PagedProblem problem = make_problem(s, {150, 70, 80}, 5500);
+  // Sequence b starts with sequence 0's first 2b (full) pages, as a fork of a common prompt would.
+  for (std::int64_t b = 1; b < 3; ++b)
+    for (std::int64_t i = 0; i < 2 * b; ++i)
+      problem.block_table[static_cast<std::size_t>(b * s.max_pages_per_seq + i)] =
+          problem.block_table[static_cast<std::size_t>(i)];
+  problem.compute_expected();
+  for (int splits : {0, 1, 4}) check_paged(problem, splits);
+}
+
+TEST_CASE("one captured CUDA graph of paged decode serves new lengths written to device memory", "[paged][graph]") {
+  for (std::int64_t head_dim : {64, 128}) {
+    const PagedDecodeShape s{.batch = 4,
+                             .q_heads = 16,
+                             .kv_heads = 2,
+                             .head_dim = head_dim,
+                             .page_size = 16,
+                             .max_pages_per_seq = 128,
+                             .num_pages = 1};
+    // Every page of the capacity is assigned, so the block table stays valid for any length.
+    const std::int32_t full = static_cast<std::int32_t>(s.capacity());
+    PagedProblem problem = make_problem(s, {full, full, full, full}, 5400 + static_cast<std::uint64_t>(head_dim));
+    DeviceProblem d(problem);
+    DeviceBuffer<std::uint16_t> out(problem.q.size());
+    const PagedDecodePlan plan = af::kernels::plan_paged_decode(s, sm_count(), 4);
+    REQUIRE(plan.splits > 1);  // the graph holds the combine too
+    DeviceBuffer<unsigned char> workspace(plan.workspace_bytes);
+
+    cudaStream_t stream = nullptr;
+    CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    // One ordinary call first (it also loads the kernels' module before the capture), checked at full length.
+    out.fill_bytes(0xFF);
+    af::kernels::paged_decode_attention(plan, s, d.q.data(), d.k.data(), d.v.data(), d.block_table.data(),
+                                        d.lengths.data(), out.data(), problem.scale, workspace.data(), workspace.size(),
+                                        stream);
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+    require_matches(problem, out.download(), plan.splits);
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    af::kernels::paged_decode_attention(plan, s, d.q.data(), d.k.data(), d.v.data(), d.block_table.data(),
+                                        d.lengths.data(), out.data(), problem.scale, workspace.data(), workspace.size(),
+                                        stream);
+    CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+    CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+
+    const std::vector<std::vector<std::int32_t>> steps = {{1, 17, 1000, full}, {2047, 3, full, 16}, {5, 5, 5, 5}};
+    for (const auto& lengths : steps) {
+      problem.lengths = lengths;
+      problem.compute_expected();
+      d.lengths.upload(problem.lengths);
+      out.fill_bytes(0xFF);
+      CUDA_CHECK(cudaGraphLaunch(exec, stream));
+      CUDA_CHECK(cudaStreamSynchronize(stream));
+      require_matches(problem, out.download(), plan.splits);
+    }
+    CUDA_CHECK(cudaGraphExecDestroy(exec));
+    CUDA_CHECK(cudaGraphDestroy(graph));
+    CUDA_CHECK(cudaStreamDestroy(stream));
+  }
+}
+
+TEST_CASE("the paged split count depends on the capacity only, in whole pages", "[paged][split]") {
+  const PagedDecodeShape narrow{.batch = 1,
+                                .q_heads = 32,
+                                .kv_heads = 8,
+                                .head_dim = 128,
+                                .page_size = 16,
+                                .max_pages_per_seq = 8192,
+                                .num_pages = 8192};
+  const PagedDecodePlan plan = af::kernels::plan_paged_decode(narrow, 132);
+  CHECK(plan.splits > 1);
+  CHECK(std::int64_t{plan.splits} * plan.pages_per_split >= narrow.max_pages_per_seq);
+  CHECK(plan.workspace_bytes > 0);
+  PagedDecodeShape wide = narrow;
+  wide.batch = 256;
+  wide.max_pages_per_seq = 256;
+  CHECK(af::kernels::plan_paged_decode(wide, 132).splits == 1);
+  const PagedDecodePlan forced = af::kernels::plan_paged_decode(narrow, 132, 100000);
+  CHECK(forced.splits == 8192);  // at most one split per page
+  CHECK(forced.pages_per_split == 1);
+}
+
+TEST_CASE("paged decode rejects bad shapes with an af::Error naming the value", "[paged]") {
+  const PagedDecodeShape good{.batch = 2,
+                              .q_heads = 8,
+                              .kv_heads = 2,
+                              .head_dim = 128,
+                              .page_size = 16,
+                              .max_pages_per_seq = 4,
+                              .num_pages = 8};
+  REQUIRE_NOTHROW(af::kernels::plan_paged_decode(good, 132));
+  PagedDecodeShape s = good;
+  s.page_size = 24;
+  REQUIRE_THROWS_WITH(af::kernels::plan_paged_decode(s, 132), Catch::Contains("page_size is 24"));
+  s.page_size = 128;
+  REQUIRE_THROWS_WITH(af::kernels::plan_paged_decode(s, 132), Catch::Contains("page_size is 128"));
+  s = good;
+  s.head_dim = 256;
+  REQUIRE_THROWS_WITH(af::kernels::plan_paged_decode(s, 132), Catch::Contains("head_dim is 256"));
+  s = good;
+  s.q_heads = 7;
+  REQUIRE_THROWS_WITH(af::kernels::plan_paged_decode(s, 132), Catch::Contains("q_heads is 7"));
+  s = good;
+  s.max_pages_per_seq = 0;
+  REQUIRE_THROWS_WITH(af::kernels::plan_paged_decode(s, 132), Catch::Contains("max_pages_per_seq is 0"));
+  const PagedDecodePlan plan = af::kernels::plan_paged_decode(good, 132, 4);
+  REQUIRE(plan.workspace_bytes > 0);
+  REQUIRE_THROWS_WITH(af::kernels::paged_decode_attention(plan, good, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                                          nullptr, 1.0f, nullptr, 0, nullptr),
+                      Catch::Contains("workspace_bytes is 0"));
+}
