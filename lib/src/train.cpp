@@ -44,6 +44,24 @@ const Slice& Layout::slice(const std::string& name) const {
   fail("Layout::slice: no parameter named '{}' (the layout has {} parameters)", name, slices_.size());
 }
 
+namespace {
+
+// exp(x) for |x| <= 8 from basic IEEE-754 operations only (bit-identical everywhere): the Taylor series of
+// exp(x / 16), then four squarings; within a few ulp of std::exp on that range.
+double portable_exp_series(double x) {
+  require(std::abs(x) <= 8.0, "portable_exp_series: x is {} (expected |x| <= 8)", x);
+  const double r = x / 16.0;
+  double term = 1.0, sum = 1.0;
+  for (int n = 1; n <= 14; ++n) {
+    term *= r / n;
+    sum += term;
+  }
+  for (int i = 0; i < 4; ++i) sum *= sum;
+  return sum;
+}
+
+}  // namespace
+
 std::vector<float> initial_parameters(const Layout& layout, std::uint64_t seed, double stddev, std::int64_t layers) {
   require(stddev >= 0.0 && std::isfinite(stddev), "initial_parameters: stddev is {} (expected a finite value >= 0)",
           stddev);
@@ -74,6 +92,12 @@ std::vector<float> initial_parameters(const Layout& layout, std::uint64_t seed, 
         case Init::log_decay_rate:
           value = static_cast<float>(portable_log(rng.uniform(0.01, 16.0)));
           break;
+        case Init::time_step_bias: {
+          // dt log-uniform in [0.001, 0.1], stored as the inverse of softplus: log(exp(dt) - 1).
+          const double dt = portable_exp_series(rng.uniform(portable_log(0.001), portable_log(0.1)));
+          value = static_cast<float>(portable_log(portable_exp_series(dt) - 1.0));
+          break;
+        }
       }
     }
   }

@@ -89,7 +89,7 @@ void GatedDeltaNetMixer::add_parameters(Layout& layout, const std::string& prefi
   ba_ = layout.slice(layout.add(prefix + "in_proj_ba.weight", {2 * o.value_heads, hidden_}, Init::normal, true));
   conv_ =
       layout.slice(layout.add(prefix + "conv1d.weight", {conv_channels(), o.conv_kernel}, Init::fan_in_uniform, true));
-  dt_bias_ = layout.slice(layout.add(prefix + "dt_bias", {o.value_heads}, Init::ones, false));
+  dt_bias_ = layout.slice(layout.add(prefix + "dt_bias", {o.value_heads}, Init::time_step_bias, false));
   a_log_ = layout.slice(layout.add(prefix + "A_log", {o.value_heads}, Init::log_decay_rate, false));
   norm_ = layout.slice(layout.add(prefix + "norm.weight", {o.value_dim}, Init::ones, false));
   out_ = layout.slice(
@@ -631,6 +631,57 @@ void DsaMixer::backward_typed(std::span<const T> params, const MixerTape& tape_b
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Token shift
+// ---------------------------------------------------------------------------------------------------------
+
+TokenShiftMixer::TokenShiftMixer(std::int64_t hidden, std::unique_ptr<Mixer> inner)
+    : hidden_(hidden), inner_(std::move(inner)) {
+  require(hidden >= 1, "TokenShiftMixer: hidden is {} (expected >= 1)", hidden);
+  require(inner_ != nullptr, "TokenShiftMixer: the inner mixer is null (expected a mixer to shift the input of)");
+}
+
+void TokenShiftMixer::add_parameters(Layout& layout, const std::string& prefix) {
+  shift_ = layout.slice(layout.add(prefix + "shift.weight", {hidden_}, Init::zeros, false));
+  inner_->add_parameters(layout, prefix);
+}
+
+std::string TokenShiftMixer::describe() const { return "token shift, then " + inner_->describe(); }
+
+template <class T>
+std::unique_ptr<MixerTape> TokenShiftMixer::forward_typed(std::span<const T> params, View<const T> x, View<T> y) const {
+  check_forward("TokenShiftMixer::forward", shift_, hidden_, x, y);
+  const std::int64_t length = x.rows;
+  auto tape = std::make_unique<Tape<T>>();
+  tape->x.assign(x.data, x.data + x.size());
+  std::vector<T> u = tape->x;
+  const std::span<const T> s = shift_.values(params);
+  for (std::int64_t t = 1; t < length; ++t)
+    for (std::int64_t c = 0; c < hidden_; ++c) u[static_cast<std::size_t>(t * hidden_ + c)] += s[c] * x(t - 1, c);
+  tape->inner = inner_->forward(params, cmatrix(u, length, hidden_), y);
+  return tape;
+}
+
+template <class T>
+void TokenShiftMixer::backward_typed(std::span<const T> params, const MixerTape& tape_base, View<const T> dy,
+                                     View<T> dx, std::span<T> grads) const {
+  const auto& tape = checked_tape<Tape<T>>("TokenShiftMixer::backward", tape_base, hidden_, dy, dx);
+  const std::int64_t length = dy.rows;
+  std::vector<T> du = zeros<T>(length * hidden_);
+  inner_->backward(params, *tape.inner, dy, matrix(du, length, hidden_), grads);
+  const std::span<const T> s = shift_.values(params);
+  const std::span<T> ds = shift_.values(grads);
+  for (std::int64_t t = 0; t < length; ++t)
+    for (std::int64_t c = 0; c < hidden_; ++c) {
+      const T g = du[static_cast<std::size_t>(t * hidden_ + c)];
+      dx(t, c) += g;
+      if (t >= 1) {
+        dx(t - 1, c) += s[c] * g;
+        ds[c] += g * tape.x[static_cast<std::size_t>((t - 1) * hidden_ + c)];
+      }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Instantiations
 // ---------------------------------------------------------------------------------------------------------
 
@@ -647,6 +698,8 @@ AF_TRAIN_MIXER_INSTANTIATE(MlaMixer, float)
 AF_TRAIN_MIXER_INSTANTIATE(MlaMixer, double)
 AF_TRAIN_MIXER_INSTANTIATE(DsaMixer, float)
 AF_TRAIN_MIXER_INSTANTIATE(DsaMixer, double)
+AF_TRAIN_MIXER_INSTANTIATE(TokenShiftMixer, float)
+AF_TRAIN_MIXER_INSTANTIATE(TokenShiftMixer, double)
 
 #undef AF_TRAIN_MIXER_INSTANTIATE
 

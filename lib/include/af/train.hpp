@@ -61,6 +61,7 @@ enum class Init {
   zeros,              ///< 0: biases and gates that should start closed
   fan_in_uniform,     ///< uniform(-1/sqrt(n), 1/sqrt(n)), n = size / shape[0]: torch's default for nn.Conv1d
   log_decay_rate,     ///< log(uniform(0.01, 16)): Qwen3-Next's A_log, decay rates exp(A_log) in [0.01, 16)
+  time_step_bias,     ///< log(expm1(dt)), dt log-uniform in [0.001, 0.1]: softplus(bias) = dt (Mamba's dt_bias)
 };
 
 /// One named parameter: a slice of the flat parameter vector.
@@ -112,7 +113,8 @@ class Layout {
 /// Fills a parameter vector for `layout`, slice by slice in layout order, drawing from af::Rng(seed) with
 /// normals for Init::normal (standard deviation `stddev`) and Init::output_projection (`stddev / sqrt(2
 /// layers)`, GPT-2's scaling, so the residual stream's variance does not grow with depth), uniforms for
-/// Init::fan_in_uniform and Init::log_decay_rate (its logarithm af::portable_log), ones and zeros for the
+/// Init::fan_in_uniform, Init::log_decay_rate and Init::time_step_bias (their logarithms and exponentials from basic
+/// IEEE-754 operations only), ones and zeros for the
 /// others. Deterministic on every platform. Throws af::Error for stddev < 0 or layers < 1.
 std::vector<float> initial_parameters(const Layout& layout, std::uint64_t seed, double stddev, std::int64_t layers);
 

@@ -48,8 +48,11 @@ struct GatedDeltaNetOptions {
 /// values per call), value heads reading their key head's q and k; the gated RMSNorm `norm.weight` [d_v]
 /// shared by the heads, o / rms(o) w silu(z); the output projection `out_proj.weight` [D, Hv d_v].
 ///
-/// Initialisation as transformers' Qwen3NextPreTrainedModel._init_weights: A_log = log(uniform(0.01, 16))
-/// (Init::log_decay_rate), dt_bias = 1, the norm's gain 1; the convolution as torch's nn.Conv1d,
+/// Initialisation: A_log = log(uniform(0.01, 16)) (Init::log_decay_rate) as transformers'
+/// Qwen3NextPreTrainedModel._init_weights; dt_bias as the FLA library's GatedDeltaNet (and Mamba) initialise it,
+/// softplus(dt_bias) log-uniform in [0.001, 0.1] (Init::time_step_bias), not transformers' dt_bias = 1, which
+/// starts half the heads with decays below exp(-5) per token, so they forget before they can learn to recall;
+/// the norm's gain 1; the convolution as torch's nn.Conv1d,
 /// uniform(+-1/sqrt(K)) (Init::fan_in_uniform); the input projections normal, the output projection
 /// Init::output_projection. A_log, dt_bias and the gain have no weight decay (FLA marks A_log and dt_bias
 /// _no_weight_decay).
@@ -262,6 +265,45 @@ class DsaMixer : public MixerOf<DsaMixer> {
   std::int64_t hidden_;
   DsaOptions options_;
   Slice q_, k_, v_, o_, index_q_, index_k_, index_w_;
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// A token shift in front of any mixer
+// ---------------------------------------------------------------------------------------------------------
+
+/// A learned one-token shift before another mixer: the inner mixer reads u[t] = x[t] + s * x[t - 1] (s a
+/// per-channel vector that starts at 0; u[0] = x[0]). A depthwise causal convolution of width 2 with its current
+/// tap fixed at 1: the kind of short convolution H3, Based, RWKV (token shift) and Gated DeltaNet put before
+/// their mixers, and the "smeared keys" that Olsson et al. (2022, "In-context learning and induction heads")
+/// found to let a single attention layer form induction heads. With it a value token carries its key, so
+/// recall needs one layer instead of two. It costs D values of cache per layer: the previous token's x.
+class TokenShiftMixer : public MixerOf<TokenShiftMixer> {
+ public:
+  /// Throws af::Error for hidden < 1 or a null inner mixer.
+  TokenShiftMixer(std::int64_t hidden, std::unique_ptr<Mixer> inner);
+
+  /// Adds `prefix` + `shift.weight` `[hidden]` (zeros, no weight decay), then the inner mixer's parameters
+  /// under the same prefix.
+  void add_parameters(Layout& layout, const std::string& prefix) override;
+  /// e.g. `token shift, then softmax attention, ...`.
+  std::string describe() const override;
+  const Mixer& inner() const { return *inner_; }
+
+  template <class T>
+  struct Tape : MixerTape {
+    std::vector<T> x;                  // [T, D]
+    std::unique_ptr<MixerTape> inner;  // the inner mixer's tape of u
+  };
+  template <class T>
+  std::unique_ptr<MixerTape> forward_typed(std::span<const T> params, View<const T> x, View<T> y) const;
+  template <class T>
+  void backward_typed(std::span<const T> params, const MixerTape& tape, View<const T> dy, View<T> dx,
+                      std::span<T> grads) const;
+
+ private:
+  std::int64_t hidden_;
+  std::unique_ptr<Mixer> inner_;
+  Slice shift_;
 };
 
 }  // namespace af::train
