@@ -177,7 +177,7 @@ TEST_CASE("The Gated DeltaNet mixer's forward equals af::gated_deltanet on the s
         "gated deltanet, 2 key heads, 4 value heads, d_k 4, d_v 3, conv 4; state 48 + conv 84 values per sequence");
 }
 
-TEST_CASE("The Gated DeltaNet mixer starts from Qwen3-Next's A_log, dt_bias and conv initialisation",
+TEST_CASE("The Gated DeltaNet mixer starts from Qwen3-Next's A_log and conv initialisation and Mamba's dt_bias",
           "[train_mixers]") {
   const train::Model model(tiny_config(), [](std::int64_t) {
     return std::make_unique<train::GatedDeltaNetMixer>(8, train::GatedDeltaNetOptions{2, 4, 2, 2, 3, 1e-6});
@@ -188,7 +188,15 @@ TEST_CASE("The Gated DeltaNet mixer starts from Qwen3-Next's A_log, dt_bias and 
     CHECK(a >= std::log(0.01f) - 1e-6f);
     CHECK(a < std::log(16.0f));
   }
-  for (const float b : layout.slice("layers.0.mixer.dt_bias").values(std::span<const float>(params))) CHECK(b == 1.0f);
+  // softplus(dt_bias) = dt, log-uniform in [0.001, 0.1].
+  std::vector<double> time_steps;
+  for (const float b : layout.slice("layers.0.mixer.dt_bias").values(std::span<const float>(params)))
+    time_steps.push_back(std::log1p(std::exp(static_cast<double>(b))));
+  for (const double dt : time_steps) {
+    CHECK(dt >= 0.001 * (1 - 1e-5));
+    CHECK(dt <= 0.1 * (1 + 1e-5));
+  }
+  CHECK(time_steps[0] != time_steps[1]);
   for (const float c : layout.slice("layers.0.mixer.conv1d.weight").values(std::span<const float>(params)))
     CHECK(std::abs(c) <= 1.0f / std::sqrt(3.0f));
   CHECK(!layout.slice("layers.0.mixer.A_log").decay);
@@ -433,6 +441,71 @@ TEST_CASE("DSA's indexer gradient equals central differences of its KL loss and 
 // Bad options
 // ---------------------------------------------------------------------------------------------------------
 
+// ---------------------------------------------------------------------------------------------------------
+// Token shift
+// ---------------------------------------------------------------------------------------------------------
+
+TEST_CASE("The token shift feeds its inner mixer x[t] + s x[t - 1]", "[train_mixers]") {
+  const std::int64_t hidden = 8, T = 5;
+  const train::SoftmaxAttentionOptions options{2, 1, 4, 0, 10000.0};
+  train::TokenShiftMixer shifted(hidden, std::make_unique<train::SoftmaxAttention>(hidden, options));
+  train::SoftmaxAttention plain(hidden, options);
+  train::Layout shifted_layout, plain_layout;
+  shifted.add_parameters(shifted_layout, "m.");
+  plain.add_parameters(plain_layout, "m.");
+  std::vector<double> params(static_cast<std::size_t>(shifted_layout.size()));
+  af::Rng rng(3);
+  for (double& p : params) p = rng.normal();
+  std::vector<double> plain_params(static_cast<std::size_t>(plain_layout.size()));
+  for (const train::Slice& slice : plain_layout.slices())
+    std::copy_n(params.begin() + shifted_layout.slice(slice.name).offset, slice.size,
+                plain_params.begin() + slice.offset);
+  std::vector<double> x(static_cast<std::size_t>(T * hidden)), u = x, y(x.size()), y_plain(x.size());
+  for (double& v : x) v = rng.normal();
+  const std::span<const double> s = shifted_layout.slice("m.shift.weight").values(std::span<const double>(params));
+  for (std::int64_t t = 0; t < T; ++t)
+    for (std::int64_t c = 0; c < hidden; ++c)
+      u[static_cast<std::size_t>(t * hidden + c)] =
+          x[static_cast<std::size_t>(t * hidden + c)] +
+          (t > 0 ? s[c] * x[static_cast<std::size_t>((t - 1) * hidden + c)] : 0.0);
+  shifted.forward(params, cview(x, T, hidden), view(y, T, hidden));
+  plain.forward(plain_params, cview(u, T, hidden), view(y_plain, T, hidden));
+  CHECK(relative_error<double, double>(y, y_plain) < 1e-15);
+  CHECK(shifted.describe().starts_with("token shift, then softmax attention"));
+  CHECK(!shifted_layout.slice("m.shift.weight").decay);
+}
+
+TEST_CASE("A model with token-shifted mixers has the parameter gradient of central differences", "[train_mixers]") {
+  const std::function<std::unique_ptr<train::Mixer>()> inners[] = {
+      [] {
+        return std::make_unique<train::SoftmaxAttention>(8, train::SoftmaxAttentionOptions{2, 2, 4, 0, 10000.0});
+      },
+      [] {
+        return std::make_unique<train::GatedDeltaNetMixer>(8, train::GatedDeltaNetOptions{1, 2, 4, 3, 3, 1e-6});
+      }};
+  for (const auto& inner : inners) {
+    const train::Model model(tiny_config(),
+                             [&](std::int64_t) { return std::make_unique<train::TokenShiftMixer>(8, inner()); });
+    // The shifts start at 0; move them off it so that the shifted path carries a gradient too.
+    auto params = double_parameters(model, 9);
+    af::Rng rng(10);
+    for (const train::Slice& slice : model.layout().slices())
+      if (slice.name.ends_with("shift.weight"))
+        for (double& v : slice.values(std::span<double>(params))) v = 0.5 * rng.normal();
+    std::vector<double> grads(params.size());
+    model.loss_and_gradient<double>(params, sequence, mean_scale, grads);
+    const double error = max_fd_error(params, grads, [&] { return mean_scale * model.loss<double>(params, sequence); });
+    double largest_shift = 0.0;
+    for (const train::Slice& slice : model.layout().slices())
+      if (slice.name.ends_with("shift.weight"))
+        for (const double g : slice.values(std::span<const double>(grads)))
+          largest_shift = std::max(largest_shift, std::abs(g));
+    INFO(model.mixer(0).describe() << ": max error " << error << ", largest shift gradient " << largest_shift);
+    CHECK(largest_shift > 1e-3);
+    CHECK(error < model_tolerance);
+  }
+}
+
 TEST_CASE("Training mixers reject bad options with af::Error naming the value", "[train_mixers]") {
   using af_test::error_of;
   CHECK_THAT(error_of([] {
@@ -447,6 +520,12 @@ TEST_CASE("Training mixers reject bad options with af::Error naming the value", 
                train::DsaMixer(8, {4, 2, 4, 10000.0, 2, 3, 2, -1.0});
              }),
              Catch::Contains("indexer_loss_weight is -1"));
+  CHECK_THAT(error_of([] { train::TokenShiftMixer(8, nullptr); }), Catch::Contains("inner mixer is null"));
+  CHECK_THAT(error_of([] {
+               train::TokenShiftMixer(0,
+                                      std::make_unique<train::SoftmaxAttention>(8, train::SoftmaxAttentionOptions{}));
+             }),
+             Catch::Contains("hidden is 0"));
   train::MlaMixer unplaced(8, {});
   std::vector<float> x(16), y(16), params;
   CHECK_THAT(error_of([&] { unplaced.forward(params, cview(x, 2, 8), view(y, 2, 8)); }),
