@@ -30,6 +30,7 @@
 #include <mutex>
 #include <numeric>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -593,13 +594,35 @@ int main(int argc, char** argv) {
         fmt::format("{} beats chance ({:.3f}) by 5x on {} at T = {}, {} ({:.3f})", variants.front().name,
                     1.0 / vocab.values, points.front().task, points.front().length, points.front().x, first),
         first > 5.0 / vocab.values);
-    numbers.print("params", "{}", target);
-    numbers.print("steps", "{}", steps);
-    numbers.print("seeds", "{}", seeds);
+    // A variant's key as part of a number's name (dsa-cold: dsa_cold).
+    const auto name_of = [](const Variant& v) {
+      std::string name = v.key;
+      std::ranges::replace(name, '-', '_');
+      return name;
+    };
+    // The full sweep's numbers are committed beside the book's, so they carry a prefix of their own.
+    const std::string prefix = full ? "full_" : "";
+    numbers.print(prefix + "params", "{}", target);
+    numbers.print(prefix + "recall_steps", "{}", recall_steps);
+    numbers.print(prefix + "steps", "{}", steps);
+    numbers.print(prefix + "seeds", "{}", seeds);
+    numbers.print(prefix + "runs", "{}", runs.size());
+    numbers.print(prefix + "minutes", "{:.0f}", sweep_seconds / 60);
     for (std::size_t p = 0; p < points.size(); ++p)
-      for (std::size_t v = 0; v < variants.size(); ++v)
-        numbers.print(fmt::format("{}_{}_{}_{}", points[p].task, points[p].length, points[p].x, variants[v].key),
-                      "{:.2f}", cells[p][v].accuracy.mean);
+      for (std::size_t v = 0; v < variants.size(); ++v) {
+        const std::string at =
+            fmt::format("{}_{}_{}_{}", points[p].task, points[p].length, points[p].x, name_of(variants[v]));
+        numbers.print(prefix + at, "{:.2f}", cells[p][v].accuracy.mean);
+        numbers.print(prefix + at + "_low", "{:.2f}", cells[p][v].accuracy.low);
+        numbers.print(prefix + at + "_high", "{:.2f}", cells[p][v].accuracy.high);
+      }
+    std::set<std::int64_t> lengths{64};
+    for (const Point& p : points) lengths.insert(p.length);
+    for (const std::int64_t length : lengths)
+      for (const Variant& v : variants) {
+        numbers.print(fmt::format("{}held_{}_{}", prefix, length, name_of(v)), "{}", v.held(length));
+        numbers.print(fmt::format("{}read_{}_{}", prefix, length, name_of(v)), "{}", v.read(length));
+      }
 
     if (!out_dir.empty()) {
       const std::filesystem::path dir = af::make_output_directory(out_dir);
