@@ -58,4 +58,18 @@ struct PagedDecodeArgs {
 void launch_decode_paged(const PagedDecodeArgs& args, cudaStream_t stream);
 int paged_blocks_per_sm(int head_dim, int group);
 
+// Causal varlen prefill and append (prefill_mma.cu): the layouts of af/varlen_attention.hpp.
+struct PrefillArgs {
+  const std::uint16_t* q;    // [total_q, q_heads, D]
+  const std::uint16_t* k;    // [total_k, kv_heads, D]
+  const std::uint16_t* v;    // [total_k, kv_heads, D]
+  std::uint16_t* out;        // [total_q, q_heads, D]
+  const std::int32_t* cu_q;  // [batch + 1], on the device
+  const std::int32_t* cu_k;  // [batch + 1], on the device
+  int batch, q_heads, kv_heads, head_dim;
+  std::int64_t max_query_len;  // the grid covers this many query positions per sequence
+  float scale_log2;
+};
+void launch_prefill_mma(const PrefillArgs& args, cudaStream_t stream);
+
 }  // namespace af::kernels::detail

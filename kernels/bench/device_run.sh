@@ -38,11 +38,13 @@ if [[ $steps == *" sanitize "* ]]; then
       > "$OUT/sanitizer_$tool.log" 2>&1
     echo "compute-sanitizer --tool $tool --error-exitcode 9 test_gpu: exit $?" | tee -a "$OUT/summary.txt"
     tail -3 "$OUT/sanitizer_$tool.log"
-    # Paged decode separately (its own log and time limit).
-    timeout ${AF_SANITIZER_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 9 .devcarry/test_gpu "[paged]" \
-      > "$OUT/sanitizer_paged_$tool.log" 2>&1
-    echo "compute-sanitizer --tool $tool --error-exitcode 9 test_gpu [paged]: exit $?" | tee -a "$OUT/summary.txt"
-    tail -3 "$OUT/sanitizer_paged_$tool.log"
+    # Paged decode and prefill separately (their own logs and time limits).
+    for tag in paged prefill; do
+      timeout ${AF_SANITIZER_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 9 .devcarry/test_gpu "[$tag]" \
+        > "$OUT/sanitizer_${tag}_$tool.log" 2>&1
+      echo "compute-sanitizer --tool $tool --error-exitcode 9 test_gpu [$tag]: exit $?" | tee -a "$OUT/summary.txt"
+      tail -3 "$OUT/sanitizer_${tag}_$tool.log"
+    done
   done
 fi
 if [[ $steps == *" sass "* ]]; then
