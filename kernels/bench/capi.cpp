@@ -1,6 +1,7 @@
 // The decode kernels behind a C interface, for the benchmark script (bench_decode.py, through ctypes).
 // Every function returns 0, or 1 with the exception's message in `error`.
 #include "af/kernels/decode.hpp"
+#include "af/kernels/prefill.hpp"
 
 #include <cstdio>
 #include <exception>
@@ -57,6 +58,20 @@ int af_decode_run(int version, int splits, long long keys_per_split, long long w
                                   static_cast<const std::uint16_t*>(q), static_cast<const std::uint16_t*>(k),
                                   static_cast<const std::uint16_t*>(v), static_cast<std::uint16_t*>(out), scale,
                                   workspace, plan.workspace_bytes, static_cast<cudaStream_t>(stream));
+  });
+}
+
+/// Runs the causal varlen prefill (af/kernels/prefill.hpp) on `stream`: packed q [total_q, q_heads, head_dim],
+/// k, v [total_k, kv_heads, head_dim], cumulative counts cu_q, cu_k [batch + 1] (int32), all on the device.
+int af_prefill_run(long long batch, long long q_heads, long long kv_heads, long long head_dim, long long max_query_len,
+                   const void* q, const void* k, const void* v, const void* cu_q, const void* cu_k, void* out,
+                   float scale, void* stream, char* error, int error_size) {
+  return guarded(error, error_size, [&] {
+    af::kernels::prefill_attention({batch, q_heads, kv_heads, head_dim}, max_query_len,
+                                   static_cast<const std::uint16_t*>(q), static_cast<const std::uint16_t*>(k),
+                                   static_cast<const std::uint16_t*>(v), static_cast<const std::int32_t*>(cu_q),
+                                   static_cast<const std::int32_t*>(cu_k), static_cast<std::uint16_t*>(out), scale,
+                                   static_cast<cudaStream_t>(stream));
   });
 }
 
