@@ -9,7 +9,11 @@ namespace af::kernels {
 void prefill_attention(const af::VarlenShape& shape, std::int64_t max_query_len, const std::uint16_t* q,
                        const std::uint16_t* k, const std::uint16_t* v, const std::int32_t* cu_q,
                        const std::int32_t* cu_k, std::uint16_t* out, float scale, cudaStream_t stream) {
-  shape.validate();
+  // The checks of VarlenShape::validate, here so that the benchmark's library needs no more of af than af::Error.
+  require(shape.batch >= 1, "prefill: batch is {} (expected at least 1)", shape.batch);
+  require(shape.kv_heads >= 1, "prefill: kv_heads is {} (expected at least 1)", shape.kv_heads);
+  require(shape.q_heads >= shape.kv_heads && shape.q_heads % shape.kv_heads == 0,
+          "prefill: q_heads is {} (expected a multiple of kv_heads = {})", shape.q_heads, shape.kv_heads);
   require(shape.head_dim == 64 || shape.head_dim == 128, "prefill: head_dim is {} (expected 64 or 128)",
           shape.head_dim);
   require(shape.batch <= 65535, "prefill: batch is {} (expected at most 65535)", shape.batch);

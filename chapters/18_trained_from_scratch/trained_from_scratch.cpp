@@ -164,6 +164,8 @@ Variant variant_of(const std::string& key, const Sizes& z) {
   Variant v;
   if (key == "mha")
     v = softmax("MHA", heads, 0);
+  else if (key == "mha-plain")
+    v = softmax("MHA, no shift", heads, 0);
   else if (key == "gqa")
     v = softmax(fmt::format("GQA {} KV heads", heads / 2), heads / 2, 0);
   else if (key == "mqa")
@@ -217,8 +219,8 @@ Variant variant_of(const std::string& key, const Sizes& z) {
          o.value_heads * d * d + (o.conv_kernel - 1) * (2 * o.key_heads * d + o.value_heads * d)};
   } else
     throw af::Error(fmt::format(
-        "--variants: unknown variant \"{}\" (expected mha, gqa, mqa, window, mla, dsa, dsa-cold, linear or gdn)", key));
-  if (z.shift) {
+        "--variants: unknown variant \"{}\" (expected mha, mha-plain, gqa, mqa, window, mla, dsa, dsa-cold, linear or gdn)", key));
+  if (z.shift && key != "mha-plain") {
     // The token shift before every mixer keeps the previous token's D values per layer.
     const auto shifted = [hidden](auto inner) -> std::function<std::unique_ptr<train::Mixer>(std::int64_t)> {
       return [inner, hidden](std::int64_t layer) {
@@ -389,7 +391,7 @@ int main(int argc, char** argv) {
   app.add_flag("--full", full,
                "The full sweep: recall 64:8,64:16,128:16, needle 64:16,64:48, copy 64:8, 3000 steps for recall, "
                "3 seeds (about an hour on two cores)");
-  app.add_option("--variants", variant_list, "Mixers to train: mha, gqa, mqa, window, mla, dsa, dsa-cold, linear, gdn")
+  app.add_option("--variants", variant_list, "Mixers to train: mha, mha-plain (without the token shift), gqa, mqa, window, mla, dsa, dsa-cold, linear, gdn")
       ->capture_default_str();
   app.add_option("--recall", recall_list, "Recall points, T:pairs (comma-separated; none for none)")
       ->capture_default_str();

@@ -439,6 +439,7 @@ void attention_forward(View<const T> q, View<const T> k, View<const T> v, const 
   }
 }
 
+// [attention-backward]
 template <class T>
 void attention_backward(View<const T> q, View<const T> k, View<const T> v, const AttentionShape& shape,
                         std::span<const T> weights, View<const T> dout, View<T> dq, View<T> dk, View<T> dv) {
@@ -496,6 +497,7 @@ void attention_backward(View<const T> q, View<const T> k, View<const T> v, const
     }
   }
 }
+// [/attention-backward]
 
 namespace {
 
@@ -695,6 +697,7 @@ void Model::check_sequence(const Sequence& sequence) const {
   }
 }
 
+// [model-run]
 template <class T>
 double Model::run(std::span<const T> params, const Sequence& sequence, double scale, std::span<T> grads,
                   std::vector<T>* logits_out) const {
@@ -777,6 +780,7 @@ double Model::run(std::span<const T> params, const Sequence& sequence, double sc
   if (logits_out != nullptr) *logits_out = std::move(logits);
   return total_nll;
 }
+// [/model-run]
 
 template <class T>
 std::vector<T> Model::logits(std::span<const T> params, std::span<const std::int32_t> tokens) const {
@@ -914,6 +918,7 @@ AdamW::AdamW(const Layout& layout, const AdamWConfig& config)
     std::fill_n(decay_.begin() + slice.offset, slice.size, static_cast<std::uint8_t>(slice.decay ? 1 : 0));
 }
 
+// [adamw]
 void AdamW::step(std::span<float> params, std::span<const float> grads, double lr) {
   require(params.size() == m_.size() && grads.size() == m_.size(),
           "AdamW::step: parameters have {} and gradients {} values (expected {})", params.size(), grads.size(),
@@ -935,6 +940,7 @@ void AdamW::step(std::span<float> params, std::span<const float> grads, double l
     params[i] = static_cast<float>(p);
   }
 }
+// [/adamw]
 
 Trainer::Trainer(const Model& model, std::vector<float> parameters, const TrainConfig& config)
     : model_(model),

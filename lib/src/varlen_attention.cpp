@@ -10,6 +10,14 @@
 
 namespace af {
 
+void VarlenShape::validate() const {
+  require(batch >= 1, "varlen attention: batch is {} (expected at least 1)", batch);
+  require(kv_heads >= 1, "varlen attention: kv_heads is {} (expected at least 1)", kv_heads);
+  require(q_heads >= kv_heads && q_heads % kv_heads == 0,
+          "varlen attention: q_heads is {} (expected a multiple of kv_heads = {})", q_heads, kv_heads);
+  require(head_dim >= 1, "varlen attention: head_dim is {} (expected at least 1)", head_dim);
+}
+
 void validate_cumulative(const VarlenShape& s, std::span<const std::int32_t> cu_q, std::span<const std::int32_t> cu_k) {
   s.validate();
   const auto entries = static_cast<std::size_t>(s.batch + 1);

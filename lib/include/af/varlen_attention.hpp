@@ -16,8 +16,6 @@
 /// the tokens a speculative decoder verifies); L_q = 1 a decode step. L_q = 0 is allowed (nothing to do).
 /// Query head h reads KV head h / (q_heads / kv_heads).
 
-#include "af/error.hpp"
-
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -32,14 +30,8 @@ struct VarlenShape {
 
   std::int64_t group() const { return q_heads / kv_heads; }
   /// Throws af::Error naming the first size that is not positive or a q_heads that is not a multiple of
-  /// kv_heads. (Inline, so that the kernels' host code needs no more of the library than af::Error.)
-  void validate() const {
-    require(batch >= 1, "varlen attention: batch is {} (expected at least 1)", batch);
-    require(kv_heads >= 1, "varlen attention: kv_heads is {} (expected at least 1)", kv_heads);
-    require(q_heads >= kv_heads && q_heads % kv_heads == 0,
-            "varlen attention: q_heads is {} (expected a multiple of kv_heads = {})", q_heads, kv_heads);
-    require(head_dim >= 1, "varlen attention: head_dim is {} (expected at least 1)", head_dim);
-  }
+  /// kv_heads.
+  void validate() const;
 };
 
 /// Checks the cumulative counts against the shape: batch + 1 entries each, starting at 0, non-decreasing,
