@@ -1,15 +1,16 @@
 // Chapter 18 — Trained from scratch: what each attention can learn at matched size.
 //
 // Generates three synthetic tasks (multi-query associative recall, a needle at a controlled distance, selective
-// copying), trains tiny decoders that differ only in their token mixer (MHA, GQA, MQA, a sliding window, and
-// whatever else the library's training mixers provide) at a matched parameter count with the library's
-// hand-written backward passes and AdamW, checks each model's gradient against float64 finite differences, and
-// measures accuracy against the number of key-value pairs beside each mixer's cache bytes and decode reads;
-// writes the data of the figures.
+// copying), trains tiny decoders that differ only in their token mixer (MHA, GQA, MQA, a sliding window, MLA,
+// DSA, lightning attention, Gated DeltaNet, each behind the same token shift) at a matched parameter count with
+// the library's hand-written backward passes and AdamW, checks each model's gradient against float64 finite
+// differences, and measures accuracy beside the values each mixer keeps and reads per decode step; writes the
+// data of the figures. The book runs one recall point; --full runs the sweep whose results are committed.
 //
-//   build/bin/ch18_trained_from_scratch [--variants mha,gqa,mqa,window] [--pairs 2,4,8] [--seq-len 32]
-//       [--hidden 32] [--layers 2] [--heads 4] [--steps 250] [--batch 16] [--lr 3e-3] [--seeds 3]
-//       [--eval 64] [--needle-distances 4,12,24] [--threads 0] [--seed 18] [--out DIR]
+//   build/bin/ch18_trained_from_scratch [--full] [--variants mha,gqa,mqa,window,mla,dsa,linear,gdn]
+//       [--recall 64:8] [--needle T:d,...] [--copy T:n,...] [--hidden 32] [--layers 2] [--heads 4]
+//       [--window 32] [--top-k 16] [--no-shift] [--steps 1500] [--batch 16] [--lr 1e-2] [--seeds 1]
+//       [--eval 64] [--jobs 0] [--seed 18] [--out DIR]
 
 #include "af/error.hpp"
 #include "af/program.hpp"
@@ -117,6 +118,30 @@ train::Sequence selective_copy(af::Rng& rng, const Vocabulary& vocab, std::int64
   }
   return s;
 }
+// [window-reach]
+// The share of the asked keys whose pair a sliding window of `window` tokens can still see from the query: the
+// query at position t reads positions t - window + 1 .. t, and the value (which carries its key through the
+// token shift) sits at 2 i + 1. Estimated over `samples` generated sequences. No training can beat it.
+double window_reach(const Vocabulary& vocab, std::int64_t length, std::int64_t pairs, std::int64_t window,
+                    std::int64_t samples, std::uint64_t seed) {
+  af::Rng rng(seed);
+  std::int64_t seen = 0, asked = 0;
+  for (std::int64_t n = 0; n < samples; ++n) {
+    const train::Sequence s = mqar(rng, vocab, length, pairs);
+    for (std::int64_t t = 0; t < length; ++t) {
+      if (s.targets[static_cast<std::size_t>(t)] < 0) continue;
+      ++asked;
+      for (std::int64_t j = std::max<std::int64_t>(0, t - window + 1); j < 2 * pairs && j <= t; ++j)
+        if (j % 2 == 1 && s.tokens[static_cast<std::size_t>(j)] == s.targets[static_cast<std::size_t>(t)] &&
+            s.tokens[static_cast<std::size_t>(j - 1)] == s.tokens[static_cast<std::size_t>(t)]) {
+          ++seen;
+          break;
+        }
+    }
+  }
+  return static_cast<double>(seen) / static_cast<double>(asked);
+}
+// [/window-reach]
 // [/tasks]
 
 // [variants]
@@ -218,8 +243,10 @@ Variant variant_of(const std::string& key, const Sizes& z) {
          0,
          o.value_heads * d * d + (o.conv_kernel - 1) * (2 * o.key_heads * d + o.value_heads * d)};
   } else
-    throw af::Error(fmt::format(
-        "--variants: unknown variant \"{}\" (expected mha, mha-plain, gqa, mqa, window, mla, dsa, dsa-cold, linear or gdn)", key));
+    throw af::Error(
+        fmt::format("--variants: unknown variant \"{}\" (expected mha, mha-plain, gqa, mqa, window, mla, dsa, "
+                    "dsa-cold, linear or gdn)",
+                    key));
   if (z.shift && key != "mha-plain") {
     // The token shift before every mixer keeps the previous token's D values per layer.
     const auto shifted = [hidden](auto inner) -> std::function<std::unique_ptr<train::Mixer>(std::int64_t)> {
@@ -380,7 +407,7 @@ struct Point {
 
 int main(int argc, char** argv) {
   CLI::App app{"Chapter 18: trained from scratch", "ch18_trained_from_scratch"};
-  std::string variant_list = "mha,gqa,mqa,window,mla,dsa,linear,gdn", recall_list = "32:8", needle_list, copy_list;
+  std::string variant_list = "mha,gqa,mqa,window,mla,dsa,linear,gdn", recall_list = "64:8", needle_list, copy_list;
   Sizes sizes;
   std::int64_t steps = 1500, batch = 16, seeds = 1, eval = 64;
   double lr = 1e-2;
@@ -391,7 +418,9 @@ int main(int argc, char** argv) {
   app.add_flag("--full", full,
                "The full sweep: recall 64:8,64:16,128:16, needle 64:16,64:48, copy 64:8, 3000 steps for recall, "
                "3 seeds (about an hour on two cores)");
-  app.add_option("--variants", variant_list, "Mixers to train: mha, mha-plain (without the token shift), gqa, mqa, window, mla, dsa, dsa-cold, linear, gdn")
+  app.add_option(
+         "--variants", variant_list,
+         "Mixers to train: mha, mha-plain (without the token shift), gqa, mqa, window, mla, dsa, dsa-cold, linear, gdn")
       ->capture_default_str();
   app.add_option("--recall", recall_list, "Recall points, T:pairs (comma-separated; none for none)")
       ->capture_default_str();
@@ -589,6 +618,17 @@ int main(int argc, char** argv) {
       }
     }
     fmt::print("\n{} runs in {:.0f} s on {} threads\n", runs.size(), sweep_seconds, workers);
+
+    // What a window can see at all: at this build's recall points and the full sweep's.
+    std::set<std::pair<std::int64_t, std::int64_t>> recall_points{{64, 8}, {64, 16}, {128, 16}};
+    for (const Point& p : points)
+      if (p.task == "recall") recall_points.insert({p.length, p.x});
+    fmt::print("\nA window of {} sees the pair of (share of the asked keys, 20000 sequences):\n", sizes.window);
+    for (const auto& [length, pairs] : recall_points) {
+      const double reach = window_reach(vocab, length, pairs, sizes.window, 20000, seed);
+      fmt::print("  T = {:>3}, {:>2} pairs: {:.3f}\n", length, pairs, reach);
+      numbers.print(fmt::format("{}window_reach_{}_{}", full ? "full_" : "", length, pairs), "{:.2f}", reach);
+    }
 
     // Chance is one in the number of values on every task; the first mixer must beat it well on the first point.
     const double first = cells.front().front().accuracy.mean;
