@@ -92,6 +92,18 @@ class Project:
         return best
 
 
+def provenance(commit, script):
+    """The first lines of a result file: the GPU, driver, CUDA and PyTorch versions, date, commit and command."""
+    return {
+        "gpu": torch.cuda.get_device_properties(0).name,
+        "driver": subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True).stdout.strip(),
+        "cuda": torch.version.cuda, "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": commit, "command": " ".join([os.path.relpath(script)] + sys.argv[1:]),
+    }
+
+
 def time_calls(call, warmup=10, iters=50):
     """Median and p95 milliseconds of `call(i)`, CUDA events, a GPU sleep before each start event."""
     for i in range(warmup):
@@ -313,18 +325,11 @@ def main():
         r["read_ceiling_gbps"] = round(ceiling, 1)
         if r.get("gbps"):
             r["pct_of_read_ceiling"] = round(100.0 * float(r["gbps"]) / ceiling, 1)
-    header = {
-        "gpu": props.name,
-        "driver": subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True).stdout.strip(),
-        "cuda": torch.version.cuda, "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "commit": args.commit, "command": " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
-        "method": "CUDA events, GPU sleep before each start event, warm-up 10, median and p95 of 50, K/V sets "
-                  "rotated beyond L2; GB/s = K+V bytes / median; rel_err = ||out - ref|| / ||ref|| against "
-                  "float32 on upcast inputs",
-        "read_ceiling": "read-only streaming kernel (kernels/bench/read_ceiling.cu), best of 4 launch shapes, 4 GiB",
-    }
+    header = provenance(args.commit, __file__)
+    header["method"] = ("CUDA events, GPU sleep before each start event, warm-up 10, median and p95 of 50, K/V sets "
+                        "rotated beyond L2; GB/s = K+V bytes / median; rel_err = ||out - ref|| / ||ref|| against "
+                        "float32 on upcast inputs")
+    header["read_ceiling"] = "read-only streaming kernel (kernels/bench/read_ceiling.cu), best of 4 launch shapes, 4 GiB"
     write_rows(args.out, rows, header)
     print_table(rows, ceiling)
 

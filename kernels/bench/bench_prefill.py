@@ -17,17 +17,15 @@ aligned to the bottom right so that an append's queries see the whole cache).
 """
 import argparse
 import ctypes
-import datetime
 import math
 import os
-import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_decode import rel_error, time_calls  # noqa: E402
+from bench_decode import provenance, rel_error, time_calls  # noqa: E402
 
 SHAPES = [  # name, batch, new queries, keys (cache after the append), q heads, kv heads, head dim
     ("llama3-8b-prefill-4k", 1, 4096, 4096, 32, 8, 128),
@@ -137,7 +135,6 @@ def main():
     from torch.nn.attention import SDPBackend
 
     shapes = SHAPES if args.shapes == "all" else [s for s in SHAPES if s[0] in args.shapes.split(",")]
-    props = torch.cuda.get_device_properties(0)
     rows = []
     for name, b, lq, lk, hq, hkv, d in shapes:
         gen = torch.Generator(device="cuda").manual_seed(sum(map(ord, name)))
@@ -176,17 +173,10 @@ def main():
                   f"{row.get('tflops', 0):6.1f} TFLOP/s", flush=True)
         del q, k, v, ref, out
         torch.cuda.empty_cache()
-    header = {
-        "gpu": props.name,
-        "driver": subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True).stdout.strip(),
-        "cuda": torch.version.cuda, "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "commit": args.commit, "command": " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
-        "method": "CUDA events, GPU sleep before each start event, warm-up 5, median and p95 of 30; TFLOP/s = "
-                  "causal FLOPs (4 d per visible pair and head) / median; rel_err = ||out - ref|| / ||ref|| against "
-                  "float32 on upcast inputs",
-    }
+    header = provenance(args.commit, __file__)
+    header["method"] = ("CUDA events, GPU sleep before each start event, warm-up 5, median and p95 of 30; TFLOP/s = "
+                        "causal FLOPs (4 d per visible pair and head) / median; rel_err = ||out - ref|| / ||ref|| "
+                        "against float32 on upcast inputs")
     write_rows(args.out, rows, header)
 
 
