@@ -120,7 +120,6 @@ train::Sequence selective_copy(af::Rng& rng, const Vocabulary& vocab, std::int64
   }
   return s;
 }
-// [window-reach]
 // The share of the asked keys whose pair a sliding window of `window` tokens sees directly from the query: the
 // query at position t reads positions t - window + 1 .. t, and the value (which carries its key through the
 // token shift) sits at 2 i + 1. Estimated over `samples` generated sequences. A second layer can reach further
@@ -145,7 +144,6 @@ double window_reach(const Vocabulary& vocab, std::int64_t length, std::int64_t p
   }
   return static_cast<double>(seen) / static_cast<double>(asked);
 }
-// [/window-reach]
 // [/tasks]
 
 // [variants]
