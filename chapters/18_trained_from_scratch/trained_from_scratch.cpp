@@ -451,8 +451,8 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 256))
       ->capture_default_str();
   app.add_option("--seed", seed, "Seed of everything")->check(af::seed_value())->capture_default_str();
-  app.add_option("--out", out_dir,
-                 "Directory for the figure data (results.csv, runs.csv, fronts.csv) and numbers.json");
+  app.add_option("--out", out_dir, "Directory for the figure data (results.csv, runs.csv) and numbers.json")
+      ->check(af::output_directory());
   return af::run_program(app, argc, argv, [&] {
     std::int64_t recall_steps = steps;
     if (full) {
