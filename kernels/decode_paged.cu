@@ -4,10 +4,19 @@
 // memory, so one captured CUDA graph serves every decode step. The split count is fixed on the host from the
 // capacity (max_pages_per_seq pages), so a split may lie wholly past its sequence's length: it writes an
 // empty partial (output 0, log-sum-exp -inf) that the combine kernel weights by exp2(-inf) = 0.
+//
+// The same kernel reads FP8 pools (Fp8 = true): E4M3 codes in the same layout, one float32 scale per token and
+// KV head beside them (chapter 05's fp8_token cache). Each lane still holds 8 dimensions of a row (8 bytes
+// instead of 16: 16 dimensions per lane would double the query and accumulator registers), turns the codes
+// into float32 in registers, and applies the row's scale once per key: to the dot product for keys, to the
+// softmax weight for values.
 #include "decode_common.cuh"
 
 #include "af/kernels/cuda_check.hpp"
+#include "af/kernels/e4m3.hpp"
 #include "af/kernels/warp.cuh"
+
+#include <cuda_fp16.h>
 
 namespace af::kernels::detail {
 namespace {
@@ -16,19 +25,61 @@ constexpr int paged_warps = 4;
 constexpr int paged_unroll = 4;  // key rows per lane loaded before the first is used
 
 // [paged-address]
-// Element offset in the pool of key (or value) j of KV head `kv_head`, this lane's 8 dimensions at `dims`.
-// The table row is the sequence's; lanes reading the same key read the same table entry (one broadcast).
-template <int D>
-__device__ __forceinline__ std::int64_t paged_offset(const std::int32_t* table, std::int64_t j, int page_shift,
-                                                     int kv_heads, int kv_head, int dims) {
+// The pool row of key (or value) j of KV head `kv_head`: its D values start at row x D, its FP8 scale is at
+// row. The table row is the sequence's; lanes reading the same key read the same table entry (a broadcast).
+__device__ __forceinline__ std::int64_t paged_row(const std::int32_t* table, std::int64_t j, int page_shift,
+                                                  int kv_heads, int kv_head) {
   const std::int64_t page = __ldg(table + (j >> page_shift));
   const std::int64_t slot = j & ((std::int64_t{1} << page_shift) - 1);
-  return (((page * kv_heads + kv_head) << page_shift) + slot) * D + dims;
+  return ((page * kv_heads + kv_head) << page_shift) + slot;
 }
 // [/paged-address]
 
+// [fp8-unpack]
+// What an FP8 value in registers is worth: on sm_89 and later the hardware converts two E4M3 codes to two
+// binary16 in one instruction (exact); before that, integer operations give the value / 256 (e4m3.hpp) and
+// the row's scale carries the 256.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+constexpr float fp8_code_factor = 1.0f;
+#else
+constexpr float fp8_code_factor = e4m3_f16_factor;
+#endif
+
+// Eight cached values of one row as float32: 16 bytes of bf16, or 8 bytes of E4M3 codes (in words x and y).
+template <bool Fp8>
+__device__ __forceinline__ void unpack8(const uint4& raw, float (&x)[8]) {
+  if constexpr (Fp8) {
+    const std::uint32_t w[2] = {raw.x, raw.y};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      std::uint32_t h01, h23;  // two binary16 each, the lower code in the lower half
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+      asm("{\n .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %2;\n cvt.rn.f16x2.e4m3x2 %0, lo;\n cvt.rn.f16x2.e4m3x2 %1, hi;\n}"
+          : "=r"(h01), "=r"(h23)
+          : "r"(w[i]));
+#else
+      h01 = e4m3x2_to_f16x2(w[i]);
+      h23 = e4m3x2_to_f16x2(w[i] >> 16);
+#endif
+      x[4 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(h01 & 0xFFFFu)));
+      x[4 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(h01 >> 16)));
+      x[4 * i + 2] = __half2float(__ushort_as_half(static_cast<unsigned short>(h23 & 0xFFFFu)));
+      x[4 * i + 3] = __half2float(__ushort_as_half(static_cast<unsigned short>(h23 >> 16)));
+    }
+  } else {
+    const std::uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      x[2 * i] = bf16_lo(w[i]);
+      x[2 * i + 1] = bf16_hi(w[i]);
+    }
+  }
+}
+// [/fp8-unpack]
+
 // D: head_dim. Heads: query heads per block (the group, or a slice of 8 of it when the group exceeds 8).
-template <int D, int Heads>
+// Fp8: the pools hold E4M3 codes and scales (pa.k8, pa.v8, pa.k_scale, pa.v_scale) instead of bf16.
+template <int D, int Heads, bool Fp8>
 __global__ void __launch_bounds__(paged_warps * 32) decode_paged_kernel(PagedDecodeArgs pa) {
   const DecodeArgs& a = pa.base;
   constexpr int lanes_per_key = D / 8;               // 16 bytes per lane per key row
@@ -91,26 +142,40 @@ __global__ void __launch_bounds__(paged_warps * 32) decode_paged_kernel(PagedDec
   for (std::int64_t first = key_begin + warp * keys_per_chunk; first < key_end; first += paged_warps * keys_per_chunk) {
     // [paged-load]
     // As in version 3, every load of the chunk before using any; each key's address goes through the table.
+    // FP8: 8 bytes of codes per lane and the row's two scales (the 16 lanes of a key read the same ones).
     uint4 kr[paged_unroll], vr[paged_unroll];
+    float k_scale[paged_unroll], v_scale[paged_unroll];
 #pragma unroll
     for (int u = 0; u < paged_unroll; ++u) {
       const std::int64_t key = min(first + u * keys_per_step + slot, key_end - 1);  // clamped, masked below
-      const std::int64_t at = paged_offset<D>(table, key, pa.page_shift, a.kv_heads, kv_head, chunk * 8);
-      kr[u] = load16(a.k + at);
-      vr[u] = load16(a.v + at);
+      const std::int64_t row = paged_row(table, key, pa.page_shift, a.kv_heads, kv_head);
+      const std::int64_t at = row * D + chunk * 8;
+      if constexpr (Fp8) {
+        const uint2 kc = __ldg(reinterpret_cast<const uint2*>(pa.k8 + at));
+        const uint2 vc = __ldg(reinterpret_cast<const uint2*>(pa.v8 + at));
+        kr[u] = make_uint4(kc.x, kc.y, 0, 0);
+        vr[u] = make_uint4(vc.x, vc.y, 0, 0);
+        k_scale[u] = __ldg(pa.k_scale + row) * fp8_code_factor;
+        v_scale[u] = __ldg(pa.v_scale + row) * fp8_code_factor;
+      } else {
+        kr[u] = load16(a.k + at);
+        vr[u] = load16(a.v + at);
+        k_scale[u] = v_scale[u] = 1.0f;  // folded away by the compiler
+      }
     }
     // [/paged-load]
     float s[paged_unroll][Heads];
 #pragma unroll
     for (int u = 0; u < paged_unroll; ++u) {
-      const std::uint32_t w[4] = {kr[u].x, kr[u].y, kr[u].z, kr[u].w};
+      float kx[8];
+      unpack8<Fp8>(kr[u], kx);
       const bool valid = first + u * keys_per_step + slot < key_end;
 #pragma unroll
       for (int h = 0; h < Heads; ++h) {
         float dot = 0.0f;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) dot = fmaf(q[h][2 * i + 1], bf16_hi(w[i]), fmaf(q[h][2 * i], bf16_lo(w[i]), dot));
-        dot = warp_sum<lanes_per_key>(dot);
+        for (int i = 0; i < 8; ++i) dot = fmaf(q[h][i], kx[i], dot);
+        dot = warp_sum<lanes_per_key>(dot) * k_scale[u];  // the key's scale, once per key
         s[u][h] = valid ? dot : -INFINITY;
       }
     }
@@ -127,12 +192,11 @@ __global__ void __launch_bounds__(paged_warps * 32) decode_paged_kernel(PagedDec
       for (int u = 0; u < paged_unroll; ++u) {
         const float p = exp2f(s[u][h] - m_new);  // 0 for a masked key
         l[h] += p;
-        const std::uint32_t w[4] = {vr[u].x, vr[u].y, vr[u].z, vr[u].w};
+        float vx[8];
+        unpack8<Fp8>(vr[u], vx);
+        const float pv = p * v_scale[u];  // the value's scale, once per key
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          acc[h][2 * i] = fmaf(p, bf16_lo(w[i]), acc[h][2 * i]);
-          acc[h][2 * i + 1] = fmaf(p, bf16_hi(w[i]), acc[h][2 * i + 1]);
-        }
+        for (int i = 0; i < 8; ++i) acc[h][i] = fmaf(pv, vx[i], acc[h][i]);
       }
       m[h] = m_new;
     }
@@ -170,67 +234,80 @@ __global__ void __launch_bounds__(paged_warps * 32) decode_paged_kernel(PagedDec
   merge_warps_and_store<paged_warps, Heads, D>(sm_o, sm_m, sm_l, rows, a, b, h0, split);
 }
 
-template <int D, int Heads>
+template <int D, int Heads, bool Fp8>
 void launch(const PagedDecodeArgs& a, cudaStream_t stream) {
   const int group = a.base.q_heads / a.base.kv_heads, tiles = (group + Heads - 1) / Heads;
   const dim3 grid(static_cast<unsigned>(a.base.splits), static_cast<unsigned>(a.base.kv_heads * tiles),
                   static_cast<unsigned>(a.base.batch));
-  decode_paged_kernel<D, Heads><<<grid, paged_warps * 32, 0, stream>>>(a);
+  decode_paged_kernel<D, Heads, Fp8><<<grid, paged_warps * 32, 0, stream>>>(a);
   AF_CHECK_LAUNCH();
 }
 
-template <int D>
+template <int D, bool Fp8>
 void launch_for_dim(const PagedDecodeArgs& a, cudaStream_t stream) {
   switch (gqa_heads_per_block(a.base.q_heads / a.base.kv_heads)) {
     case 1:
-      launch<D, 1>(a, stream);
+      launch<D, 1, Fp8>(a, stream);
       break;
     case 2:
-      launch<D, 2>(a, stream);
+      launch<D, 2, Fp8>(a, stream);
       break;
     case 4:
-      launch<D, 4>(a, stream);
+      launch<D, 4, Fp8>(a, stream);
       break;
     default:
-      launch<D, 8>(a, stream);
+      launch<D, 8, Fp8>(a, stream);
       break;
   }
 }
 
-template <int D, int Heads>
+template <bool Fp8>
+void launch_for_format(const PagedDecodeArgs& a, cudaStream_t stream) {
+  if (a.base.head_dim == 64)
+    launch_for_dim<64, Fp8>(a, stream);
+  else
+    launch_for_dim<128, Fp8>(a, stream);
+}
+
+template <int D, int Heads, bool Fp8>
 int occupancy() {
   int blocks = 0;
   CUDA_CHECK(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_paged_kernel<D, Heads>, paged_warps * 32, 0));
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_paged_kernel<D, Heads, Fp8>, paged_warps * 32, 0));
   return blocks;
 }
 
-template <int D>
+template <int D, bool Fp8>
 int occupancy_for_dim(int heads) {
   switch (heads) {
     case 1:
-      return occupancy<D, 1>();
+      return occupancy<D, 1, Fp8>();
     case 2:
-      return occupancy<D, 2>();
+      return occupancy<D, 2, Fp8>();
     case 4:
-      return occupancy<D, 4>();
+      return occupancy<D, 4, Fp8>();
     default:
-      return occupancy<D, 8>();
+      return occupancy<D, 8, Fp8>();
   }
+}
+
+template <bool Fp8>
+int occupancy_for_format(int head_dim, int heads) {
+  return head_dim == 64 ? occupancy_for_dim<64, Fp8>(heads) : occupancy_for_dim<128, Fp8>(heads);
 }
 
 }  // namespace
 
-int paged_blocks_per_sm(int head_dim, int group) {
+int paged_blocks_per_sm(int head_dim, int group, bool fp8) {
   const int heads = gqa_heads_per_block(group);
-  return head_dim == 64 ? occupancy_for_dim<64>(heads) : occupancy_for_dim<128>(heads);
+  return fp8 ? occupancy_for_format<true>(head_dim, heads) : occupancy_for_format<false>(head_dim, heads);
 }
 
-void launch_decode_paged(const PagedDecodeArgs& a, cudaStream_t stream) {
-  if (a.base.head_dim == 64)
-    launch_for_dim<64>(a, stream);
+void launch_decode_paged(const PagedDecodeArgs& a, bool fp8, cudaStream_t stream) {
+  if (fp8)
+    launch_for_format<true>(a, stream);
   else
-    launch_for_dim<128>(a, stream);
+    launch_for_format<false>(a, stream);
 }
 
 }  // namespace af::kernels::detail

@@ -46,17 +46,23 @@ int mma_blocks_per_sm(int head_dim, bool pipelined);
 int choose_splits(std::int64_t base, std::int64_t slots, std::int64_t seq_len);
 
 // Paged decode (decode_paged.cu): `base.k` and `base.v` are the page pools [num_pages, kv_heads, page_size, D];
-// base.seq_len and base.keys_per_split are unused (the lengths are read on the device).
+// base.seq_len and base.keys_per_split are unused (the lengths are read on the device). With FP8 pools, base.k
+// and base.v are null and k8/v8 hold the E4M3 codes in the same layout, k_scale/v_scale one float per row
+// [num_pages, kv_heads, page_size].
 struct PagedDecodeArgs {
   DecodeArgs base;
+  const std::uint8_t* k8 = nullptr;
+  const std::uint8_t* v8 = nullptr;
+  const float* k_scale = nullptr;
+  const float* v_scale = nullptr;
   const std::int32_t* block_table;  // [batch, max_pages_per_seq]
   const std::int32_t* lengths;      // [batch], on the device
   int page_shift;                   // log2(page_size)
   int max_pages_per_seq;
   int pages_per_split;
 };
-void launch_decode_paged(const PagedDecodeArgs& args, cudaStream_t stream);
-int paged_blocks_per_sm(int head_dim, int group);
+void launch_decode_paged(const PagedDecodeArgs& args, bool fp8, cudaStream_t stream);
+int paged_blocks_per_sm(int head_dim, int group, bool fp8);
 
 // Causal varlen prefill and append (prefill_mma.cu): the layouts of af/varlen_attention.hpp.
 struct PrefillArgs {

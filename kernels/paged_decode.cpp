@@ -26,21 +26,26 @@ void validate(const af::PagedDecodeShape& s) {
 }
 }  // namespace
 
-PagedDecodePlan plan_paged_decode(const af::PagedDecodeShape& shape, int sm_count, int splits) {
+PagedDecodePlan plan_paged_decode(const af::PagedDecodeShape& shape, int sm_count, int splits,
+                                  af::PagedKvFormat format) {
   validate(shape);
   require(sm_count >= 1, "paged decode: sm_count is {} (expected at least 1)", sm_count);
   require(splits >= 0, "paged decode: splits is {} (expected 0 to choose, or a count)", splits);
+  require(format == af::PagedKvFormat::bf16 || format == af::PagedKvFormat::fp8_e4m3,
+          "paged decode: format is {} (expected bf16 or fp8_e4m3)", static_cast<int>(format));
+  const bool fp8 = format == af::PagedKvFormat::fp8_e4m3;
   const auto group = static_cast<int>(shape.group());
   const int heads = detail::gqa_heads_per_block(group);
   const std::int64_t base = shape.batch * shape.kv_heads * ((group + heads - 1) / heads);
   const std::int64_t slots =
-      std::int64_t{sm_count} * std::max(detail::paged_blocks_per_sm(static_cast<int>(shape.head_dim), group), 1);
+      std::int64_t{sm_count} * std::max(detail::paged_blocks_per_sm(static_cast<int>(shape.head_dim), group, fp8), 1);
   // [paged-plan]
   // The dense rule on the capacity (the lengths are not known here), then whole pages per split; recount so
   // that no split starts past the capacity.
   const std::int64_t wanted = splits > 0 ? std::min<std::int64_t>(splits, shape.max_pages_per_seq)
                                          : detail::choose_splits(base, slots, shape.capacity());
   PagedDecodePlan plan;
+  plan.format = format;
   plan.pages_per_split = static_cast<int>((shape.max_pages_per_seq + wanted - 1) / wanted);
   plan.splits = static_cast<int>((shape.max_pages_per_seq + plan.pages_per_split - 1) / plan.pages_per_split);
   // [/paged-plan]
@@ -51,11 +56,17 @@ PagedDecodePlan plan_paged_decode(const af::PagedDecodeShape& shape, int sm_coun
   return plan;
 }
 
-void paged_decode_attention(const PagedDecodePlan& plan, const af::PagedDecodeShape& shape, const std::uint16_t* q,
-                            const std::uint16_t* k, const std::uint16_t* v, const std::int32_t* block_table,
-                            const std::int32_t* lengths, std::uint16_t* out, float scale, void* workspace,
-                            std::size_t workspace_bytes, cudaStream_t stream) {
+namespace {
+// Checks the plan against the shape and the format, fills the launch arguments (without the pools), launches
+// the paged kernel and, with several splits, the combine.
+void run(const PagedDecodePlan& plan, const af::PagedDecodeShape& shape, af::PagedKvFormat format,
+         detail::PagedDecodeArgs& args, const std::uint16_t* q, std::uint16_t* out, float scale, void* workspace,
+         std::size_t workspace_bytes, cudaStream_t stream) {
   validate(shape);
+  require(plan.format == format,
+          "paged decode: the plan was made for {} pools (expected one made for {}: pass the format to "
+          "plan_paged_decode)",
+          plan.format == af::PagedKvFormat::bf16 ? "bf16" : "FP8", format == af::PagedKvFormat::bf16 ? "bf16" : "FP8");
   require(plan.splits >= 1 && plan.pages_per_split >= 1 &&
               std::int64_t{plan.splits} * plan.pages_per_split >= shape.max_pages_per_seq &&
               std::int64_t{plan.splits - 1} * plan.pages_per_split < shape.max_pages_per_seq,
@@ -64,11 +75,8 @@ void paged_decode_attention(const PagedDecodePlan& plan, const af::PagedDecodeSh
           plan.splits, plan.pages_per_split, shape.max_pages_per_seq);
   require(workspace_bytes >= plan.workspace_bytes && (plan.workspace_bytes == 0 || workspace != nullptr),
           "paged decode: workspace_bytes is {} (expected at least {})", workspace_bytes, plan.workspace_bytes);
-  detail::PagedDecodeArgs args{};
   detail::DecodeArgs& a = args.base;
   a.q = q;
-  a.k = k;
-  a.v = v;
   a.out = out;
   a.batch = static_cast<int>(shape.batch);
   a.q_heads = static_cast<int>(shape.q_heads);
@@ -82,13 +90,39 @@ void paged_decode_attention(const PagedDecodePlan& plan, const af::PagedDecodeSh
     a.partial_o = static_cast<float*>(workspace);
     a.partial_lse = a.partial_o + shape.batch * shape.q_heads * plan.splits * shape.head_dim;
   }
-  args.block_table = block_table;
-  args.lengths = lengths;
   args.page_shift = std::countr_zero(static_cast<std::uint64_t>(shape.page_size));
   args.max_pages_per_seq = static_cast<int>(shape.max_pages_per_seq);
   args.pages_per_split = plan.pages_per_split;
-  detail::launch_decode_paged(args, stream);
+  detail::launch_decode_paged(args, format == af::PagedKvFormat::fp8_e4m3, stream);
   if (plan.splits > 1) detail::launch_decode_combine(a, stream);
+}
+}  // namespace
+
+void paged_decode_attention(const PagedDecodePlan& plan, const af::PagedDecodeShape& shape, const std::uint16_t* q,
+                            const std::uint16_t* k, const std::uint16_t* v, const std::int32_t* block_table,
+                            const std::int32_t* lengths, std::uint16_t* out, float scale, void* workspace,
+                            std::size_t workspace_bytes, cudaStream_t stream) {
+  detail::PagedDecodeArgs args{};
+  args.base.k = k;
+  args.base.v = v;
+  args.block_table = block_table;
+  args.lengths = lengths;
+  run(plan, shape, af::PagedKvFormat::bf16, args, q, out, scale, workspace, workspace_bytes, stream);
+}
+
+void paged_decode_attention_fp8(const PagedDecodePlan& plan, const af::PagedDecodeShape& shape, const std::uint16_t* q,
+                                const std::uint8_t* k_codes, const float* k_scales, const std::uint8_t* v_codes,
+                                const float* v_scales, const std::int32_t* block_table, const std::int32_t* lengths,
+                                std::uint16_t* out, float scale, void* workspace, std::size_t workspace_bytes,
+                                cudaStream_t stream) {
+  detail::PagedDecodeArgs args{};
+  args.k8 = k_codes;
+  args.v8 = v_codes;
+  args.k_scale = k_scales;
+  args.v_scale = v_scales;
+  args.block_table = block_table;
+  args.lengths = lengths;
+  run(plan, shape, af::PagedKvFormat::fp8_e4m3, args, q, out, scale, workspace, workspace_bytes, stream);
 }
 
 }  // namespace af::kernels

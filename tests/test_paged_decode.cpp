@@ -1,16 +1,23 @@
 // The float64 reference of paged decode (af/paged_decode.hpp), which the GPU tests trust, checked here against
-// the library's dense grouped attention on the same tokens laid out contiguously: without a GPU, in CI.
+// the library's dense grouped attention on the same tokens laid out contiguously: without a GPU, in CI. The FP8
+// reference against the bf16 one on the same numbers, and the FP8 kernel's integer E4M3 unpacking on every code.
 #include "af/error.hpp"
 #include "af/grouped_attention.hpp"
+#include "af/kernels/e4m3.hpp"
 #include "af/numeric.hpp"
 #include "af/paged_decode.hpp"
+#include "af/quantized_cache.hpp"
 #include "af/random.hpp"
 
 #include <catch2/catch.hpp>
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
+#include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 using Catch::Matchers::Contains;
@@ -165,4 +172,113 @@ TEST_CASE("paged decode's reference rejects bad lengths, page ids and sizes, nam
   s.q_heads = 2;
   p.k.pop_back();
   REQUIRE_THROWS_AS(call(), af::Error);
+}
+
+namespace {
+
+// FP8 pools whose values are exactly the bf16 pools': every code times a power-of-two scale is a bf16 value
+// (E4M3's 3 mantissa bits fit in bf16's 7), so the FP8 reference must equal the bf16 one on the same numbers.
+struct Fp8Paged {
+  std::vector<std::uint8_t> k, v;
+  std::vector<float> k_scales, v_scales;
+};
+
+Fp8Paged exact_fp8_copy(Paged& p, af::Rng& rng) {
+  const af::PagedDecodeShape& s = p.shape;
+  const auto rows = static_cast<std::size_t>(s.num_pages * s.kv_heads * s.page_size);
+  const auto d = static_cast<std::size_t>(s.head_dim);
+  Fp8Paged f{std::vector<std::uint8_t>(rows * d), std::vector<std::uint8_t>(rows * d), std::vector<float>(rows),
+             std::vector<float>(rows)};
+  for (auto [codes, scales, bf16] : {std::tuple{&f.k, &f.k_scales, &p.k}, std::tuple{&f.v, &f.v_scales, &p.v}})
+    for (std::size_t row = 0; row < rows; ++row) {
+      (*scales)[row] = std::ldexp(1.0f, static_cast<int>(rng.below(9)) - 6);  // 2^-6 .. 2^2
+      for (std::size_t c = 0; c < d; ++c) {
+        std::uint8_t code = 0;
+        do code = static_cast<std::uint8_t>(rng.below(256));
+        while ((code & 0x7Fu) == 0x7Fu);  // not NaN
+        (*codes)[row * d + c] = code;
+        (*bf16)[row * d + c] = af::bf16_bits(af::e4m3_to_float(code) * (*scales)[row]);
+      }
+    }
+  return f;
+}
+
+}  // namespace
+
+TEST_CASE("paged decode's FP8 reference equals the bf16 one where the stored values are the same numbers",
+          "[paged_decode][fp8][cpu]") {
+  af::Rng rng(31);
+  af::PagedDecodeShape s;
+  s.batch = 3;
+  s.q_heads = 8;
+  s.kv_heads = 2;
+  s.head_dim = 64;
+  s.page_size = 8;
+  s.max_pages_per_seq = 6;
+  s.num_pages = 20;
+  Paged p = random_paged(s, {1, 47, 17}, 32);
+  const Fp8Paged f = exact_fp8_copy(p, rng);
+  for (const double scale : {0.125, 0.01}) {
+    const std::vector<double> bf16 = af::paged_decode_f64(s, p.q, p.k, p.v, p.block_table, p.lengths, scale);
+    const std::vector<double> fp8 =
+        af::paged_decode_fp8_f64(s, p.q, f.k, f.k_scales, f.v, f.v_scales, p.block_table, p.lengths, scale);
+    REQUIRE(fp8.size() == bf16.size());
+    double worst = 0.0;
+    for (std::size_t i = 0; i < fp8.size(); ++i) worst = std::max(worst, std::abs(fp8[i] - bf16[i]));
+    INFO("scale " << scale << ", worst difference " << worst);
+    REQUIRE(std::isfinite(worst));
+    REQUIRE(worst < 1e-12);
+  }
+  const double bytes = af::paged_decode_kv_bytes(s, p.lengths, af::PagedKvFormat::fp8_e4m3);
+  CHECK(bytes == 65.0 * 2 * 2 * (64 + 4));  // tokens x kv_heads x (K, V) x (codes + scale)
+  CHECK(af::paged_decode_kv_bytes(s, p.lengths) == 65.0 * 2 * 2 * 64 * 2);
+}
+
+TEST_CASE("paged decode's FP8 reference rejects NaN codes, bad scales and sizes, naming the value",
+          "[paged_decode][fp8][cpu]") {
+  af::Rng rng(33);
+  af::PagedDecodeShape s;
+  s.batch = 1;
+  s.q_heads = 2;
+  s.kv_heads = 1;
+  s.head_dim = 64;
+  s.page_size = 16;
+  s.max_pages_per_seq = 2;
+  s.num_pages = 2;
+  Paged p = random_paged(s, {20}, 34);
+  Fp8Paged f = exact_fp8_copy(p, rng);
+  const auto call = [&] {
+    return af::paged_decode_fp8_f64(s, p.q, f.k, f.k_scales, f.v, f.v_scales, p.block_table, p.lengths, 0.125);
+  };
+  REQUIRE_NOTHROW(call());
+  const auto row = static_cast<std::size_t>(p.block_table[0] * s.page_size + 3);  // token 3 of the first page
+  f.k[row * 64 + 5] = 0xFF;
+  REQUIRE_THROWS_WITH(call(), Contains("key code at pool row " + std::to_string(row) + ", dimension 5 is NaN"));
+  f.k[row * 64 + 5] = 0x38;
+  f.v_scales[row] = 0.0f;
+  REQUIRE_THROWS_WITH(call(), Contains("value scale of pool row " + std::to_string(row) + " is 0"));
+  f.v_scales[row] = std::numeric_limits<float>::infinity();
+  REQUIRE_THROWS_WITH(call(), Contains("value scale of pool row " + std::to_string(row) + " is inf"));
+  f.v_scales[row] = 1.0f;
+  f.k_scales.pop_back();
+  REQUIRE_THROWS_WITH(call(), Contains("k_scales holds 31 values") && Contains("= 32 each"));
+  f.k_scales.push_back(1.0f);
+  f.v.pop_back();
+  REQUIRE_THROWS_WITH(call(), Contains("paged_decode_fp8_f64: k holds 2048 values, v 2047"));
+}
+
+TEST_CASE("the FP8 decode kernel's integer E4M3 unpacking gives every code's value / 256 exactly",
+          "[paged_decode][fp8][cpu]") {
+  for (std::uint32_t lo = 0; lo < 256; ++lo) {
+    const std::uint32_t hi = 255 - lo;  // the other half of the pair: every code in either position
+    const std::uint32_t halves = af::kernels::e4m3x2_to_f16x2(lo | (hi << 8) | 0xABCD0000u);  // upper bits ignored
+    for (const auto& [code, half] : {std::pair{lo, halves & 0xFFFFu}, std::pair{hi, halves >> 16}}) {
+      if ((code & 0x7Fu) == 0x7Fu) continue;  // NaN: never stored (the cache's writer saturates)
+      const float expected = af::e4m3_to_float(static_cast<std::uint8_t>(code));
+      const float got = af::fp16_to_float(static_cast<std::uint16_t>(half)) * af::kernels::e4m3_f16_factor;
+      INFO("code 0x" << std::hex << code);
+      REQUIRE(got == expected);
+      REQUIRE(std::signbit(got) == std::signbit(expected));  // -0 stays -0
+    }
+  }
 }

@@ -1,6 +1,7 @@
 // Paged, ragged decode attention (issue 20): the kernel against the float64 CPU reference of
 // af/paged_decode.hpp, element by element, over random shapes, ragged lengths, shuffled block tables in a
-// shared pool, page sizes 8 to 64, forced split counts, and a captured CUDA graph replayed with new lengths.
+// shared pool, page sizes 8 to 64, forced split counts, and a captured CUDA graph replayed with new lengths;
+// then the same kernel over FP8 E4M3 pools with per-row scales, against the float64 reference of those codes.
 #include <catch2/catch.hpp>
 
 #include "af/error.hpp"
@@ -9,6 +10,7 @@
 #include "af/kernels/reference.hpp"
 #include "af/numeric.hpp"
 #include "af/paged_decode.hpp"
+#include "af/quantized_cache.hpp"
 #include "elementwise.hpp"
 
 #include <algorithm>
@@ -343,4 +345,155 @@ TEST_CASE("paged decode rejects bad shapes with an af::Error naming the value", 
   REQUIRE_THROWS_WITH(af::kernels::paged_decode_attention(plan, good, nullptr, nullptr, nullptr, nullptr, nullptr,
                                                           nullptr, 1.0f, nullptr, 0, nullptr),
                       Catch::Contains("workspace_bytes is 0"));
+}
+
+// ---- FP8 E4M3 pools (chapter 05's fp8_token cache read by the same kernel) ----
+
+namespace {
+
+// A problem's pools stored as FP8: codes and one float32 scale per pool row (token of one KV head in one
+// page), quantized from its bf16 values by the library's cache writer (amax / 448, saturating), and the
+// float64 reference over exactly those codes and scales.
+struct Fp8Pools {
+  std::vector<std::uint8_t> k, v;
+  std::vector<float> k_scales, v_scales;
+  std::vector<double> expected;
+};
+
+af::QuantizedRows quantize_pool(const std::vector<std::uint16_t>& pool, std::int64_t head_dim) {
+  std::vector<float> values(pool.size());
+  std::transform(pool.begin(), pool.end(), values.begin(), af::bf16_to_float);
+  const af::ConstMatrix rows{values.data(), static_cast<std::int64_t>(values.size()) / head_dim, head_dim, head_dim};
+  return af::quantize_rows(rows, 1, af::KvFormat::fp8_token);
+}
+
+void compute_fp8_expected(const PagedProblem& p, Fp8Pools& f) {
+  f.expected =
+      af::paged_decode_fp8_f64(p.shape, p.q, f.k, f.k_scales, f.v, f.v_scales, p.block_table, p.lengths, p.scale);
+}
+
+Fp8Pools make_fp8(const PagedProblem& p) {
+  af::QuantizedRows k = quantize_pool(p.k, p.shape.head_dim), v = quantize_pool(p.v, p.shape.head_dim);
+  Fp8Pools f{std::move(k.payload), std::move(v.payload), std::move(k.scales), std::move(v.scales), {}};
+  compute_fp8_expected(p, f);
+  return f;
+}
+
+// The same bound as the bf16 kernel: the reference reads exactly the values the codes and scales hold, and the
+// kernel converts the codes exactly; what differs is one float32 product per key (the scale applied to the dot
+// product or the weight) in the arithmetic the bound already covers.
+void check_paged_fp8(const PagedProblem& p, const Fp8Pools& f, int splits = 0) {
+  DeviceBuffer<std::uint16_t> q{std::span<const std::uint16_t>(p.q)};
+  DeviceBuffer<std::uint8_t> k{std::span<const std::uint8_t>(f.k)}, v{std::span<const std::uint8_t>(f.v)};
+  DeviceBuffer<float> k_scales{std::span<const float>(f.k_scales)}, v_scales{std::span<const float>(f.v_scales)};
+  DeviceBuffer<std::int32_t> block_table{std::span<const std::int32_t>(p.block_table)};
+  DeviceBuffer<std::int32_t> lengths{std::span<const std::int32_t>(p.lengths)};
+  DeviceBuffer<std::uint16_t> out(p.q.size());
+  out.fill_bytes(0xFF);
+  const PagedDecodePlan plan = af::kernels::plan_paged_decode(p.shape, sm_count(), splits, af::PagedKvFormat::fp8_e4m3);
+  DeviceBuffer<unsigned char> workspace(plan.workspace_bytes);
+  workspace.fill_bytes(0xFF);
+  af::kernels::paged_decode_attention_fp8(plan, p.shape, q.data(), k.data(), k_scales.data(), v.data(), v_scales.data(),
+                                          block_table.data(), lengths.data(), out.data(), p.scale, workspace.data(),
+                                          workspace.size(), nullptr);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  const auto got = af::kernels::bf16_to_floats(out.download());
+  const af_test::ElementwiseReport report =
+      af_test::compare_elementwise(got, f.expected, tolerance, [&](std::size_t i) { return element_of(p.shape, i); });
+  INFO("FP8 pools, " << describe(p, plan.splits));
+  INFO(report.message);
+  REQUIRE(report.failures == 0);
+}
+
+}  // namespace
+
+TEST_CASE("FP8 paged decode equals the float64 reference over its own codes and scales", "[paged][fp8]") {
+  af::Rng rng(6000);
+  const std::int64_t groups[] = {1, 4, 8, 16, 20};
+  const std::int64_t page_sizes[] = {8, 16, 32, 64};
+  for (int trial = 0; trial < 15; ++trial) {
+    PagedDecodeShape s;
+    s.batch = 1 + rng.below(6);
+    s.kv_heads = 1 + rng.below(2);
+    s.q_heads = s.kv_heads * groups[trial % 5];
+    s.head_dim = trial % 2 == 0 ? 128 : 64;
+    s.page_size = page_sizes[rng.below(4)];
+    const std::int64_t capacity = 1 + rng.below(trial % 3 == 0 ? 3000 : 300);
+    s.max_pages_per_seq = (capacity + s.page_size - 1) / s.page_size;
+    // Keys scaled up by 4 on some trials, so that the softmax is peaked and FP8's key rounding shows.
+    const PagedProblem problem =
+        make_problem(s, ragged_lengths(s.batch, s.page_size, s.capacity(), rng),
+                     6100 + static_cast<std::uint64_t>(trial), 1.0f, trial % 3 == 1 ? 4.0f : 1.0f);
+    const Fp8Pools fp8 = make_fp8(problem);
+    for (int splits : {0, 1, 3, 1000}) check_paged_fp8(problem, fp8, splits);
+  }
+}
+
+TEST_CASE("FP8 paged decode converts every E4M3 code exactly, subnormals and negative zero included", "[paged][fp8]") {
+  // Codes written directly (not by a quantizer): pool row r holds the 254 non-NaN codes rotated by r, so every
+  // code sits in every position of a lane's 8 bytes; the scales span 2^-10 .. 2^3.
+  for (std::int64_t head_dim : {64, 128}) {
+    const PagedDecodeShape s{.batch = 2,
+                             .q_heads = 8,
+                             .kv_heads = 2,
+                             .head_dim = head_dim,
+                             .page_size = 16,
+                             .max_pages_per_seq = 24,
+                             .num_pages = 1};
+    PagedProblem problem = make_problem(s, {383, 256}, 6200 + static_cast<std::uint64_t>(head_dim));
+    std::vector<std::uint8_t> codes;
+    for (unsigned c = 0; c < 256; ++c)
+      if ((c & 0x7Fu) != 0x7Fu) codes.push_back(static_cast<std::uint8_t>(c));
+    Fp8Pools f;
+    const auto rows = static_cast<std::size_t>(problem.shape.num_pages * s.kv_heads * s.page_size);
+    const auto d = static_cast<std::size_t>(head_dim);
+    f.k.resize(rows * d);
+    f.v.resize(rows * d);
+    for (std::size_t r = 0; r < rows; ++r) {
+      f.k_scales.push_back(std::ldexp(1.0f, static_cast<int>(r % 14) - 10) * 1.5f);
+      f.v_scales.push_back(std::ldexp(1.0f, static_cast<int>(r % 11) - 8) * 0.75f);
+      for (std::size_t c = 0; c < d; ++c) {
+        f.k[r * d + c] = codes[(r + c) % codes.size()];
+        f.v[r * d + c] = codes[(3 * r + c) % codes.size()];
+      }
+    }
+    compute_fp8_expected(problem, f);
+    for (int splits : {0, 5}) check_paged_fp8(problem, f, splits);
+  }
+}
+
+TEST_CASE("FP8 paged decode stays exact when one key dominates, and reads shared prefix pages", "[paged][fp8]") {
+  const PagedDecodeShape s{.batch = 4,
+                           .q_heads = 16,
+                           .kv_heads = 2,
+                           .head_dim = 128,
+                           .page_size = 16,
+                           .max_pages_per_seq = 200,
+                           .num_pages = 1};
+  PagedProblem problem = make_problem(s, {3001, 100, 1000, 16}, 6300, 4.0f, 2.0f);
+  for (std::int64_t i = 0; i < 6; ++i)  // sequence 2 forks sequence 0's first 6 pages
+    problem.block_table[static_cast<std::size_t>(2 * s.max_pages_per_seq + i)] =
+        problem.block_table[static_cast<std::size_t>(i)];
+  problem.compute_expected();
+  const Fp8Pools fp8 = make_fp8(problem);
+  for (int splits : {0, 7}) check_paged_fp8(problem, fp8, splits);
+}
+
+TEST_CASE("FP8 paged decode refuses a plan made for bf16 pools, naming both", "[paged][fp8]") {
+  const PagedDecodeShape s{.batch = 1,
+                           .q_heads = 8,
+                           .kv_heads = 2,
+                           .head_dim = 128,
+                           .page_size = 16,
+                           .max_pages_per_seq = 4,
+                           .num_pages = 4};
+  const PagedDecodePlan bf16_plan = af::kernels::plan_paged_decode(s, 132);
+  const PagedDecodePlan fp8_plan = af::kernels::plan_paged_decode(s, 132, 0, af::PagedKvFormat::fp8_e4m3);
+  CHECK(fp8_plan.format == af::PagedKvFormat::fp8_e4m3);
+  REQUIRE_THROWS_WITH(af::kernels::paged_decode_attention_fp8(bf16_plan, s, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                                              nullptr, nullptr, nullptr, 0.1f, nullptr, 0, nullptr),
+                      Catch::Contains("made for bf16 pools") && Catch::Contains("made for FP8"));
+  REQUIRE_THROWS_WITH(af::kernels::paged_decode_attention(fp8_plan, s, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                                          nullptr, 0.1f, nullptr, 0, nullptr),
+                      Catch::Contains("made for FP8 pools") && Catch::Contains("made for bf16"));
 }

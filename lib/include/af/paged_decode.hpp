@@ -41,8 +41,16 @@ struct PagedDecodeShape {
   void validate() const;
 };
 
-/// Bytes of K and V that one decode step reads: sum of lengths x kv_heads x head_dim x 2 (K and V) x 2 bytes.
-double paged_decode_kv_bytes(const PagedDecodeShape& shape, std::span<const std::int32_t> lengths);
+/// How the pools store keys and values: bf16, or FP8 E4M3 codes with one float32 scale per token and KV head
+/// (chapter 05's fp8_token format: scale = amax of the token's head_dim values / 448, code = E4M3(value /
+/// scale)). The FP8 scales are pools of their own, `[num_pages, kv_heads, page_size]` float32, one per row of
+/// the code pool, so a token's codes and scale sit at the same page and slot.
+enum class PagedKvFormat { bf16, fp8_e4m3 };
+
+/// Bytes of K and V that one decode step reads: sum of lengths x kv_heads x (K and V) x head_dim x 2 bytes
+/// (bf16), or x (head_dim x 1 byte + a 4-byte scale) (FP8).
+double paged_decode_kv_bytes(const PagedDecodeShape& shape, std::span<const std::int32_t> lengths,
+                             PagedKvFormat format = PagedKvFormat::bf16);
 
 /// Paged decode attention in float64 from the bf16 values, `scale` multiplying q . k: out [batch, q_heads,
 /// head_dim], the exact answer up to float64 rounding. Throws af::Error when a size disagrees with `shape`,
@@ -51,5 +59,15 @@ std::vector<double> paged_decode_f64(const PagedDecodeShape& shape, std::span<co
                                      std::span<const std::uint16_t> k, std::span<const std::uint16_t> v,
                                      std::span<const std::int32_t> block_table, std::span<const std::int32_t> lengths,
                                      double scale);
+
+/// The same over FP8 pools: k_codes, v_codes `[num_pages, kv_heads, page_size, head_dim]` E4M3 bit patterns,
+/// k_scales, v_scales `[num_pages, kv_heads, page_size]`; a cached value is e4m3_to_float(code) x scale,
+/// exactly (float64). Throws af::Error as paged_decode_f64 does, and for a scale that is not finite and
+/// positive or a code that is NaN (S.1111.111) where the lengths reach.
+std::vector<double> paged_decode_fp8_f64(const PagedDecodeShape& shape, std::span<const std::uint16_t> q,
+                                         std::span<const std::uint8_t> k_codes, std::span<const float> k_scales,
+                                         std::span<const std::uint8_t> v_codes, std::span<const float> v_scales,
+                                         std::span<const std::int32_t> block_table,
+                                         std::span<const std::int32_t> lengths, double scale);
 
 }  // namespace af

@@ -21,16 +21,19 @@ namespace af::kernels {
 
 /// What a launch needs: the split count over each sequence's pages and the workspace of the partials.
 struct PagedDecodePlan {
-  int splits = 1;                   ///< blocks along each sequence's capacity (1: no combine step)
-  int pages_per_split = 1;          ///< pages per split (the last split may hold fewer)
-  std::size_t workspace_bytes = 0;  ///< partial outputs and log-sum-exps when splits > 1
+  af::PagedKvFormat format = af::PagedKvFormat::bf16;  ///< the pools the plan was made for
+  int splits = 1;                                      ///< blocks along each sequence's capacity (1: no combine step)
+  int pages_per_split = 1;                             ///< pages per split (the last split may hold fewer)
+  std::size_t workspace_bytes = 0;                     ///< partial outputs and log-sum-exps when splits > 1
 };
 
 /// Checks the shape (throws af::Error naming the bad value and what was expected: head_dim 64 or 128,
 /// page_size 8, 16, 32 or 64, ...) and chooses the split count from the capacity and the device's
 /// multiprocessor count as the dense decode does (`splits` > 0 forces a count, at most max_pages_per_seq).
-/// Call it once, outside the hot path: it asks the runtime for the kernel's occupancy.
-PagedDecodePlan plan_paged_decode(const af::PagedDecodeShape& shape, int sm_count, int splits = 0);
+/// Call it once, outside the hot path: it asks the runtime for the kernel's occupancy (of the bf16 or the FP8
+/// kernel, as `format` says).
+PagedDecodePlan plan_paged_decode(const af::PagedDecodeShape& shape, int sm_count, int splits = 0,
+                                  af::PagedKvFormat format = af::PagedKvFormat::bf16);
 
 /// Runs the paged decode on `stream`: out [batch, q_heads, head_dim] from q, the page pools k and v, the
 /// block table and the lengths (all device pointers, layouts in af/paged_decode.hpp). `workspace` holds at
@@ -40,5 +43,15 @@ void paged_decode_attention(const PagedDecodePlan& plan, const af::PagedDecodeSh
                             const std::uint16_t* k, const std::uint16_t* v, const std::int32_t* block_table,
                             const std::int32_t* lengths, std::uint16_t* out, float scale, void* workspace,
                             std::size_t workspace_bytes, cudaStream_t stream);
+
+/// The same over FP8 pools (af/paged_decode.hpp): k_codes, v_codes E4M3 `[num_pages, kv_heads, page_size,
+/// head_dim]` (8-byte aligned), k_scales, v_scales float32 `[num_pages, kv_heads, page_size]`; the plan must
+/// come from plan_paged_decode(..., af::PagedKvFormat::fp8_e4m3). The codes become float32 in registers and
+/// each row's scale is applied once per key (to the dot product, to the softmax weight); q and out stay bf16.
+void paged_decode_attention_fp8(const PagedDecodePlan& plan, const af::PagedDecodeShape& shape, const std::uint16_t* q,
+                                const std::uint8_t* k_codes, const float* k_scales, const std::uint8_t* v_codes,
+                                const float* v_scales, const std::int32_t* block_table, const std::int32_t* lengths,
+                                std::uint16_t* out, float scale, void* workspace, std::size_t workspace_bytes,
+                                cudaStream_t stream);
 
 }  // namespace af::kernels
