@@ -1,6 +1,7 @@
 // The decode kernels behind a C interface, for the benchmark script (bench_decode.py, through ctypes).
 // Every function returns 0, or 1 with the exception's message in `error`.
 #include "af/kernels/decode.hpp"
+#include "af/kernels/paged_decode.hpp"
 #include "af/kernels/prefill.hpp"
 
 #include <cstdio>
@@ -72,6 +73,38 @@ int af_prefill_run(long long batch, long long q_heads, long long kv_heads, long 
                                    static_cast<const std::uint16_t*>(v), static_cast<const std::int32_t*>(cu_q),
                                    static_cast<const std::int32_t*>(cu_k), static_cast<std::uint16_t*>(out), scale,
                                    static_cast<cudaStream_t>(stream));
+  });
+}
+
+/// Plans and runs the paged decode (af/kernels/paged_decode.hpp) over bf16 pools (fp8 = 0: k and v bf16, the
+/// scales null) or FP8 pools (fp8 = 1: k and v E4M3 codes, k_scales and v_scales float32 per row) on `stream`.
+/// With `workspace` null it only plans: *out_splits and *out_workspace_bytes say what a run needs.
+int af_paged_decode(int fp8, long long batch, long long q_heads, long long kv_heads, long long head_dim,
+                    long long page_size, long long max_pages_per_seq, long long num_pages, int sm_count, int splits,
+                    const void* q, const void* k, const void* k_scales, const void* v, const void* v_scales,
+                    const void* block_table, const void* lengths, void* out, float scale, void* workspace,
+                    long long workspace_bytes, void* stream, int* out_splits, long long* out_workspace_bytes,
+                    char* error, int error_size) {
+  return guarded(error, error_size, [&] {
+    const af::PagedDecodeShape shape{batch, q_heads, kv_heads, head_dim, page_size, max_pages_per_seq, num_pages};
+    const auto format = fp8 != 0 ? af::PagedKvFormat::fp8_e4m3 : af::PagedKvFormat::bf16;
+    const auto plan = af::kernels::plan_paged_decode(shape, sm_count, splits, format);
+    *out_splits = plan.splits;
+    *out_workspace_bytes = static_cast<long long>(plan.workspace_bytes);
+    if (workspace == nullptr && plan.workspace_bytes > 0) return;
+    const auto bytes = static_cast<std::size_t>(workspace_bytes);
+    const auto* table = static_cast<const std::int32_t*>(block_table);
+    const auto* lens = static_cast<const std::int32_t*>(lengths);
+    if (fp8 != 0)
+      af::kernels::paged_decode_attention_fp8(
+          plan, shape, static_cast<const std::uint16_t*>(q), static_cast<const std::uint8_t*>(k),
+          static_cast<const float*>(k_scales), static_cast<const std::uint8_t*>(v), static_cast<const float*>(v_scales),
+          table, lens, static_cast<std::uint16_t*>(out), scale, workspace, bytes, static_cast<cudaStream_t>(stream));
+    else
+      af::kernels::paged_decode_attention(plan, shape, static_cast<const std::uint16_t*>(q),
+                                          static_cast<const std::uint16_t*>(k), static_cast<const std::uint16_t*>(v),
+                                          table, lens, static_cast<std::uint16_t*>(out), scale, workspace, bytes,
+                                          static_cast<cudaStream_t>(stream));
   });
 }
 
