@@ -431,7 +431,7 @@ TEST_CASE("FP8 paged decode equals the float64 reference over its own codes and 
 
 TEST_CASE("FP8 paged decode converts every E4M3 code exactly, subnormals and negative zero included", "[paged][fp8]") {
   // Codes written directly (not by a quantizer): pool row r holds the 254 non-NaN codes rotated by r, so every
-  // code sits in every position of a lane's 8 bytes; the scales span 2^-10 .. 2^3.
+  // code sits in every position of a lane's 8 bytes; the scales span 2^-13 .. 1 times amax / 448.
   for (std::int64_t head_dim : {64, 128}) {
     const PagedDecodeShape s{.batch = 2,
                              .q_heads = 8,
@@ -450,8 +450,10 @@ TEST_CASE("FP8 paged decode converts every E4M3 code exactly, subnormals and neg
     f.k.resize(rows * d);
     f.v.resize(rows * d);
     for (std::size_t r = 0; r < rows; ++r) {
-      f.k_scales.push_back(std::ldexp(1.0f, static_cast<int>(r % 14) - 10) * 1.5f);
-      f.v_scales.push_back(std::ldexp(1.0f, static_cast<int>(r % 11) - 8) * 0.75f);
+      // The largest code (448) times the largest scale is 8 for keys and 4 for values: the magnitudes the bound
+      // of the bf16 tests was derived for; the smaller scales push the values toward float32's small end.
+      f.k_scales.push_back(std::ldexp(8.0f / 448.0f, -static_cast<int>(r % 14)));
+      f.v_scales.push_back(std::ldexp(4.0f / 448.0f, -static_cast<int>(r % 11)));
       for (std::size_t c = 0; c < d; ++c) {
         f.k[r * d + c] = codes[(r + c) % codes.size()];
         f.v[r * d + c] = codes[(3 * r + c) % codes.size()];
