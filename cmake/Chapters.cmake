@@ -1,4 +1,5 @@
-# af_add_chapter(FOLDER [OUTPUTS file...] [ARGS arg...] [TEST_ARGS arg...] [FLOAT_FLAGS flag...])
+# af_add_chapter(FOLDER [OUTPUTS file...] [ARGS arg...] [TEST_ARGS arg...] [FAILED_CHECK_ARGS arg...]
+#                [FLOAT_FLAGS flag...])
 #   Builds chapters/FOLDER/*.cpp (or *.cu) into build/bin/chFOLDER, registers the program's default run as a
 #   CTest test (its self-checks), and, for the book, runs it with --out build/generated/FOLDER, capturing
 #   its standard output in build/generated/FOLDER/output.txt. OUTPUTS names the data files the run writes
@@ -7,7 +8,8 @@
 #   anywhere; its book outputs are the measured results committed beside it, not a run of the build machine.
 #   FLOAT_FLAGS names the chapter's floating-point flags, each tested to refuse nan and inf; NO_SEED marks a
 #   program that draws nothing at random (no --seed flag to test). TEST_ARGS are added to ARGS for the CTest
-#   runs only (a smaller run of a program whose book run takes minutes).
+#   runs only (a smaller run of a program whose book run takes minutes); FAILED_CHECK_ARGS replace them for the
+#   run that shows a failed check exits 1 (which needs only the checks to run, not a long measurement).
 set(AF_CHAPTER_OUTPUTS "" CACHE INTERNAL "Every generated chapter file the book depends on")
 
 # af_add_exit_tests(TARGET LABELS label... [ABSENT path] CASES case...): one CTest test per case, named
@@ -30,7 +32,7 @@ function(af_add_exit_tests target)
 endfunction()
 
 function(af_add_chapter folder)
-  cmake_parse_arguments(PARSE_ARGV 1 arg "NO_SEED" "" "OUTPUTS;ARGS;TEST_ARGS;FLOAT_FLAGS")
+  cmake_parse_arguments(PARSE_ARGV 1 arg "NO_SEED" "" "OUTPUTS;ARGS;TEST_ARGS;FAILED_CHECK_ARGS;FLOAT_FLAGS")
   set(target ch${folder})
   file(GLOB sources CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/${folder}/*.cpp
        ${CMAKE_CURRENT_SOURCE_DIR}/${folder}/*.cu)
@@ -75,8 +77,13 @@ function(af_add_chapter folder)
   af_add_exit_tests(${target} LABELS cpu chapter ABSENT ${missing} CASES ${cases})
   if(sources MATCHES "\\.cpp$")
     # Exit status 1: one check made to fail on purpose (af::Checks reads AF_PERTURB_CHECK) fails the program.
+    # FAILED_CHECK_ARGS, when given, replace TEST_ARGS for this run: a smaller one whose checks still run.
+    set(failed_check_args ${arg_TEST_ARGS})
+    if(arg_FAILED_CHECK_ARGS)
+      set(failed_check_args ${arg_FAILED_CHECK_ARGS})
+    endif()
     add_test(NAME ${target}.failed_check_exits_1
-             COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:${target}> "-DARGS=${arg_ARGS};${arg_TEST_ARGS}" -DEXPECTED=1
+             COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:${target}> "-DARGS=${arg_ARGS};${failed_check_args}" -DEXPECTED=1
                      "-DMESSAGE=FAIL  .perturbed by AF_PERTURB_CHECK" -P ${PROJECT_SOURCE_DIR}/cmake/expect_exit.cmake)
     # It runs the whole program again, so it stays out of the sanitizer run (label cpu): the self-check covers
     # the same code there.

@@ -279,7 +279,10 @@ int main(int argc, char** argv) {
       ->check(af::output_directory());
 
   return af::run_program(app, argc, argv, [&] {
-    af::require(stride <= window, "--stride {} is longer than --window {} (expected stride <= window)", stride, window);
+    // The first scored token of a window is scored by the logits of the token before it, so at least one token
+    // of each window is context only.
+    af::require(stride < window, "--stride {} is not shorter than --window {} (expected stride < window)", stride,
+                window);
     af::require(window <= tokens, "--window {} is longer than --tokens {} (expected window <= tokens)", window, tokens);
     // Every window is a forward pass of `window` tokens per policy, its logits [window, vocab] kept twice.
     const std::int64_t planned = ((tokens - window) / stride + 1) * window;
