@@ -2,7 +2,9 @@
 // that sum's log (lse = m + log2 l, in log2 units). The final output weights split s by exp2(lse_s - max),
 // which is its share of the whole softmax sum. One block of 128 threads per query head: each thread owns 4
 // neighbouring head dimensions (one 16-byte load per split) and every (128 / (head_dim / 4))-th split, so
-// that the loads of several splits are in flight at once; the split lanes are summed in shared memory.
+// that the loads of several splits are in flight at once; the split lanes are summed in shared memory. At
+// head_dim 512 (MLA decode's latent, decode_mla.cu) the 128 threads all lie along the dimensions and each walks
+// every split.
 // Chapter 22.
 #include "decode_common.cuh"
 
@@ -72,7 +74,8 @@ void launch_decode_combine(const DecodeArgs& a, cudaStream_t stream) {
   config.stream = stream;
   void (*kernel)(DecodeArgs) = a.head_dim == 64    ? decode_combine_kernel<64>
                                : a.head_dim == 128 ? decode_combine_kernel<128>
-                                                   : decode_combine_kernel<256>;
+                               : a.head_dim == 256 ? decode_combine_kernel<256>
+                                                   : decode_combine_kernel<512>;  // MLA's latent (decode_mla.cu)
   // Only code built for sm_90 or later waits in griddepcontrol.wait; a kernel built for sm_80/sm_89 (the
   // AF_CUDA_ARCHITECTURES option) is launched in plain stream order, even on a Hopper GPU.
   cudaFuncAttributes compiled{};

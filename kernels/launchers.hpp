@@ -64,6 +64,25 @@ struct PagedDecodeArgs {
 void launch_decode_paged(const PagedDecodeArgs& args, bool fp8, cudaStream_t stream);
 int paged_blocks_per_sm(int head_dim, int group, bool fp8);
 
+// MLA decode (decode_mla.cu): the layouts of af/mla_decode.hpp with latent_dim 512 and rope_dim 64. Several
+// splits leave partials [batch, q_heads, splits, 512] and log-sum-exps for launch_decode_combine (head_dim 512).
+struct MlaDecodeArgs {
+  const std::uint16_t* q;           // [batch, q_heads, 576]
+  const std::uint16_t* cache;       // [num_pages, page_size, 576]
+  const std::int32_t* block_table;  // [batch, max_pages_per_seq]
+  const std::int32_t* lengths;      // [batch], on the device
+  std::uint16_t* out;               // [batch, q_heads, 512]
+  float* partial_o;                 // [batch, q_heads, splits, 512]   (splits > 1)
+  float* partial_lse;               // [batch, q_heads, splits]        log2-sum-exp2 of the scaled scores
+  int batch, q_heads, splits;
+  int page_shift;  // log2(page_size)
+  int max_pages_per_seq;
+  int pages_per_split;
+  float scale_log2;  // scale * log2(e): the kernel uses exp2
+};
+void launch_decode_mla(const MlaDecodeArgs& args, cudaStream_t stream);
+int mla_blocks_per_sm();
+
 // Causal varlen prefill and append (prefill_mma.cu): the layouts of af/varlen_attention.hpp.
 struct PrefillArgs {
   const std::uint16_t* q;    // [total_q, q_heads, D]
