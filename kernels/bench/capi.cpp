@@ -118,39 +118,41 @@ int af_paged_decode(int fp8, long long batch, long long q_heads, long long kv_he
                                           static_cast<const std::uint16_t*>(k), static_cast<const std::uint16_t*>(v),
                                           table, lens, static_cast<std::uint16_t*>(out), scale, workspace, bytes,
                                           static_cast<cudaStream_t>(stream));
-    /// Plans MLA decode (af/kernels/mla_decode.hpp; latent 512, RoPE 64) for the shape: splits, pages per split and
-    /// workspace bytes. `splits` 0 lets the plan choose.
-    int af_mla_decode_plan(long long batch, long long q_heads, long long page_size, long long max_pages_per_seq,
-                           long long num_pages, int sm_count, int splits, int* out_splits, int* out_pages_per_split,
-                           long long* out_workspace_bytes, char* error, int error_size) {
-      return guarded(error, error_size, [&] {
-        const auto plan = af::kernels::plan_mla_decode(
-            mla_shape_of(batch, q_heads, page_size, max_pages_per_seq, num_pages), sm_count, splits);
-        *out_splits = plan.splits;
-        *out_pages_per_split = plan.pages_per_split;
-        *out_workspace_bytes = static_cast<long long>(plan.workspace_bytes);
-      });
-    }
+  });
+}
 
-    /// Runs a plan from af_mla_decode_plan on `stream`: absorbed queries q [batch, q_heads, 576], the page pool
-    /// cache [num_pages, page_size, 576] (bf16), block_table [batch, max_pages_per_seq] and lengths [batch] (int32),
-    /// out [batch, q_heads, 512] (bf16), all on the device.
-    int af_mla_decode_run(int splits, int pages_per_split, long long workspace_bytes, long long batch,
-                          long long q_heads, long long page_size, long long max_pages_per_seq, long long num_pages,
-                          const void* q, const void* cache, const void* block_table, const void* lengths, void* out,
-                          float scale, void* workspace, void* stream, char* error, int error_size) {
-      return guarded(error, error_size, [&] {
-        af::kernels::MlaDecodePlan plan;
-        plan.splits = splits;
-        plan.pages_per_split = pages_per_split;
-        plan.workspace_bytes = static_cast<std::size_t>(workspace_bytes);
-        af::kernels::mla_decode_attention(plan, mla_shape_of(batch, q_heads, page_size, max_pages_per_seq, num_pages),
-                                          static_cast<const std::uint16_t*>(q),
-                                          static_cast<const std::uint16_t*>(cache),
-                                          static_cast<const std::int32_t*>(block_table),
-                                          static_cast<const std::int32_t*>(lengths), static_cast<std::uint16_t*>(out),
-                                          scale, workspace, plan.workspace_bytes, static_cast<cudaStream_t>(stream));
-      });
-    }
+/// Plans MLA decode (af/kernels/mla_decode.hpp; latent 512, RoPE 64) for the shape: splits, pages per split and
+/// workspace bytes. `splits` 0 lets the plan choose.
+int af_mla_decode_plan(long long batch, long long q_heads, long long page_size, long long max_pages_per_seq,
+                       long long num_pages, int sm_count, int splits, int* out_splits, int* out_pages_per_split,
+                       long long* out_workspace_bytes, char* error, int error_size) {
+  return guarded(error, error_size, [&] {
+    const auto plan = af::kernels::plan_mla_decode(
+        mla_shape_of(batch, q_heads, page_size, max_pages_per_seq, num_pages), sm_count, splits);
+    *out_splits = plan.splits;
+    *out_pages_per_split = plan.pages_per_split;
+    *out_workspace_bytes = static_cast<long long>(plan.workspace_bytes);
+  });
+}
+
+/// Runs a plan from af_mla_decode_plan on `stream`: absorbed queries q [batch, q_heads, 576], the page pool
+/// cache [num_pages, page_size, 576] (bf16), block_table [batch, max_pages_per_seq] and lengths [batch] (int32),
+/// out [batch, q_heads, 512] (bf16), all on the device.
+int af_mla_decode_run(int splits, int pages_per_split, long long workspace_bytes, long long batch, long long q_heads,
+                      long long page_size, long long max_pages_per_seq, long long num_pages, const void* q,
+                      const void* cache, const void* block_table, const void* lengths, void* out, float scale,
+                      void* workspace, void* stream, char* error, int error_size) {
+  return guarded(error, error_size, [&] {
+    af::kernels::MlaDecodePlan plan;
+    plan.splits = splits;
+    plan.pages_per_split = pages_per_split;
+    plan.workspace_bytes = static_cast<std::size_t>(workspace_bytes);
+    af::kernels::mla_decode_attention(plan, mla_shape_of(batch, q_heads, page_size, max_pages_per_seq, num_pages),
+                                      static_cast<const std::uint16_t*>(q), static_cast<const std::uint16_t*>(cache),
+                                      static_cast<const std::int32_t*>(block_table),
+                                      static_cast<const std::int32_t*>(lengths), static_cast<std::uint16_t*>(out),
+                                      scale, workspace, plan.workspace_bytes, static_cast<cudaStream_t>(stream));
+  });
+}
 
 }  // extern "C"
