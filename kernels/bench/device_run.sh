@@ -2,7 +2,7 @@
 # One GPU run: the GPU tests, the sanitizers, the chapter programs and the decode benchmark (project kernels
 # and peers), everything written under $OUT. The binaries are built on the development machine (same nvcc,
 # sm_90a) and carried in .devcarry/ by kernels/bench/stage.sh; the FlashInfer wheels in .whl/.
-#   bash kernels/bench/device_run.sh COMMIT [tests] [sanitize] [chapters] [bench] [prefill] [paged] [bench-args...]
+#   bash kernels/bench/device_run.sh COMMIT [tests] [sanitize] [chapters] [bench] [prefill] [paged] [mla] [bench-args...]
 set -u
 commit=$1; shift
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -22,7 +22,7 @@ if [[ $steps == *" chapters "* ]]; then
     "$ch" --bench >> "$OUT/$name.txt" 2>&1; echo "$name exit $?" | tee -a "$OUT/summary.txt"
   done
 fi
-if [[ $steps == *" bench "* || $steps == *" prefill "* || $steps == *" paged "* ]] && ls .whl/*.whl > /dev/null 2>&1; then
+if [[ $steps == *" bench "* || $steps == *" prefill "* || $steps == *" paged "* || $steps == *" mla "* ]] && ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     > "$OUT/pip.log" 2>&1 && export PYTHONPATH=/tmp/site
 fi
@@ -40,6 +40,10 @@ if [[ $steps == *" paged "* ]]; then
   python3 kernels/bench/bench_paged.py --lib .devcarry/libaf_kernels_capi.so --out "$OUT/paged_h100.csv" \
     --commit "$commit" $( [[ $steps == *" --flashinfer "* ]] && echo --flashinfer ) 2>&1 | tee "$OUT/bench_paged.log"
 fi
+if [[ $steps == *" mla "* ]]; then
+  python3 kernels/bench/bench_mla.py --lib .devcarry/libaf_kernels_capi.so --out "$OUT/mla_h100.csv" \
+    --commit "$commit" 2>&1 | tee "$OUT/bench_mla.log"
+fi
 if [[ $steps == *" sanitize "* ]]; then
   for tool in memcheck racecheck initcheck; do
     timeout ${AF_SANITIZER_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 9 .devcarry/test_gpu "[decode],[blocks]" \
@@ -47,7 +51,7 @@ if [[ $steps == *" sanitize "* ]]; then
     echo "compute-sanitizer --tool $tool --error-exitcode 9 test_gpu: exit $?" | tee -a "$OUT/summary.txt"
     tail -3 "$OUT/sanitizer_$tool.log"
     # Paged decode and prefill separately (their own logs and time limits).
-    for tag in paged prefill; do
+    for tag in paged prefill mla-decode; do
       timeout ${AF_SANITIZER_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 9 .devcarry/test_gpu "[$tag]" \
         > "$OUT/sanitizer_${tag}_$tool.log" 2>&1
       echo "compute-sanitizer --tool $tool --error-exitcode 9 test_gpu [$tag]: exit $?" | tee -a "$OUT/summary.txt"
