@@ -329,29 +329,51 @@ __global__ void __launch_bounds__(mla_warps * 32, 1) decode_mla_kernel(MlaDecode
   // [/mla-store]
 }
 
-constexpr auto* mla_kernel = decode_mla_kernel<mla_tile_tokens>;
-constexpr int mla_smem_bytes = static_cast<int>(MlaSmem<mla_tile_tokens>::bytes);
-
 // More than 48 KiB of dynamic shared memory must be allowed per kernel (per device) before a launch asks for it.
+template <int Tokens>
 void allow_smem() {
-  CUDA_CHECK(cudaFuncSetAttribute(mla_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, mla_smem_bytes));
+  CUDA_CHECK(cudaFuncSetAttribute(decode_mla_kernel<Tokens>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(MlaSmem<Tokens>::bytes)));
+}
+
+// Two tiles of 64 tokens need 164 KiB of shared memory: Hopper gives a block up to 227 KiB, an A100 163 KiB and
+// the sm_86/sm_89 cards 99 KiB. Where 64 does not fit, the kernel stages 32 tokens at a time (85 KiB).
+bool wide_tiles_fit() {
+  int device = 0, optin = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return optin >= static_cast<int>(MlaSmem<mla_tile_tokens>::bytes);
+}
+
+template <int Tokens>
+int blocks_per_sm() {
+  allow_smem<Tokens>();
+  int blocks = 0;
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_mla_kernel<Tokens>, mla_warps * 32,
+                                                           MlaSmem<Tokens>::bytes));
+  return blocks;
+}
+
+template <int Tokens>
+void launch(const MlaDecodeArgs& a, cudaStream_t stream) {
+  allow_smem<Tokens>();
+  const dim3 grid(static_cast<unsigned>((a.q_heads + 15) / 16), static_cast<unsigned>(a.splits),
+                  static_cast<unsigned>(a.batch));
+  decode_mla_kernel<Tokens><<<grid, mla_warps * 32, MlaSmem<Tokens>::bytes, stream>>>(a);
+  AF_CHECK_LAUNCH();
 }
 
 }  // namespace
 
 int mla_blocks_per_sm() {
-  allow_smem();
-  int blocks = 0;
-  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, mla_kernel, mla_warps * 32, mla_smem_bytes));
-  return blocks;
+  return wide_tiles_fit() ? blocks_per_sm<mla_tile_tokens>() : blocks_per_sm<mla_tile_tokens / 2>();
 }
 
 void launch_decode_mla(const MlaDecodeArgs& a, cudaStream_t stream) {
-  allow_smem();
-  const dim3 grid(static_cast<unsigned>((a.q_heads + 15) / 16), static_cast<unsigned>(a.splits),
-                  static_cast<unsigned>(a.batch));
-  mla_kernel<<<grid, mla_warps * 32, mla_smem_bytes, stream>>>(a);
-  AF_CHECK_LAUNCH();
+  if (wide_tiles_fit())
+    launch<mla_tile_tokens>(a, stream);
+  else
+    launch<mla_tile_tokens / 2>(a, stream);
 }
 
 }  // namespace af::kernels::detail
