@@ -5,7 +5,8 @@ every shape of SHAPES (below), in one process and one GPU run, with the timer of
 Every implementation reads the same bf16 tensors: the packed varlen layout q [total_q, q_heads, d], k and v
 [total_k, kv_heads, d] for the project and FlashInfer's ragged prefill; the padded [batch, heads, len, d] views
 of the same values for PyTorch's SDPA (FlashAttention 2, cuDNN and memory-efficient backends, the causal mask
-aligned to the bottom right so that an append's queries see the whole cache).
+aligned to the bottom right so that an append's queries see the whole cache) and FlexAttention (compiled, the same
+mask as a block mask). FlashAttention 3 has no wheel on PyPI, so it is timed only where it is installed by hand.
 
   * correct first: output poisoned with NaN, relative Frobenius error against float32 PyTorch on upcast
     inputs; NaN fails; bf16 must land under 1e-2;
@@ -110,6 +111,29 @@ def sdpa_runner(backend, b, lq, lk, hq, hkv, d):
     return run
 
 
+def flex_runner(b, lq, lk, hq, hkv, d):
+    """FlexAttention (torch.compile'd), the causal mask aligned to the bottom right as a block mask."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    offset = lk - lq
+
+    def causal(batch, head, qi, ki):
+        return ki <= qi + offset
+
+    mask = create_block_mask(causal, B=None, H=None, Q_LEN=lq, KV_LEN=lk, device="cuda")
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def run(q, k, v, out):
+        qp = q.view(b, lq, hq, d).transpose(1, 2)
+        kp = k.view(b, lk, hkv, d).transpose(1, 2)
+        vp = v.view(b, lk, hkv, d).transpose(1, 2)
+        o = compiled(qp, kp, vp, block_mask=mask, enable_gqa=True)
+        if out is not None:
+            out.copy_(o.transpose(1, 2).reshape(b * lq, hq, d))
+        return o
+    return run
+
+
 def flashinfer_runner(b, lq, lk, hq, hkv, d, cu_q, cu_k):
     import flashinfer
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
@@ -149,6 +173,7 @@ def main():
         impls += [(f"sdpa_{n}", "peer", lambda be=be: sdpa_runner(be, b, lq, lk, hq, hkv, d))
                   for n, be in [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                                 ("efficient", SDPBackend.EFFICIENT_ATTENTION)]]
+        impls.append(("flex_compiled", "peer", lambda: flex_runner(b, lq, lk, hq, hkv, d)))
         if args.flashinfer:
             impls.append(("flashinfer_prefill", "peer", lambda: flashinfer_runner(b, lq, lk, hq, hkv, d, cu_q, cu_k)))
         for impl, source, make in impls:
