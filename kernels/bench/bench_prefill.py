@@ -6,7 +6,7 @@ Every implementation reads the same bf16 tensors: the packed varlen layout q [to
 [total_k, kv_heads, d] for the project and FlashInfer's ragged prefill; the padded [batch, heads, len, d] views
 of the same values for PyTorch's SDPA (FlashAttention 2, cuDNN and memory-efficient backends, the causal mask
 aligned to the bottom right so that an append's queries see the whole cache) and FlexAttention (compiled, the same
-mask as a block mask). FlashAttention 3 has no wheel on PyPI, so it is timed only where it is installed by hand.
+mask as a block mask). FlashAttention 3 has no wheel on PyPI: it is timed where it is installed (its row says "failed" otherwise).
 
   * correct first: output poisoned with NaN, relative Frobenius error against float32 PyTorch on upcast
     inputs; NaN fails; bf16 must land under 1e-2;
@@ -134,6 +134,20 @@ def flex_runner(b, lq, lk, hq, hkv, d):
     return run
 
 
+def fa3_runner(lq, lk, cu_q, cu_k):
+    """FlashAttention 3's varlen entry (module flash_attn_interface, built from its repository's hopper/ folder);
+    its causal mask is aligned to the bottom right, as the project's."""
+    import flash_attn_interface
+
+    def run(q, k, v, out):
+        o = flash_attn_interface.flash_attn_varlen_func(q, k, v, cu_q, cu_k, lq, lk, causal=True)
+        o = o[0] if isinstance(o, tuple) else o
+        if out is not None:
+            out.copy_(o)
+        return o
+    return run
+
+
 def flashinfer_runner(b, lq, lk, hq, hkv, d, cu_q, cu_k):
     import flashinfer
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
@@ -174,6 +188,7 @@ def main():
                   for n, be in [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                                 ("efficient", SDPBackend.EFFICIENT_ATTENTION)]]
         impls.append(("flex_compiled", "peer", lambda: flex_runner(b, lq, lk, hq, hkv, d)))
+        impls.append(("flash_attn_3", "peer", lambda: fa3_runner(lq, lk, cu_q, cu_k)))  # "failed" if absent
         if args.flashinfer:
             impls.append(("flashinfer_prefill", "peer", lambda: flashinfer_runner(b, lq, lk, hq, hkv, d, cu_q, cu_k)))
         for impl, source, make in impls:
