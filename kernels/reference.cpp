@@ -99,4 +99,19 @@ double relative_error(std::span<const float> a, std::span<const float> b) {
   return std::sqrt(diff / norm);
 }
 
+OutputError output_error(std::span<const float> got, std::span<const double> expected) {
+  require(got.size() == expected.size(), "output_error: {} values against {} expected", got.size(), expected.size());
+  OutputError e;
+  double diff = 0.0, norm = 0.0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    const double error = std::abs(static_cast<double>(got[i]) - expected[i]);  // NaN or inf stays
+    diff += error * error;
+    norm += expected[i] * expected[i];
+    e.worst = std::isfinite(error) ? std::max(e.worst, error) : std::numeric_limits<double>::infinity();
+    e.largest = std::max(e.largest, std::abs(expected[i]));
+  }
+  e.relative = std::sqrt(diff / norm);
+  return e;
+}
+
 }  // namespace af::kernels

@@ -31,13 +31,6 @@ using af::kernels::DecodeShape;
 using af::kernels::DecodeVersion;
 using af::kernels::DeviceBuffer;
 
-int sm_count() {
-  int device = 0, count = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
-}
-
 // [cache-layout]
 // The cache of one layer: K and V, each [batch, kv_heads, seq_len, head_dim] in bf16. One KV head's
 // cached tokens are contiguous rows of head_dim values, so a warp reading consecutive 16-byte pieces of
@@ -69,7 +62,7 @@ double check_version(const DecodeShape& s, DecodeVersion version, std::uint64_t 
   const Cache cache{DeviceBuffer<std::uint16_t>{std::span<const std::uint16_t>(in.k)},
                     DeviceBuffer<std::uint16_t>{std::span<const std::uint16_t>(in.v)}};
   out.fill_bytes(0xFF);
-  const auto plan = af::kernels::plan_decode(s, version, sm_count());
+  const auto plan = af::kernels::plan_decode(s, version, af::kernels::multiprocessor_count());
   DeviceBuffer<unsigned char> workspace(plan.workspace_bytes);
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
   af::kernels::decode_attention(plan, s, q.data(), cache.k.data(), cache.v.data(), out.data(), scale, workspace.data(),
@@ -102,7 +95,7 @@ void bench(const DecodeShape& s, const std::vector<DecodeVersion>& versions) {
       static_cast<long long>(s.q_heads), static_cast<long long>(s.kv_heads), static_cast<long long>(s.head_dim),
       static_cast<long long>(s.seq_len), s.kv_bytes() / 1e9);
   for (DecodeVersion version : versions) {
-    const auto plan = af::kernels::plan_decode(s, version, sm_count());
+    const auto plan = af::kernels::plan_decode(s, version, af::kernels::multiprocessor_count());
     DeviceBuffer<unsigned char> workspace(plan.workspace_bytes);
     const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
     const auto t = af::kernels::time_calls(

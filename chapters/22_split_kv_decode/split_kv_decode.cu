@@ -1,9 +1,9 @@
 // Chapter 22 — split-KV decode: the cache split across blocks, partial results with their log-sum-exp, and a
 // combine step.
 //
-// Prints, for each decode shape of the benchmark (kernels/bench/bench_decode.py), the split count the plan chooses from the shape and the
-// multiprocessor count; runs v3_split (CUDA cores), v4_mma (tensor cores) and v5_pipelined (v4 with the next
-// tile's loads in flight) with the chosen and with forced split counts on fresh random bf16 inputs, checks
+// Prints, for each decode shape of the benchmark (kernels/bench/bench_decode.py), the split count the plan chooses from
+// the shape and the multiprocessor count; runs v3_split (CUDA cores), v4_mma (tensor cores) and v5_pipelined (v4 with
+// the next tile's loads in flight) with the chosen and with forced split counts on fresh random bf16 inputs, checks
 // each against the CPU reference, and with --bench times them on a long cache of one sequence.
 //
 //   build/bin/ch22_split_kv_decode [--batch 1] [--q-heads 32] [--kv-heads 8] [--head-dim 128]
@@ -32,13 +32,6 @@ using af::kernels::DecodeShape;
 using af::kernels::DecodeVersion;
 using af::kernels::DeviceBuffer;
 
-int sm_count() {
-  int device = 0, count = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
-}
-
 std::string name(DecodeVersion v) { return std::string(af::kernels::name_of(v)); }
 
 // [print-plans]
@@ -52,7 +45,7 @@ void print_plans() {
   const Named shapes[] = {{"llama3-8b", {256, 32, 8, 128, 4096}},       {"qwen3-30b-a3b", {256, 32, 4, 128, 4096}},
                           {"qwen3-235b-a22b", {256, 64, 4, 128, 4096}}, {"llama3-8b-b1-128k", {1, 32, 8, 128, 131072}},
                           {"llama3-8b-b8-32k", {8, 32, 8, 128, 32768}}, {"mha-b64-8k", {64, 32, 32, 128, 8192}}};
-  const int sms = sm_count();
+  const int sms = af::kernels::multiprocessor_count();
   std::printf("%-18s %8s %8s %12s %12s   (%d multiprocessors)\n", "shape", "blocks", "splits", "keys/split",
               "workspace", sms);
   for (const auto& [label, s] : shapes) {
@@ -80,7 +73,7 @@ double check(const DecodeShape& s, DecodeVersion version, int splits, std::uint6
            DeviceBuffer<std::uint16_t>{std::span<const std::uint16_t>(v)}};
   DeviceBuffer<std::uint16_t> out(q.size());
   out.fill_bytes(0xFF);
-  const DecodePlan plan = af::kernels::plan_decode(s, version, sm_count(), splits);
+  const DecodePlan plan = af::kernels::plan_decode(s, version, af::kernels::multiprocessor_count(), splits);
   DeviceBuffer<unsigned char> workspace(plan.workspace_bytes);  // partial outputs + log-sum-exps
   af::kernels::decode_attention(plan, s, d.q.data(), d.k.data(), d.v.data(), out.data(),
                                 1.0f / std::sqrt(static_cast<float>(s.head_dim)), workspace.data(), workspace.size(),
@@ -111,7 +104,7 @@ void bench(const DecodeShape& s) {
               s.kv_bytes() / 1e9);
   for (DecodeVersion version :
        {DecodeVersion::v2_gqa, DecodeVersion::v3_split, DecodeVersion::v4_mma, DecodeVersion::v5_pipelined}) {
-    const DecodePlan plan = af::kernels::plan_decode(s, version, sm_count());
+    const DecodePlan plan = af::kernels::plan_decode(s, version, af::kernels::multiprocessor_count());
     DeviceBuffer<unsigned char> workspace(plan.workspace_bytes);
     const auto t = af::kernels::time_calls(
         [&](int i) {

@@ -134,23 +134,15 @@ void check(const VarlenShape& s, std::uint64_t seed, af::Checks& checks) {
   const std::vector<std::uint16_t> bits = d.out.download();
   const std::vector<float> got = af::kernels::bf16_to_floats(bits);
   const std::vector<double> expected = af::varlen_causal_attention_f64(p.shape, p.q, p.k, p.v, p.cu_q, p.cu_k, scale);
-  double diff = 0, norm = 0, worst = 0, largest = 0;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    const double e = std::abs(static_cast<double>(got[i]) - expected[i]);
-    diff += e * e;
-    norm += expected[i] * expected[i];
-    worst = std::isfinite(e) ? std::max(worst, e) : INFINITY;
-    largest = std::max(largest, std::abs(expected[i]));
-  }
-  const double relative = std::sqrt(diff / norm);
+  const af::kernels::OutputError e = af::kernels::output_error(got, expected);
   std::printf("q_heads %lld, kv_heads %lld, head_dim %lld: relative error %.2e, worst element %.2e of %.2f\n",
               static_cast<long long>(s.q_heads), static_cast<long long>(s.kv_heads), static_cast<long long>(s.head_dim),
-              relative, worst, largest);
+              e.relative, e.worst, e.largest);
   checks.expect_true("prefill (" + std::to_string(s.q_heads) + "/" + std::to_string(s.kv_heads) + " heads of " +
                          std::to_string(s.head_dim) + ") matches float64: relative error < 1e-2",
-                     af::within_tolerance(relative, 1e-2));
+                     af::within_tolerance(e.relative, 1e-2));
   checks.expect_true("every element within 1.5e-2 of the largest |expected|",
-                     af::within_tolerance(worst, 1.5e-2 * largest));
+                     af::within_tolerance(e.worst, 1.5e-2 * e.largest));
 }
 // [/check]
 

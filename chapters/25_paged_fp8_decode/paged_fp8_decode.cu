@@ -140,29 +140,6 @@ struct Device {
   }
 };
 
-int sm_count() {
-  int device = 0, count = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
-}
-
-// Relative Frobenius error of `got` against `expected`, NaN and infinity kept (a NaN fails every check).
-double relative_error(const std::vector<float>& got, const std::vector<double>& expected, double* worst,
-                      double* largest) {
-  double diff = 0, norm = 0;
-  *worst = 0;
-  *largest = 0;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    const double e = std::abs(static_cast<double>(got[i]) - expected[i]);
-    diff += e * e;
-    norm += expected[i] * expected[i];
-    *worst = std::isfinite(e) ? std::max(*worst, e) : INFINITY;
-    *largest = std::max(*largest, std::abs(expected[i]));
-  }
-  return std::sqrt(diff / norm);
-}
-
 // [check]
 // Both kernels on one ragged batch (lengths 1, a page plus one, an odd length, a long one) against their float64
 // references; then what FP8 storage itself changes: the FP8 reference against the bf16 one.
@@ -178,27 +155,25 @@ void check(const PagedDecodeShape& s, std::uint64_t seed, af::Checks& checks) {
   const std::string label = std::to_string(s.q_heads) + "/" + std::to_string(s.kv_heads) + " heads of " +
                             std::to_string(s.head_dim) + ", pages of " + std::to_string(s.page_size);
   for (const PagedKvFormat format : {PagedKvFormat::bf16, PagedKvFormat::fp8_e4m3}) {
-    Device d(p, format, sm_count());
+    Device d(p, format, af::kernels::multiprocessor_count());
     d.out.fill_bytes(0xFF);  // NaN: an element the kernel does not write fails
     d.run(p, scale);
     CUDA_CHECK(cudaDeviceSynchronize());
     const std::vector<float> got = af::kernels::bf16_to_floats(d.out.download());
     const bool fp8 = format == PagedKvFormat::fp8_e4m3;
-    double worst = 0, largest = 0;
-    const double relative = relative_error(got, fp8 ? fp8_expected : bf16_expected, &worst, &largest);
+    const af::kernels::OutputError e = af::kernels::output_error(got, fp8 ? fp8_expected : bf16_expected);
     std::printf("%s, %s pools, %d splits: relative error %.2e, worst element %.2e of %.2f\n", label.c_str(),
-                fp8 ? "FP8" : "bf16", d.plan.splits, relative, worst, largest);
+                fp8 ? "FP8" : "bf16", d.plan.splits, e.relative, e.worst, e.largest);
     checks.expect_true(std::string(fp8 ? "FP8" : "bf16") + " paged decode (" + label +
                            ") matches its float64 reference: relative error < 1e-2",
-                       af::within_tolerance(relative, 1e-2));
+                       af::within_tolerance(e.relative, 1e-2));
     checks.expect_true("every element within 1.5e-2 of the largest |expected|",
-                       af::within_tolerance(worst, 1.5e-2 * largest));
+                       af::within_tolerance(e.worst, 1.5e-2 * e.largest));
   }
-  std::vector<float> fp8_as_float(fp8_expected.begin(), fp8_expected.end());
-  double worst = 0, largest = 0;
-  const double cost = relative_error(fp8_as_float, bf16_expected, &worst, &largest);
-  std::printf("what FP8 storage changes (float64 references, FP8 against bf16): relative %.2e, worst %.2e\n", cost,
-              worst);
+  const std::vector<float> fp8_as_float(fp8_expected.begin(), fp8_expected.end());
+  const af::kernels::OutputError cost = af::kernels::output_error(fp8_as_float, bf16_expected);
+  std::printf("what FP8 storage changes (float64 references, FP8 against bf16): relative %.2e, worst %.2e\n",
+              cost.relative, cost.worst);
 }
 // [/check]
 
@@ -211,7 +186,7 @@ void bench() {
         s, std::vector<std::int32_t>(static_cast<std::size_t>(w.batch), static_cast<std::int32_t>(w.length)), rng);
     const float scale = 1.0f / std::sqrt(static_cast<float>(w.head_dim));
     for (const PagedKvFormat format : {PagedKvFormat::bf16, PagedKvFormat::fp8_e4m3}) {
-      Device d(p, format, sm_count());
+      Device d(p, format, af::kernels::multiprocessor_count());
       const auto t = af::kernels::time_calls([&](int) { d.run(p, scale); }, nullptr, 10, 50);
       const double bytes = af::paged_decode_kv_bytes(p.shape, p.lengths, format);
       std::printf("%-26s %6s %10.4f %10.4f %10.0f\n", w.name, format == PagedKvFormat::bf16 ? "bf16" : "FP8",

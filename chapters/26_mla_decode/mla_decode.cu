@@ -86,13 +86,6 @@ Problem make_problem(MlaDecodeShape s, std::vector<std::int32_t> lengths, af::Rn
   return p;
 }
 
-int sm_count() {
-  int device = 0, count = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
-}
-
 struct Device {
   DeviceBuffer<std::uint16_t> q, cache, out;
   DeviceBuffer<std::int32_t> block_table, lengths;
@@ -104,7 +97,7 @@ struct Device {
         out(static_cast<std::size_t>(p.shape.batch * p.shape.q_heads * p.shape.latent_dim)),
         block_table(std::span<const std::int32_t>(p.block_table)),
         lengths(std::span<const std::int32_t>(p.lengths)),
-        plan(af::kernels::plan_mla_decode(p.shape, sm_count())),
+        plan(af::kernels::plan_mla_decode(p.shape, af::kernels::multiprocessor_count())),
         workspace(plan.workspace_bytes) {}
   void run(const Problem& p) {
     af::kernels::mla_decode_attention(plan, p.shape, q.data(), cache.data(), block_table.data(), lengths.data(),
@@ -126,23 +119,15 @@ void check(const MlaDecodeShape& s, std::uint64_t seed, af::Checks& checks) {
   const std::vector<float> got = af::kernels::bf16_to_floats(d.out.download());
   const std::vector<double> expected =
       af::mla_decode_f64(p.shape, p.q, p.cache, p.block_table, p.lengths, deepseek_v3_scale);
-  double diff = 0, norm = 0, worst = 0, largest = 0;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    const double e = std::abs(static_cast<double>(got[i]) - expected[i]);
-    diff += e * e;
-    norm += expected[i] * expected[i];
-    worst = std::isfinite(e) ? std::max(worst, e) : INFINITY;
-    largest = std::max(largest, std::abs(expected[i]));
-  }
-  const double relative = std::sqrt(diff / norm);
+  const af::kernels::OutputError e = af::kernels::output_error(got, expected);
   std::printf("%lld heads, pages of %lld, %d splits: relative error %.2e, worst element %.2e of %.2f\n",
-              static_cast<long long>(s.q_heads), static_cast<long long>(s.page_size), d.plan.splits, relative, worst,
-              largest);
+              static_cast<long long>(s.q_heads), static_cast<long long>(s.page_size), d.plan.splits, e.relative,
+              e.worst, e.largest);
   checks.expect_true("MLA decode (" + std::to_string(s.q_heads) + " heads, pages of " + std::to_string(s.page_size) +
                          ") matches float64: relative error < 1e-2",
-                     af::within_tolerance(relative, 1e-2));
+                     af::within_tolerance(e.relative, 1e-2));
   checks.expect_true("every element within 1.5e-2 of the largest |expected|",
-                     af::within_tolerance(worst, 1.5e-2 * largest));
+                     af::within_tolerance(e.worst, 1.5e-2 * e.largest));
 }
 // [/check]
 

@@ -69,4 +69,12 @@ inline bool cuda_device_present() {
   return count > 0;
 }
 
+/// The current device's number of multiprocessors (what the split-count rules fill).
+inline int multiprocessor_count() {
+  int device = 0, count = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
 }  // namespace af::kernels

@@ -33,4 +33,15 @@ std::vector<double> reference_decode_f64(const DecodeShape& shape, std::span<con
 /// ||a - b|| / ||b|| (Frobenius); NaN when `a` holds a NaN or an infinity.
 double relative_error(std::span<const float> a, std::span<const float> b);
 
+/// A kernel's output against its float64 reference, as the kernel chapters report it: the relative error of the
+/// whole output, and the largest error of one element beside the largest |expected| (a missed row or tile shows
+/// in the second). A NaN or an infinity in `got` makes both infinite or NaN, so every check on them fails.
+struct OutputError {
+  double relative = 0.0;  ///< ||got - expected|| / ||expected||
+  double worst = 0.0;     ///< max |got - expected| over the elements
+  double largest = 0.0;   ///< max |expected|
+};
+/// Throws af::Error when the sizes differ.
+OutputError output_error(std::span<const float> got, std::span<const double> expected);
+
 }  // namespace af::kernels
