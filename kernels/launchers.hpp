@@ -63,6 +63,10 @@ struct PagedDecodeArgs {
 };
 void launch_decode_paged(const PagedDecodeArgs& args, bool fp8, cudaStream_t stream);
 int paged_blocks_per_sm(int head_dim, int group, bool fp8);
+// The same on the tensor cores (decode_paged_mma.cu): 16 query heads per block (mma_heads_per_block), page
+// size 16, 32 or 64.
+void launch_decode_paged_mma(const PagedDecodeArgs& args, bool fp8, cudaStream_t stream);
+int paged_mma_blocks_per_sm(int head_dim, bool fp8);
 
 // MLA decode (decode_mla.cu): the layouts of af/mla_decode.hpp with latent_dim 512 and rope_dim 64. Several
 // splits leave partials [batch, q_heads, splits, 512] and log-sum-exps for launch_decode_combine (head_dim 512).

@@ -6,6 +6,7 @@
 #include "decode_common.cuh"
 
 #include <cstdint>
+#include <type_traits>
 
 namespace af::kernels::detail {
 
@@ -65,6 +66,41 @@ __device__ __forceinline__ void load_tile(Tile<D>& tile, const std::uint16_t* k,
 }
 // [/load-tile]
 
+// [paged-mma-scales-fold]
+// Per-key factors of a tile whose keys and values are stored as codes times a scale (the FP8 paged decode,
+// decode_paged_mma.cu): k[j][e] and v[j][e] belong to key key0 + 8j + 2t + e, the columns this lane holds of
+// S and of P (sc[j][e] and p[j][e] with e = 0..3 hold rows g and g + 8 of columns 2t + (e & 1)). The default,
+// NoColumnScales, compiles to nothing: the bf16 kernels do not change.
+struct NoColumnScales {};
+struct ColumnScales {
+  float k[2][2], v[2][2];
+};
+
+// Column j of S = Q K^T is q . (codes of key j): the key's scale makes it q . k_j, in float32, before the
+// softmax sees it.
+template <typename Scales>
+__device__ __forceinline__ void scale_key_columns(float (&sc)[2][4], const Scales& scales) {
+  if constexpr (!std::is_same_v<Scales, NoColumnScales>) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sc[j][e] *= scales.k[j][e & 1];
+  }
+}
+
+// Column j of P takes value j's scale before P is rounded to bf16 for O += P V, which then sums p_j x (codes of
+// value j) x scale_j = p_j v_j. The softmax's sum l takes the unscaled p_j.
+template <typename Scales>
+__device__ __forceinline__ void scale_value_columns(float (&p)[2][4], const Scales& scales) {
+  if constexpr (!std::is_same_v<Scales, NoColumnScales>) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) p[j][e] *= scales.v[j][e & 1];
+  }
+}
+// [/paged-mma-scales-fold]
+
 // [attend-tile]
 // The running state of rows g and g + 8 of one warp: O (head_dim/8 tiles of 16 x 8 in mma C layout), the
 // running maximum m and this lane's share of the sum l. Row g sees the keys below end_lo, row g + 8 those
@@ -75,10 +111,10 @@ struct RowState {
   float m[2], l[2];
 };
 
-template <int D>
+template <int D, typename Scales = NoColumnScales>
 __device__ __forceinline__ void attend_tile(RowState<D>& st, const Tile<D>& tile, const std::uint32_t (&qa)[D / 16][4],
                                             std::int64_t key0, std::int64_t end_lo, std::int64_t end_hi,
-                                            float scale_log2, int t) {
+                                            float scale_log2, int t, const Scales& scales = {}) {
   // S = Q K^T: two 16 x 8 tiles (keys key0..key0+7 and key0+8..key0+15).
   float sc[2][4];
 #pragma unroll
@@ -90,6 +126,7 @@ __device__ __forceinline__ void attend_tile(RowState<D>& st, const Tile<D>& tile
       mma_bf16(sc[j], qa[s], (s % 2) ? w.z : w.x, (s % 2) ? w.w : w.y);
     }
   }
+  scale_key_columns(sc, scales);  // FP8 keys: their scales (nothing for bf16)
   // Online softmax on rows g (sc[.][0..1]) and g + 8 (sc[.][2..3]); this lane holds keys
   // key0 + 8j + 2t + {0, 1}; the 4 lanes of a row (t = 0..3) hold the rest.
   float row_max[2] = {-INFINITY, -INFINITY};
@@ -128,6 +165,7 @@ __device__ __forceinline__ void attend_tile(RowState<D>& st, const Tile<D>& tile
   }
   // P as the A operand of O += P V: the S accumulators are already in A's layout (keys 2t, 2t+1 from
   // tile 0, keys 2t+8, 2t+9 from tile 1).
+  scale_value_columns(p, scales);  // FP8 values: their scales, after l took p (nothing for bf16)
   const std::uint32_t pa[4] = {pack_bf16(p[0][0], p[0][1]), pack_bf16(p[0][2], p[0][3]), pack_bf16(p[1][0], p[1][1]),
                                pack_bf16(p[1][2], p[1][3])};
   // O tile n covers head dims 64 * (n / 8) + 8 * col + n % 8 for its columns col = 0..7: lane g's piece

@@ -26,19 +26,35 @@ void validate(const af::PagedDecodeShape& s) {
 }
 }  // namespace
 
-PagedDecodePlan plan_paged_decode(const af::PagedDecodeShape& shape, int sm_count, int splits,
-                                  af::PagedKvFormat format) {
+PagedDecodePlan plan_paged_decode(const af::PagedDecodeShape& shape, int sm_count, int splits, af::PagedKvFormat format,
+                                  PagedDecodeKernel kernel) {
   validate(shape);
   require(sm_count >= 1, "paged decode: sm_count is {} (expected at least 1)", sm_count);
   require(splits >= 0, "paged decode: splits is {} (expected 0 to choose, or a count)", splits);
   require(format == af::PagedKvFormat::bf16 || format == af::PagedKvFormat::fp8_e4m3,
           "paged decode: format is {} (expected bf16 or fp8_e4m3)", static_cast<int>(format));
+  require(kernel == PagedDecodeKernel::automatic || kernel == PagedDecodeKernel::cuda_cores ||
+              kernel == PagedDecodeKernel::tensor_cores,
+          "paged decode: kernel is {} (expected automatic, cuda_cores or tensor_cores)", static_cast<int>(kernel));
+  require(kernel != PagedDecodeKernel::tensor_cores || shape.page_size >= 16,
+          "paged decode: page_size is {} for the tensor-core kernel (expected 16, 32 or 64: a tile of 16 tokens "
+          "in one page)",
+          shape.page_size);
   const bool fp8 = format == af::PagedKvFormat::fp8_e4m3;
+  // [paged-mma-choice]
+  // The tensor cores wherever a 16-token tile lies in one page. The dense decode's `best` is version 5 at
+  // every group (chapter 22: version 4 reached 94-97 % of the read ceiling from MHA to group 16, where
+  // version 3 fell to 70 % and 37 % at groups 8 and 16, kernels/NOTES.md); the paged pair mirrors it.
+  const bool tensor_cores =
+      kernel == PagedDecodeKernel::tensor_cores || (kernel == PagedDecodeKernel::automatic && shape.page_size >= 16);
+  // [/paged-mma-choice]
   const auto group = static_cast<int>(shape.group());
-  const int heads = detail::gqa_heads_per_block(group);
+  const auto head_dim = static_cast<int>(shape.head_dim);
+  const int heads = tensor_cores ? detail::mma_heads_per_block : detail::gqa_heads_per_block(group);
   const std::int64_t base = shape.batch * shape.kv_heads * ((group + heads - 1) / heads);
-  const std::int64_t slots =
-      std::int64_t{sm_count} * std::max(detail::paged_blocks_per_sm(static_cast<int>(shape.head_dim), group, fp8), 1);
+  const int per_sm =
+      tensor_cores ? detail::paged_mma_blocks_per_sm(head_dim, fp8) : detail::paged_blocks_per_sm(head_dim, group, fp8);
+  const std::int64_t slots = std::int64_t{sm_count} * std::max(per_sm, 1);
   // [paged-plan]
   // The dense rule on the capacity (the lengths are not known here), then whole pages per split; recount so
   // that no split starts past the capacity.
@@ -46,6 +62,7 @@ PagedDecodePlan plan_paged_decode(const af::PagedDecodeShape& shape, int sm_coun
                                          : detail::choose_splits(base, slots, shape.capacity());
   PagedDecodePlan plan;
   plan.format = format;
+  plan.tensor_cores = tensor_cores;
   plan.pages_per_split = static_cast<int>((shape.max_pages_per_seq + wanted - 1) / wanted);
   plan.splits = static_cast<int>((shape.max_pages_per_seq + plan.pages_per_split - 1) / plan.pages_per_split);
   // [/paged-plan]
@@ -73,6 +90,10 @@ void run(const PagedDecodePlan& plan, const af::PagedDecodeShape& shape, af::Pag
           "paged decode: the plan ({} splits of {} pages) does not fit max_pages_per_seq = {} (expected a plan "
           "from plan_paged_decode)",
           plan.splits, plan.pages_per_split, shape.max_pages_per_seq);
+  require(!plan.tensor_cores || shape.page_size >= 16,
+          "paged decode: page_size is {} for a tensor-core plan (expected 16, 32 or 64: a plan from "
+          "plan_paged_decode for this shape)",
+          shape.page_size);
   require(workspace_bytes >= plan.workspace_bytes && (plan.workspace_bytes == 0 || workspace != nullptr),
           "paged decode: workspace_bytes is {} (expected at least {})", workspace_bytes, plan.workspace_bytes);
   detail::DecodeArgs& a = args.base;
@@ -93,7 +114,11 @@ void run(const PagedDecodePlan& plan, const af::PagedDecodeShape& shape, af::Pag
   args.page_shift = std::countr_zero(static_cast<std::uint64_t>(shape.page_size));
   args.max_pages_per_seq = static_cast<int>(shape.max_pages_per_seq);
   args.pages_per_split = plan.pages_per_split;
-  detail::launch_decode_paged(args, format == af::PagedKvFormat::fp8_e4m3, stream);
+  const bool fp8 = format == af::PagedKvFormat::fp8_e4m3;
+  if (plan.tensor_cores)
+    detail::launch_decode_paged_mma(args, fp8, stream);
+  else
+    detail::launch_decode_paged(args, fp8, stream);
   if (plan.splits > 1) detail::launch_decode_combine(a, stream);
 }
 }  // namespace

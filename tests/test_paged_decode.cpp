@@ -282,3 +282,27 @@ TEST_CASE("the FP8 decode kernel's integer E4M3 unpacking gives every code's val
     }
   }
 }
+
+TEST_CASE("the tensor-core paged decode's integer E4M3 to bf16 conversion is exact on every code",
+          "[paged_decode][fp8][cpu]") {
+  for (std::uint32_t lo = 0; lo < 256; ++lo) {
+    const std::uint32_t hi = (lo * 37 + 11) % 256;  // a bijection: every code in either position
+    const std::uint32_t pair = af::kernels::e4m3x2_to_bf16x2(lo | (hi << 8) | 0xABCD0000u);  // upper bits ignored
+    for (const auto& [code, bits] : {std::pair{lo, pair & 0xFFFFu}, std::pair{hi, pair >> 16}}) {
+      INFO("code 0x" << std::hex << code << ", bf16 0x" << bits);
+      REQUIRE(bits == af::kernels::e4m3_to_bf16(code));
+      const float got = af::bf16_to_float(static_cast<std::uint16_t>(bits));
+      if ((code & 0x7Fu) == 0x7Fu) {  // NaN: never stored; the normal rule makes it +-480
+        REQUIRE(got == ((code & 0x80u) ? -480.0f : 480.0f));
+        continue;
+      }
+      const float expected = af::e4m3_to_float(static_cast<std::uint8_t>(code));
+      REQUIRE(got == expected);
+      REQUIRE(std::signbit(got) == std::signbit(expected));  // -0 stays -0
+      // Exact, hence also the bits that rounding the value to bf16 gives (no second encoding of a value).
+      REQUIRE(bits == af::bf16_bits(expected));
+    }
+  }
+  static_assert(af::kernels::e4m3_to_bf16(0x01u) == 0x3B00u);  // 2^-9, the smallest subnormal
+  static_assert(af::kernels::e4m3_to_bf16(0x7Eu) == 0x43E0u);  // 448, the largest code
+}

@@ -1,7 +1,9 @@
-// Paged, ragged decode attention (issue 20): the kernel against the float64 CPU reference of
+// Paged, ragged decode attention (issue 20): the kernels against the float64 CPU reference of
 // af/paged_decode.hpp, element by element, over random shapes, ragged lengths, shuffled block tables in a
 // shared pool, page sizes 8 to 64, forced split counts, and a captured CUDA graph replayed with new lengths;
-// then the same kernel over FP8 E4M3 pools with per-row scales, against the float64 reference of those codes.
+// then the same kernels over FP8 E4M3 pools with per-row scales, against the float64 reference of those codes;
+// then the tensor-core and the CUDA-core kernels forced on the same problems (label mma). The tests before
+// that run the plan's choice: the tensor cores at page size 16 and above, the CUDA cores at 8.
 #include <catch2/catch.hpp>
 
 #include "af/error.hpp"
@@ -15,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -32,9 +35,19 @@ int sm_count() {
   return count;
 }
 
-// The CUDA-core bound of test_decode.cpp (derived there): the paged kernel does version 3's arithmetic on the
-// same bf16 values (float32 scores, softmax and sums, the output rounded to bf16), only the addresses differ.
-constexpr af_test::Tolerance tolerance{2e-5, 5e-3};
+// The bounds of test_decode.cpp (derived there). CUDA cores: the paged kernel does version 3's arithmetic on
+// the same bf16 values (float32 scores, softmax and sums, the output rounded to bf16), only the addresses
+// differ. Tensor cores: version 4's arithmetic, which also rounds each softmax weight to bf16 before O += P V.
+// Over FP8 pools the same two bounds hold: the codes are exact in bf16 (and in float32), so the products see
+// exactly the reference's values up to the scale; the scales are applied in float32, a key's to its column of
+// S (one rounding of 2^-24, inside the float32 part of the bound) and a value's to its column of P before P's
+// bf16 rounding, so that rounding is of p_j v_j as in the bf16 case; the sum l takes the unscaled weights.
+constexpr af_test::Tolerance cuda_core_tolerance{2e-5, 5e-3};
+constexpr af_test::Tolerance tensor_core_tolerance{5e-3, 8e-3};
+
+af_test::Tolerance tolerance_of(const PagedDecodePlan& plan) {
+  return plan.tensor_cores ? tensor_core_tolerance : cuda_core_tolerance;
+}
 
 // One paged problem: the pool, a shuffled block table, the lengths and the float64 reference.
 struct PagedProblem {
@@ -84,14 +97,15 @@ PagedProblem make_problem(PagedDecodeShape s, std::vector<std::int32_t> lengths,
   return p;
 }
 
-std::string describe(const PagedProblem& p, int splits) {
+std::string describe(const PagedProblem& p, const PagedDecodePlan& plan) {
   const PagedDecodeShape& s = p.shape;
   std::string lengths;
   for (const std::int32_t l : p.lengths) lengths += (lengths.empty() ? "" : " ") + std::to_string(l);
-  return std::to_string(splits) + " splits: batch " + std::to_string(s.batch) + " q_heads " +
-         std::to_string(s.q_heads) + " kv_heads " + std::to_string(s.kv_heads) + " head_dim " +
-         std::to_string(s.head_dim) + " page_size " + std::to_string(s.page_size) + " max_pages_per_seq " +
-         std::to_string(s.max_pages_per_seq) + " lengths [" + lengths + "]";
+  return std::string(plan.tensor_cores ? "tensor cores, " : "CUDA cores, ") + std::to_string(plan.splits) +
+         " splits: batch " + std::to_string(s.batch) + " q_heads " + std::to_string(s.q_heads) + " kv_heads " +
+         std::to_string(s.kv_heads) + " head_dim " + std::to_string(s.head_dim) + " page_size " +
+         std::to_string(s.page_size) + " max_pages_per_seq " + std::to_string(s.max_pages_per_seq) + " lengths [" +
+         lengths + "]";
 }
 
 std::string element_of(const PagedDecodeShape& s, std::size_t i) {
@@ -101,11 +115,11 @@ std::string element_of(const PagedDecodeShape& s, std::size_t i) {
          "), channel " + std::to_string(c);
 }
 
-void require_matches(const PagedProblem& p, const std::vector<std::uint16_t>& out_bits, int splits) {
+void require_matches(const PagedProblem& p, const std::vector<std::uint16_t>& out_bits, const PagedDecodePlan& plan) {
   const auto got = af::kernels::bf16_to_floats(out_bits);
-  const af_test::ElementwiseReport report =
-      af_test::compare_elementwise(got, p.expected, tolerance, [&](std::size_t i) { return element_of(p.shape, i); });
-  INFO(describe(p, splits));
+  const af_test::ElementwiseReport report = af_test::compare_elementwise(
+      got, p.expected, tolerance_of(plan), [&](std::size_t i) { return element_of(p.shape, i); });
+  INFO(describe(p, plan));
   INFO(report.message);
   REQUIRE(report.failures == 0);
 }
@@ -123,19 +137,21 @@ struct DeviceProblem {
 };
 
 // Runs the kernel with `splits` (0: the plan's choice), the output poisoned with NaN first, and checks every
-// output element against the float64 reference.
-void check_paged(const PagedProblem& p, int splits = 0) {
+// output element against the float64 reference. `kernel`: the plan's choice (automatic) or a forced one.
+void check_paged(const PagedProblem& p, int splits = 0,
+                 af::kernels::PagedDecodeKernel kernel = af::kernels::PagedDecodeKernel::automatic) {
   DeviceProblem d(p);
   DeviceBuffer<std::uint16_t> out(p.q.size());
   out.fill_bytes(0xFF);  // bf16 NaN: an element the kernel does not write fails the check
-  const PagedDecodePlan plan = af::kernels::plan_paged_decode(p.shape, sm_count(), splits);
+  const PagedDecodePlan plan =
+      af::kernels::plan_paged_decode(p.shape, sm_count(), splits, af::PagedKvFormat::bf16, kernel);
   DeviceBuffer<unsigned char> workspace(plan.workspace_bytes);
   workspace.fill_bytes(0xFF);  // NaN partials: an empty split must write its partial, not leave it
   af::kernels::paged_decode_attention(plan, p.shape, d.q.data(), d.k.data(), d.v.data(), d.block_table.data(),
                                       d.lengths.data(), out.data(), p.scale, workspace.data(), workspace.size(),
                                       nullptr);
   CUDA_CHECK(cudaDeviceSynchronize());
-  require_matches(p, out.download(), plan.splits);
+  require_matches(p, out.download(), plan);
 }
 
 // Ragged lengths for `batch` sequences of capacity `capacity`: the edge cases first (1, a page, a page plus
@@ -270,7 +286,7 @@ TEST_CASE("one captured CUDA graph of paged decode serves new lengths written to
                                         d.lengths.data(), out.data(), problem.scale, workspace.data(), workspace.size(),
                                         stream);
     CUDA_CHECK(cudaStreamSynchronize(stream));
-    require_matches(problem, out.download(), plan.splits);
+    require_matches(problem, out.download(), plan);
     cudaGraph_t graph = nullptr;
     cudaGraphExec_t exec = nullptr;
     CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
@@ -288,7 +304,7 @@ TEST_CASE("one captured CUDA graph of paged decode serves new lengths written to
       out.fill_bytes(0xFF);
       CUDA_CHECK(cudaGraphLaunch(exec, stream));
       CUDA_CHECK(cudaStreamSynchronize(stream));
-      require_matches(problem, out.download(), plan.splits);
+      require_matches(problem, out.download(), plan);
     }
     CUDA_CHECK(cudaGraphExecDestroy(exec));
     CUDA_CHECK(cudaGraphDestroy(graph));
@@ -379,10 +395,11 @@ Fp8Pools make_fp8(const PagedProblem& p) {
   return f;
 }
 
-// The same bound as the bf16 kernel: the reference reads exactly the values the codes and scales hold, and the
-// kernel converts the codes exactly; what differs is one float32 product per key (the scale applied to the dot
-// product or the weight) in the arithmetic the bound already covers.
-void check_paged_fp8(const PagedProblem& p, const Fp8Pools& f, int splits = 0) {
+// The same bounds as over bf16 pools (the kernel's: tolerance_of): the reference reads exactly the values the
+// codes and scales hold, and the kernels convert the codes exactly; what differs is one float32 product per
+// key (the scale applied to the dot product or the weight) in the arithmetic the bounds already cover.
+void check_paged_fp8(const PagedProblem& p, const Fp8Pools& f, int splits = 0,
+                     af::kernels::PagedDecodeKernel kernel = af::kernels::PagedDecodeKernel::automatic) {
   DeviceBuffer<std::uint16_t> q{std::span<const std::uint16_t>(p.q)};
   DeviceBuffer<std::uint8_t> k{std::span<const std::uint8_t>(f.k)}, v{std::span<const std::uint8_t>(f.v)};
   DeviceBuffer<float> k_scales{std::span<const float>(f.k_scales)}, v_scales{std::span<const float>(f.v_scales)};
@@ -390,7 +407,8 @@ void check_paged_fp8(const PagedProblem& p, const Fp8Pools& f, int splits = 0) {
   DeviceBuffer<std::int32_t> lengths{std::span<const std::int32_t>(p.lengths)};
   DeviceBuffer<std::uint16_t> out(p.q.size());
   out.fill_bytes(0xFF);
-  const PagedDecodePlan plan = af::kernels::plan_paged_decode(p.shape, sm_count(), splits, af::PagedKvFormat::fp8_e4m3);
+  const PagedDecodePlan plan =
+      af::kernels::plan_paged_decode(p.shape, sm_count(), splits, af::PagedKvFormat::fp8_e4m3, kernel);
   DeviceBuffer<unsigned char> workspace(plan.workspace_bytes);
   workspace.fill_bytes(0xFF);
   af::kernels::paged_decode_attention_fp8(plan, p.shape, q.data(), k.data(), k_scales.data(), v.data(), v_scales.data(),
@@ -398,9 +416,9 @@ void check_paged_fp8(const PagedProblem& p, const Fp8Pools& f, int splits = 0) {
                                           workspace.size(), nullptr);
   CUDA_CHECK(cudaDeviceSynchronize());
   const auto got = af::kernels::bf16_to_floats(out.download());
-  const af_test::ElementwiseReport report =
-      af_test::compare_elementwise(got, f.expected, tolerance, [&](std::size_t i) { return element_of(p.shape, i); });
-  INFO("FP8 pools, " << describe(p, plan.splits));
+  const af_test::ElementwiseReport report = af_test::compare_elementwise(
+      got, f.expected, tolerance_of(plan), [&](std::size_t i) { return element_of(p.shape, i); });
+  INFO("FP8 pools, " << describe(p, plan));
   INFO(report.message);
   REQUIRE(report.failures == 0);
 }
@@ -498,4 +516,133 @@ TEST_CASE("FP8 paged decode refuses a plan made for bf16 pools, naming both", "[
   REQUIRE_THROWS_WITH(af::kernels::paged_decode_attention(fp8_plan, s, nullptr, nullptr, nullptr, nullptr, nullptr,
                                                           nullptr, 0.1f, nullptr, 0, nullptr),
                       Catch::Contains("made for FP8 pools") && Catch::Contains("made for bf16"));
+}
+
+// ---- Both kernels forced: the tensor cores (decode_paged_mma.cu) and the CUDA cores (decode_paged.cu) ----
+
+namespace {
+
+using af::kernels::PagedDecodeKernel;
+
+// Poisons every pool row past a sequence's length in its last page (bf16 NaN; for FP8 the NaN code and a NaN
+// scale): those slots exist in memory but hold no token, and a kernel must not read them (an unclamped row of
+// a partial tile would turn its output into NaN). The reference never reads them.
+void poison_tails(PagedProblem& p, Fp8Pools* fp8) {
+  const PagedDecodeShape& s = p.shape;
+  for (std::int64_t b = 0; b < s.batch; ++b) {
+    const std::int64_t length = p.lengths[static_cast<std::size_t>(b)];
+    if (length % s.page_size == 0) continue;
+    const std::int64_t page = p.block_table[static_cast<std::size_t>(b * s.max_pages_per_seq + length / s.page_size)];
+    for (std::int64_t h = 0; h < s.kv_heads; ++h)
+      for (std::int64_t slot = length % s.page_size; slot < s.page_size; ++slot) {
+        const std::int64_t row = (page * s.kv_heads + h) * s.page_size + slot;
+        for (std::int64_t c = 0; c < s.head_dim; ++c) {
+          const auto at = static_cast<std::size_t>(row * s.head_dim + c);
+          p.k[at] = p.v[at] = 0xFFFFu;
+          if (fp8 != nullptr) fp8->k[at] = fp8->v[at] = 0x7Fu;
+        }
+        if (fp8 != nullptr)
+          fp8->k_scales[static_cast<std::size_t>(row)] = fp8->v_scales[static_cast<std::size_t>(row)] =
+              std::numeric_limits<float>::quiet_NaN();
+      }
+  }
+}
+
+// Ragged lengths for the forced-kernel tests: one token, a partial first page, exactly a page, a page and one
+// token, the capacity, a partial last page past several pages, then random.
+std::vector<std::int32_t> tile_edge_lengths(std::int64_t batch, std::int64_t page_size, std::int64_t capacity,
+                                            af::Rng& rng) {
+  const std::int64_t edges[] = {1, page_size - 3, page_size, page_size + 1, capacity, 3 * page_size + 5, 17};
+  std::vector<std::int32_t> lengths;
+  for (std::int64_t b = 0; b < batch; ++b) {
+    const std::int64_t length = b < 7 ? edges[b] : 1 + rng.below(capacity);
+    lengths.push_back(static_cast<std::int32_t>(std::clamp<std::int64_t>(length, 1, capacity)));
+  }
+  return lengths;
+}
+
+}  // namespace
+
+TEST_CASE("paged decode on the tensor cores and on the CUDA cores, bf16 and FP8 pools, equal the float64 references",
+          "[paged][mma]") {
+  af::Rng rng(7000);
+  std::uint64_t seed = 7100;
+  for (std::int64_t group : {1, 4, 8, 16, 20})  // 20: a second tile of query heads with 4 rows
+    for (std::int64_t head_dim : {64, 128})
+      for (std::int64_t page_size : {16, 32, 64}) {
+        PagedDecodeShape s;
+        s.batch = 8;
+        s.kv_heads = 2;
+        s.q_heads = s.kv_heads * group;
+        s.head_dim = head_dim;
+        s.page_size = page_size;
+        s.max_pages_per_seq = 1 + (300 + rng.below(300)) / page_size;
+        PagedProblem problem = make_problem(s, tile_edge_lengths(s.batch, page_size, s.capacity(), rng), seed++);
+        Fp8Pools fp8 = make_fp8(problem);
+        poison_tails(problem, &fp8);
+        for (int splits : {1, 3, 1000})
+          for (PagedDecodeKernel kernel : {PagedDecodeKernel::tensor_cores, PagedDecodeKernel::cuda_cores}) {
+            check_paged(problem, splits, kernel);
+            check_paged_fp8(problem, fp8, splits, kernel);
+          }
+      }
+}
+
+TEST_CASE("paged decode on the tensor cores stays within its bound when one key dominates, bf16 and FP8 pools",
+          "[paged][mma][peaked]") {
+  std::uint64_t seed = 7300;
+  for (std::int64_t group : {4, 20})
+    for (std::int64_t head_dim : {64, 128})
+      for (std::int64_t page_size : {16, 64}) {
+        const PagedDecodeShape s{.batch = 4,
+                                 .q_heads = 2 * group,
+                                 .kv_heads = 2,
+                                 .head_dim = head_dim,
+                                 .page_size = page_size,
+                                 .max_pages_per_seq = 3200 / page_size,
+                                 .num_pages = 1};
+        // q x 4 and k x 2: logits of standard deviation 8 (test_decode.cpp), one or two keys take the weight.
+        PagedProblem problem = make_problem(s, {3001, 100, 1000, 17}, seed++, 4.0f, 2.0f);
+        Fp8Pools fp8 = make_fp8(problem);
+        poison_tails(problem, &fp8);
+        for (int splits : {0, 7})
+          for (PagedDecodeKernel kernel : {PagedDecodeKernel::tensor_cores, PagedDecodeKernel::cuda_cores}) {
+            check_paged(problem, splits, kernel);
+            check_paged_fp8(problem, fp8, splits, kernel);
+          }
+      }
+}
+
+TEST_CASE("the paged plan takes the tensor cores from page size 16, records it, and refuses them at page size 8",
+          "[paged][mma]") {
+  PagedDecodeShape s{.batch = 2,
+                     .q_heads = 8,
+                     .kv_heads = 2,
+                     .head_dim = 128,
+                     .page_size = 16,
+                     .max_pages_per_seq = 64,
+                     .num_pages = 128};
+  for (std::int64_t page_size : {16, 32, 64}) {
+    s.page_size = page_size;
+    for (const af::PagedKvFormat format : {af::PagedKvFormat::bf16, af::PagedKvFormat::fp8_e4m3}) {
+      CHECK(af::kernels::plan_paged_decode(s, 132, 0, format).tensor_cores);
+      CHECK(af::kernels::plan_paged_decode(s, 132, 0, format, PagedDecodeKernel::tensor_cores).tensor_cores);
+      CHECK_FALSE(af::kernels::plan_paged_decode(s, 132, 0, format, PagedDecodeKernel::cuda_cores).tensor_cores);
+    }
+  }
+  s.page_size = 8;
+  CHECK_FALSE(af::kernels::plan_paged_decode(s, 132).tensor_cores);
+  REQUIRE_THROWS_WITH(
+      af::kernels::plan_paged_decode(s, 132, 0, af::PagedKvFormat::bf16, PagedDecodeKernel::tensor_cores),
+      Catch::Contains("page_size is 8 for the tensor-core kernel"));
+  // A tensor-core plan made for pages of 16 does not run on pages of 8.
+  PagedDecodeShape sixteen = s;
+  sixteen.page_size = 16;
+  sixteen.max_pages_per_seq = 32;
+  s.max_pages_per_seq = 32;
+  const PagedDecodePlan plan = af::kernels::plan_paged_decode(sixteen, 132, 1);
+  REQUIRE(plan.tensor_cores);
+  REQUIRE_THROWS_WITH(af::kernels::paged_decode_attention(plan, s, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                                          1.0f, nullptr, 0, nullptr),
+                      Catch::Contains("page_size is 8 for a tensor-core plan"));
 }
