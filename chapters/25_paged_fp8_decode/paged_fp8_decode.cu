@@ -2,9 +2,9 @@
 //
 // Prints, for the decode shapes of the benchmark (kernels/bench/bench_paged.py), the bytes one step reads from
 // bf16 and from FP8 pools and the float32 multiply-adds per byte that the CUDA-core kernel then needs, against the
-// card's own ratio of FP32 throughput to memory bandwidth; runs the paged kernel on a ragged batch with a shuffled
-// block table over bf16 and over FP8 pools and checks both against their float64 references; prints what FP8
-// costs in accuracy on that batch; with --bench times both on the benchmark's shapes.
+// card's own ratio of FP32 throughput to memory bandwidth; runs both paged kernels (CUDA cores, tensor cores) on a
+// ragged batch with a shuffled block table over bf16 and over FP8 pools and checks each against its float64 reference;
+// prints what FP8 costs in accuracy on that batch; with --bench times both on the benchmark's shapes.
 //
 //   build/bin/ch25_paged_fp8_decode [--q-heads 32] [--kv-heads 8] [--head-dim 128] [--page-size 16] [--seed 25]
 //                                   [--bench]
@@ -38,6 +38,7 @@ namespace {
 using af::PagedDecodeShape;
 using af::PagedKvFormat;
 using af::kernels::DeviceBuffer;
+using af::kernels::PagedDecodeKernel;
 
 struct Workload {
   const char* name;
@@ -114,7 +115,7 @@ struct Device {
   af::kernels::PagedDecodePlan plan;
   DeviceBuffer<unsigned char> workspace;
   PagedKvFormat format;
-  Device(const Problem& p, PagedKvFormat f, int sm_count)
+  Device(const Problem& p, PagedKvFormat f, PagedDecodeKernel kernel, int sm_count)
       : q(std::span<const std::uint16_t>(p.q)),
         k(std::span<const std::uint16_t>(p.k)),
         v(std::span<const std::uint16_t>(p.v)),
@@ -125,7 +126,7 @@ struct Device {
         v_scales(std::span<const float>(p.v8.scales)),
         block_table(std::span<const std::int32_t>(p.block_table)),
         lengths(std::span<const std::int32_t>(p.lengths)),
-        plan(af::kernels::plan_paged_decode(p.shape, sm_count, 0, f)),
+        plan(af::kernels::plan_paged_decode(p.shape, sm_count, 0, f, kernel)),
         workspace(plan.workspace_bytes),
         format(f) {}
   void run(const Problem& p, float scale) {
@@ -154,22 +155,26 @@ void check(const PagedDecodeShape& s, std::uint64_t seed, af::Checks& checks) {
       p.shape, p.q, p.k8.payload, p.k8.scales, p.v8.payload, p.v8.scales, p.block_table, p.lengths, scale);
   const std::string label = std::to_string(s.q_heads) + "/" + std::to_string(s.kv_heads) + " heads of " +
                             std::to_string(s.head_dim) + ", pages of " + std::to_string(s.page_size);
-  for (const PagedKvFormat format : {PagedKvFormat::bf16, PagedKvFormat::fp8_e4m3}) {
-    Device d(p, format, af::kernels::multiprocessor_count());
-    d.out.fill_bytes(0xFF);  // NaN: an element the kernel does not write fails
-    d.run(p, scale);
-    CUDA_CHECK(cudaDeviceSynchronize());
-    const std::vector<float> got = af::kernels::bf16_to_floats(d.out.download());
-    const bool fp8 = format == PagedKvFormat::fp8_e4m3;
-    const af::kernels::OutputError e = af::kernels::output_error(got, fp8 ? fp8_expected : bf16_expected);
-    std::printf("%s, %s pools, %d splits: relative error %.2e, worst element %.2e of %.2f\n", label.c_str(),
-                fp8 ? "FP8" : "bf16", d.plan.splits, e.relative, e.worst, e.largest);
-    checks.expect_true(std::string(fp8 ? "FP8" : "bf16") + " paged decode (" + label +
-                           ") matches its float64 reference: relative error < 1e-2",
-                       af::within_tolerance(e.relative, 1e-2));
-    checks.expect_true("every element within 1.5e-2 of the largest |expected|",
-                       af::within_tolerance(e.worst, 1.5e-2 * e.largest));
-  }
+  std::vector<PagedDecodeKernel> kernels{PagedDecodeKernel::cuda_cores};
+  if (s.page_size >= 16) kernels.push_back(PagedDecodeKernel::tensor_cores);  // a 16-token tile in one page
+  for (const PagedDecodeKernel kernel : kernels)
+    for (const PagedKvFormat format : {PagedKvFormat::bf16, PagedKvFormat::fp8_e4m3}) {
+      Device d(p, format, kernel, af::kernels::multiprocessor_count());
+      const char* cores = kernel == PagedDecodeKernel::tensor_cores ? "tensor cores" : "CUDA cores";
+      d.out.fill_bytes(0xFF);  // NaN: an element the kernel does not write fails
+      d.run(p, scale);
+      CUDA_CHECK(cudaDeviceSynchronize());
+      const std::vector<float> got = af::kernels::bf16_to_floats(d.out.download());
+      const bool fp8 = format == PagedKvFormat::fp8_e4m3;
+      const af::kernels::OutputError e = af::kernels::output_error(got, fp8 ? fp8_expected : bf16_expected);
+      std::printf("%s, %s pools, %s, %d splits: relative error %.2e, worst element %.2e of %.2f\n", label.c_str(),
+                  fp8 ? "FP8" : "bf16", cores, d.plan.splits, e.relative, e.worst, e.largest);
+      checks.expect_true(std::string(fp8 ? "FP8" : "bf16") + " paged decode on the " + cores + " (" + label +
+                             ") matches its float64 reference: relative error < 1e-2",
+                         af::within_tolerance(e.relative, 1e-2));
+      checks.expect_true("every element within 1.5e-2 of the largest |expected|",
+                         af::within_tolerance(e.worst, 1.5e-2 * e.largest));
+    }
   const std::vector<float> fp8_as_float(fp8_expected.begin(), fp8_expected.end());
   const af::kernels::OutputError cost = af::kernels::output_error(fp8_as_float, bf16_expected);
   std::printf("what FP8 storage changes (float64 references, FP8 against bf16): relative %.2e, worst %.2e\n",
@@ -178,20 +183,22 @@ void check(const PagedDecodeShape& s, std::uint64_t seed, af::Checks& checks) {
 // [/check]
 
 void bench() {
-  std::printf("\n%-26s %6s %10s %10s %10s\n", "shape", "pools", "median ms", "p95 ms", "GB/s");
+  std::printf("\n%-26s %6s %6s %10s %10s %10s\n", "shape", "pools", "cores", "median ms", "p95 ms", "GB/s");
   for (const Workload& w : workloads) {
     af::Rng rng(99);
     const PagedDecodeShape s{w.batch, w.q_heads, w.kv_heads, w.head_dim, 16, 1, 1};
     const Problem p = make_problem(
         s, std::vector<std::int32_t>(static_cast<std::size_t>(w.batch), static_cast<std::int32_t>(w.length)), rng);
     const float scale = 1.0f / std::sqrt(static_cast<float>(w.head_dim));
-    for (const PagedKvFormat format : {PagedKvFormat::bf16, PagedKvFormat::fp8_e4m3}) {
-      Device d(p, format, af::kernels::multiprocessor_count());
-      const auto t = af::kernels::time_calls([&](int) { d.run(p, scale); }, nullptr, 10, 50);
-      const double bytes = af::paged_decode_kv_bytes(p.shape, p.lengths, format);
-      std::printf("%-26s %6s %10.4f %10.4f %10.0f\n", w.name, format == PagedKvFormat::bf16 ? "bf16" : "FP8",
-                  t.median_ms, t.p95_ms, bytes / t.median_ms / 1e6);
-    }
+    for (const PagedDecodeKernel kernel : {PagedDecodeKernel::cuda_cores, PagedDecodeKernel::tensor_cores})
+      for (const PagedKvFormat format : {PagedKvFormat::bf16, PagedKvFormat::fp8_e4m3}) {
+        Device d(p, format, kernel, af::kernels::multiprocessor_count());
+        const auto t = af::kernels::time_calls([&](int) { d.run(p, scale); }, nullptr, 10, 50);
+        const double bytes = af::paged_decode_kv_bytes(p.shape, p.lengths, format);
+        std::printf("%-26s %6s %6s %10.4f %10.4f %10.0f\n", w.name, format == PagedKvFormat::bf16 ? "bf16" : "FP8",
+                    kernel == PagedDecodeKernel::tensor_cores ? "mma" : "fma", t.median_ms, t.p95_ms,
+                    bytes / t.median_ms / 1e6);
+      }
   }
 }
 
