@@ -21,13 +21,6 @@ using af::kernels::DeviceBuffer;
 
 namespace {
 
-int sm_count() {
-  int device = 0, count = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
-}
-
 // Each output element must satisfy |got - expected| <= atol + rtol * |expected| against the float64 reference
 // computed from the same bf16 inputs, so the bound only has to cover what the kernels round:
 //   - the output is rounded to bf16 (8 significant bits): up to 2^-8 = 3.9e-3 of the value, every version;
@@ -103,7 +96,7 @@ void check_decode(const DecodeProblem& p, DecodeVersion version, int splits = 0)
   DeviceBuffer<std::uint16_t> dq{std::span<const std::uint16_t>(p.q)}, dk{std::span<const std::uint16_t>(p.k)},
       dv{std::span<const std::uint16_t>(p.v)}, out(p.q.size());
   out.fill_bytes(0xFF);  // bf16 NaN: an element the kernel does not write fails the check
-  const DecodePlan plan = af::kernels::plan_decode(s, version, sm_count(), splits);
+  const DecodePlan plan = af::kernels::plan_decode(s, version, af::kernels::multiprocessor_count(), splits);
   DeviceBuffer<unsigned char> workspace(plan.workspace_bytes);
   af::kernels::decode_attention(plan, s, dq.data(), dk.data(), dv.data(), out.data(), p.scale, workspace.data(),
                                 workspace.size(), nullptr);

@@ -24,13 +24,6 @@ using af::kernels::MlaDecodePlan;
 
 namespace {
 
-int sm_count() {
-  int device = 0, count = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
-}
-
 // The tensor-core bound of test_decode.cpp (derived there): the kernel does version 4's arithmetic on the same
 // bf16 values (bf16 products on the tensor cores, float32 sums, each softmax weight rounded to bf16 before
 // P V, the output rounded to bf16). The dot products are 576 terms long instead of 64 or 128, summed in float32
@@ -132,7 +125,7 @@ void check_mla(const MlaProblem& p, int splits = 0) {
   DeviceProblem d(p);
   DeviceBuffer<std::uint16_t> out(static_cast<std::size_t>(p.shape.batch * p.shape.q_heads * p.shape.latent_dim));
   out.fill_bytes(0xFF);  // bf16 NaN: an element the kernel does not write fails the check
-  const MlaDecodePlan plan = af::kernels::plan_mla_decode(p.shape, sm_count(), splits);
+  const MlaDecodePlan plan = af::kernels::plan_mla_decode(p.shape, af::kernels::multiprocessor_count(), splits);
   DeviceBuffer<unsigned char> workspace(plan.workspace_bytes);
   workspace.fill_bytes(0xFF);  // NaN partials: an empty split must write its partial, not leave it
   af::kernels::mla_decode_attention(plan, p.shape, d.q.data(), d.cache.data(), d.block_table.data(), d.lengths.data(),
@@ -258,7 +251,7 @@ TEST_CASE("one captured CUDA graph of MLA decode serves new lengths written to d
   MlaProblem problem = make_problem(s, {full, full, full, full}, 7600);
   DeviceProblem d(problem);
   DeviceBuffer<std::uint16_t> out(static_cast<std::size_t>(s.batch * s.q_heads * s.latent_dim));
-  const MlaDecodePlan plan = af::kernels::plan_mla_decode(s, sm_count(), 4);
+  const MlaDecodePlan plan = af::kernels::plan_mla_decode(s, af::kernels::multiprocessor_count(), 4);
   REQUIRE(plan.splits > 1);  // the graph holds the combine too
   DeviceBuffer<unsigned char> workspace(plan.workspace_bytes);
 

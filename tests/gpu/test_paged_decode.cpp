@@ -28,13 +28,6 @@ using af::kernels::PagedDecodePlan;
 
 namespace {
 
-int sm_count() {
-  int device = 0, count = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
-}
-
 // The bounds of test_decode.cpp (derived there). CUDA cores: the paged kernel does version 3's arithmetic on
 // the same bf16 values (float32 scores, softmax and sums, the output rounded to bf16), only the addresses
 // differ. Tensor cores: version 4's arithmetic, which also rounds each softmax weight to bf16 before O += P V.
@@ -143,8 +136,8 @@ void check_paged(const PagedProblem& p, int splits = 0,
   DeviceProblem d(p);
   DeviceBuffer<std::uint16_t> out(p.q.size());
   out.fill_bytes(0xFF);  // bf16 NaN: an element the kernel does not write fails the check
-  const PagedDecodePlan plan =
-      af::kernels::plan_paged_decode(p.shape, sm_count(), splits, af::PagedKvFormat::bf16, kernel);
+  const PagedDecodePlan plan = af::kernels::plan_paged_decode(p.shape, af::kernels::multiprocessor_count(), splits,
+                                                              af::PagedKvFormat::bf16, kernel);
   DeviceBuffer<unsigned char> workspace(plan.workspace_bytes);
   workspace.fill_bytes(0xFF);  // NaN partials: an empty split must write its partial, not leave it
   af::kernels::paged_decode_attention(plan, p.shape, d.q.data(), d.k.data(), d.v.data(), d.block_table.data(),
@@ -274,7 +267,7 @@ TEST_CASE("one captured CUDA graph of paged decode serves new lengths written to
     PagedProblem problem = make_problem(s, {full, full, full, full}, 5400 + static_cast<std::uint64_t>(head_dim));
     DeviceProblem d(problem);
     DeviceBuffer<std::uint16_t> out(problem.q.size());
-    const PagedDecodePlan plan = af::kernels::plan_paged_decode(s, sm_count(), 4);
+    const PagedDecodePlan plan = af::kernels::plan_paged_decode(s, af::kernels::multiprocessor_count(), 4);
     REQUIRE(plan.splits > 1);  // the graph holds the combine too
     DeviceBuffer<unsigned char> workspace(plan.workspace_bytes);
 
@@ -407,8 +400,8 @@ void check_paged_fp8(const PagedProblem& p, const Fp8Pools& f, int splits = 0,
   DeviceBuffer<std::int32_t> lengths{std::span<const std::int32_t>(p.lengths)};
   DeviceBuffer<std::uint16_t> out(p.q.size());
   out.fill_bytes(0xFF);
-  const PagedDecodePlan plan =
-      af::kernels::plan_paged_decode(p.shape, sm_count(), splits, af::PagedKvFormat::fp8_e4m3, kernel);
+  const PagedDecodePlan plan = af::kernels::plan_paged_decode(p.shape, af::kernels::multiprocessor_count(), splits,
+                                                              af::PagedKvFormat::fp8_e4m3, kernel);
   DeviceBuffer<unsigned char> workspace(plan.workspace_bytes);
   workspace.fill_bytes(0xFF);
   af::kernels::paged_decode_attention_fp8(plan, p.shape, q.data(), k.data(), k_scales.data(), v.data(), v_scales.data(),
