@@ -153,29 +153,7 @@ __global__ void __launch_bounds__(paged_mma_warps * 32, 3) decode_paged_mma_kern
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
-  // Version 4's ending: the row sums across the 4 lanes of a row, the warps merged through shared memory.
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    st.l[r] += __shfl_xor_sync(0xffffffffu, st.l[r], 1);
-    st.l[r] += __shfl_xor_sync(0xffffffffu, st.l[r], 2);
-  }
-  __shared__ float sm_o[paged_mma_warps][16][D];
-  __shared__ float sm_m[paged_mma_warps][16], sm_l[paged_mma_warps][16];
-#pragma unroll
-  for (int n = 0; n < n_tiles; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = g + 8 * (e / 2);
-      sm_o[warp][row][swizzle_col(row, 64 * (n / 8) + 8 * (2 * t + (e & 1)) + n % 8)] = st.o[n][e];
-    }
-  if (t == 0) {
-    sm_m[warp][g] = st.m[0];
-    sm_m[warp][g + 8] = st.m[1];
-    sm_l[warp][g] = st.l[0];
-    sm_l[warp][g + 8] = st.l[1];
-  }
-  __syncthreads();
-  merge_warps_and_store<paged_mma_warps, 16, D, true>(sm_o, sm_m, sm_l, rows, a, b, h0, split);
+  finish_rows<paged_mma_warps, D>(st, rows, a, b, h0, split);  // version 4's ending (mma_tile.cuh)
 }
 
 template <int D, bool Fp8>

@@ -83,29 +83,7 @@ __global__ void __launch_bounds__(mma_warps * 32, Pipelined ? 2 : 3) decode_mma_
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
-  // The 4 lanes of a row each summed their own keys.
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    st.l[r] += __shfl_xor_sync(0xffffffffu, st.l[r], 1);
-    st.l[r] += __shfl_xor_sync(0xffffffffu, st.l[r], 2);
-  }
-  __shared__ float sm_o[mma_warps][16][D];
-  __shared__ float sm_m[mma_warps][16], sm_l[mma_warps][16];
-#pragma unroll
-  for (int n = 0; n < n_tiles; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = g + 8 * (e / 2);
-      sm_o[warp][row][swizzle_col(row, 64 * (n / 8) + 8 * (2 * t + (e & 1)) + n % 8)] = st.o[n][e];
-    }
-  if (t == 0) {
-    sm_m[warp][g] = st.m[0];
-    sm_m[warp][g + 8] = st.m[1];
-    sm_l[warp][g] = st.l[0];
-    sm_l[warp][g + 8] = st.l[1];
-  }
-  __syncthreads();
-  merge_warps_and_store<mma_warps, 16, D, true>(sm_o, sm_m, sm_l, rows, a, b, h0, split);
+  finish_rows<mma_warps, D>(st, rows, a, b, h0, split);
 }
 // [/decode-mma]
 

@@ -183,4 +183,37 @@ __device__ __forceinline__ void attend_tile(RowState<D>& st, const Tile<D>& tile
 }
 // [/attend-tile]
 
+// [finish-rows]
+// The end of a tensor-core decode block (versions 4/5, the tensor-core paged decode): the 4 lanes of a row each
+// summed their own keys, so the row sums are completed across them; then the warps' states go through shared
+// memory (the output columns swizzled, see swizzle_col) and merge_warps_and_store writes the output or the
+// split's partial.
+template <int Warps, int D>
+__device__ __forceinline__ void finish_rows(RowState<D>& st, int rows, const DecodeArgs& a, int b, int h0, int split) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    st.l[r] += __shfl_xor_sync(0xffffffffu, st.l[r], 1);
+    st.l[r] += __shfl_xor_sync(0xffffffffu, st.l[r], 2);
+  }
+  __shared__ float sm_o[Warps][16][D];
+  __shared__ float sm_m[Warps][16], sm_l[Warps][16];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = g + 8 * (e / 2);
+      sm_o[warp][row][swizzle_col(row, 64 * (n / 8) + 8 * (2 * t + (e & 1)) + n % 8)] = st.o[n][e];
+    }
+  if (t == 0) {
+    sm_m[warp][g] = st.m[0];
+    sm_m[warp][g + 8] = st.m[1];
+    sm_l[warp][g] = st.l[0];
+    sm_l[warp][g + 8] = st.l[1];
+  }
+  __syncthreads();
+  merge_warps_and_store<Warps, 16, D, true>(sm_o, sm_m, sm_l, rows, a, b, h0, split);
+}
+// [/finish-rows]
+
 }  // namespace af::kernels::detail
