@@ -70,4 +70,40 @@ __device__ void merge_warps_and_store(const float (*sm_o)[Rows][D], const float 
 }
 // [/merge-warps]
 
+// [paged-split-range]
+// The keys [begin, end) of split `split` of sequence b in a paged cache: the split's whole pages, cut at the
+// sequence's length, which is read on the device and clamped to the capacity so that no length can send a read
+// past the table's row. The plan fixes the splits from the capacity, so a split can lie wholly past the length
+// (begin >= end): see write_empty_split.
+struct KeyRange {
+  std::int64_t begin, end;
+};
+__device__ __forceinline__ KeyRange paged_split_keys(const std::int32_t* lengths, int b, int split,
+                                                     int max_pages_per_seq, int pages_per_split, int page_shift) {
+  const std::int64_t capacity = std::int64_t{max_pages_per_seq} << page_shift;
+  const std::int64_t length = min(capacity, max(std::int64_t{0}, std::int64_t{__ldg(lengths + b)}));
+  const std::int64_t keys_per_split = std::int64_t{pages_per_split} << page_shift;
+  const std::int64_t begin = split * keys_per_split;
+  return {begin, min(length, begin + keys_per_split)};
+}
+
+// An empty split: nothing to read. Its partial (output 0, log-sum-exp -inf) weighs exp2(-inf) = 0 in the
+// combine; with one split (a length of 0, which the APIs rule out) the output is NaN rather than stale memory.
+// Rows h0 .. h0 + rows - 1 of sequence b, D values each.
+template <int D>
+__device__ __forceinline__ void write_empty_split(std::uint16_t* out, float* partial_o, float* partial_lse, int q_heads,
+                                                  int splits, int b, int h0, int rows, int split) {
+  for (int idx = threadIdx.x; idx < rows * D; idx += blockDim.x) {
+    const std::int64_t head = std::int64_t{b} * q_heads + h0 + idx / D;
+    const int d = idx % D;
+    if (splits == 1) {
+      out[head * D + d] = to_bf16(__int_as_float(0x7fc00000));
+    } else {
+      partial_o[(head * splits + split) * D + d] = 0.0f;
+      if (d == 0) partial_lse[head * splits + split] = -INFINITY;
+    }
+  }
+}
+// [/paged-split-range]
+
 }  // namespace af::kernels::detail

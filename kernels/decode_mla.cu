@@ -115,27 +115,12 @@ __global__ void __launch_bounds__(mla_warps * 32, 1) decode_mla_kernel(MlaDecode
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 
   // [mla-split-range]
-  // This split's pages, cut at the sequence's length (read on the device; clamped to the capacity so that no
-  // length can send a read past the table's row).
-  const std::int64_t capacity = std::int64_t{a.max_pages_per_seq} << a.page_shift;
-  const std::int64_t length = min(capacity, max(std::int64_t{0}, std::int64_t{__ldg(a.lengths + b)}));
-  const std::int64_t keys_per_split = std::int64_t{a.pages_per_split} << a.page_shift;
-  const std::int64_t key_begin = split * keys_per_split;
-  const std::int64_t key_end = min(length, key_begin + keys_per_split);
+  // This split's pages and the empty split's partial, as the paged decode has them (decode_common.cuh).
+  const KeyRange keys = paged_split_keys(a.lengths, b, split, a.max_pages_per_seq, a.pages_per_split, a.page_shift);
+  const std::int64_t key_begin = keys.begin, key_end = keys.end;
   const std::int32_t* table = a.block_table + std::int64_t{b} * a.max_pages_per_seq;
   if (key_begin >= key_end) {
-    // An empty split: nothing to read. Its partial weighs nothing in the combine; with one split (a length of
-    // 0, which the API rules out) the output is NaN rather than stale memory.
-    for (int idx = threadIdx.x; idx < rows * mla_latent; idx += blockDim.x) {
-      const std::int64_t head = std::int64_t{b} * a.q_heads + h0 + idx / mla_latent;
-      const int d = idx % mla_latent;
-      if (a.splits == 1) {
-        a.out[head * mla_latent + d] = to_bf16(__int_as_float(0x7fc00000));
-      } else {
-        a.partial_o[(head * a.splits + split) * mla_latent + d] = 0.0f;
-        if (d == 0) a.partial_lse[head * a.splits + split] = -INFINITY;
-      }
-    }
+    write_empty_split<mla_latent>(a.out, a.partial_o, a.partial_lse, a.q_heads, a.splits, b, h0, rows, split);
     return;
   }
   // [/mla-split-range]

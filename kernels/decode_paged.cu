@@ -91,31 +91,13 @@ __global__ void __launch_bounds__(paged_warps * 32) decode_paged_kernel(PagedDec
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int slot = lane / lanes_per_key, chunk = lane % lanes_per_key;  // which key row, which 8 dims
 
-  // [paged-split-range]
-  // This split's pages, cut at the sequence's length (read on the device; clamped to the capacity so that
-  // no length can send a read past the table's row).
-  const std::int64_t capacity = std::int64_t{pa.max_pages_per_seq} << pa.page_shift;
-  const std::int64_t length = min(capacity, max(std::int64_t{0}, std::int64_t{__ldg(pa.lengths + b)}));
-  const std::int64_t keys_per_split = std::int64_t{pa.pages_per_split} << pa.page_shift;
-  const std::int64_t key_begin = split * keys_per_split;
-  const std::int64_t key_end = min(length, key_begin + keys_per_split);
+  const KeyRange keys = paged_split_keys(pa.lengths, b, split, pa.max_pages_per_seq, pa.pages_per_split, pa.page_shift);
+  const std::int64_t key_begin = keys.begin, key_end = keys.end;
   const std::int32_t* table = pa.block_table + std::int64_t{b} * pa.max_pages_per_seq;
   if (key_begin >= key_end) {
-    // An empty split: nothing to read. Its partial weighs nothing in the combine; with one split (a length
-    // of 0, which the API rules out) the output is NaN rather than stale memory.
-    for (int idx = threadIdx.x; idx < rows * D; idx += blockDim.x) {
-      const std::int64_t head = std::int64_t{b} * a.q_heads + h0 + idx / D;
-      const int d = idx % D;
-      if (a.splits == 1) {
-        a.out[head * D + d] = to_bf16(__int_as_float(0x7fc00000));
-      } else {
-        a.partial_o[(head * a.splits + split) * D + d] = 0.0f;
-        if (d == 0) a.partial_lse[head * a.splits + split] = -INFINITY;
-      }
-    }
+    write_empty_split<D>(a.out, a.partial_o, a.partial_lse, a.q_heads, a.splits, b, h0, rows, split);
     return;
   }
-  // [/paged-split-range]
 
   // This lane's 8 dimensions of every query of the group, pre-scaled to log2 units.
   float q[Heads][8];

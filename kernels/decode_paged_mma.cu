@@ -64,31 +64,17 @@ template <int D, bool Fp8>
 __global__ void __launch_bounds__(paged_mma_warps * 32, 3) decode_paged_mma_kernel(PagedDecodeArgs pa) {
   const DecodeArgs& a = pa.base;
   constexpr int k_steps = D / 16;
-  constexpr int n_tiles = D / 8;
   const int group = a.q_heads / a.kv_heads, tiles = (group + 15) / 16;
   const int split = blockIdx.x, kv_head = blockIdx.y / tiles, tile_index = blockIdx.y % tiles, b = blockIdx.z;
   const int h0 = kv_head * group + tile_index * 16, rows = min(16, group - tile_index * 16);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 
-  // This split's tokens, cut at the sequence's length read on the device (clamped to the capacity), and the
-  // empty split's partial, exactly as decode_paged.cu does.
-  const std::int64_t capacity = std::int64_t{pa.max_pages_per_seq} << pa.page_shift;
-  const std::int64_t length = min(capacity, max(std::int64_t{0}, std::int64_t{__ldg(pa.lengths + b)}));
-  const std::int64_t keys_per_split = std::int64_t{pa.pages_per_split} << pa.page_shift;
-  const std::int64_t key_begin = split * keys_per_split;
-  const std::int64_t key_end = min(length, key_begin + keys_per_split);
+  // This split's tokens and the empty split's partial, as decode_paged.cu has them (decode_common.cuh).
+  const KeyRange keys = paged_split_keys(pa.lengths, b, split, pa.max_pages_per_seq, pa.pages_per_split, pa.page_shift);
+  const std::int64_t key_begin = keys.begin, key_end = keys.end;
   const std::int32_t* table = pa.block_table + std::int64_t{b} * pa.max_pages_per_seq;
   if (key_begin >= key_end) {
-    for (int idx = threadIdx.x; idx < rows * D; idx += blockDim.x) {
-      const std::int64_t head = std::int64_t{b} * a.q_heads + h0 + idx / D;
-      const int d = idx % D;
-      if (a.splits == 1) {
-        a.out[head * D + d] = to_bf16(__int_as_float(0x7fc00000));
-      } else {
-        a.partial_o[(head * a.splits + split) * D + d] = 0.0f;
-        if (d == 0) a.partial_lse[head * a.splits + split] = -INFINITY;
-      }
-    }
+    write_empty_split<D>(a.out, a.partial_o, a.partial_lse, a.q_heads, a.splits, b, h0, rows, split);
     return;
   }
 
@@ -112,10 +98,7 @@ __global__ void __launch_bounds__(paged_mma_warps * 32, 3) decode_paged_mma_kern
   }
 
   RowState<D> st;
-#pragma unroll
-  for (int n = 0; n < n_tiles; ++n) st.o[n][0] = st.o[n][1] = st.o[n][2] = st.o[n][3] = 0.0f;
-  st.m[0] = st.m[1] = -FLT_MAX;
-  st.l[0] = st.l[1] = 0.0f;
+  st.start();
 
   const std::int64_t slot_mask = (std::int64_t{1} << pa.page_shift) - 1;
   for (std::int64_t key0 = key_begin + warp * 16; key0 < key_end; key0 += paged_mma_warps * 16) {

@@ -20,7 +20,6 @@ constexpr int mma_warps = 4;
 template <int D, bool Pipelined>
 __global__ void __launch_bounds__(mma_warps * 32, Pipelined ? 2 : 3) decode_mma_kernel(DecodeArgs a) {
   constexpr int k_steps = D / 16;  // mma steps along head_dim for S = Q K^T
-  constexpr int n_tiles = D / 8;   // 8-wide output tiles for O = P V
   const int group = a.q_heads / a.kv_heads, tiles = (group + 15) / 16;
   const int split = blockIdx.x, kv_head = blockIdx.y / tiles, tile_index = blockIdx.y % tiles, b = blockIdx.z;
   const int h0 = kv_head * group + tile_index * 16, rows = min(16, group - tile_index * 16);
@@ -59,10 +58,7 @@ __global__ void __launch_bounds__(mma_warps * 32, Pipelined ? 2 : 3) decode_mma_
   }
 
   RowState<D> st;
-#pragma unroll
-  for (int n = 0; n < n_tiles; ++n) st.o[n][0] = st.o[n][1] = st.o[n][2] = st.o[n][3] = 0.0f;
-  st.m[0] = st.m[1] = -FLT_MAX;
-  st.l[0] = st.l[1] = 0.0f;
+  st.start();
 
   if constexpr (Pipelined) {
     for (std::int64_t key0 = first; key0 < key_end; key0 += step) {

@@ -109,6 +109,14 @@ template <int D>
 struct RowState {
   float o[D / 8][4];
   float m[2], l[2];
+
+  // Before the first tile: no output, no key seen.
+  __device__ __forceinline__ void start() {
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    m[0] = m[1] = -FLT_MAX;
+    l[0] = l[1] = 0.0f;
+  }
 };
 
 template <int D, typename Scales = NoColumnScales>

@@ -52,10 +52,7 @@ __global__ void __launch_bounds__(prefill_warps * 32) prefill_mma_kernel(Prefill
   }
 
   RowState<D> st;
-#pragma unroll
-  for (int n = 0; n < n_tiles; ++n) st.o[n][0] = st.o[n][1] = st.o[n][2] = st.o[n][3] = 0.0f;
-  st.m[0] = st.m[1] = -FLT_MAX;
-  st.l[0] = st.l[1] = 0.0f;
+  st.start();
   // Causal ends: row r sees keys [0, past + r + 1); the warp's last row sees the most.
   const std::int64_t end_lo = min(key_len, past + row0 + g + 1), end_hi = min(key_len, past + row0 + g + 9);
   const std::int64_t warp_end = min(key_len, past + row0 + 16);
