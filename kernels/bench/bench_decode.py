@@ -365,16 +365,19 @@ def _flashinfer_only(shape, rows):
     torch.cuda.empty_cache()
 
 
-def write_rows(path, rows, header):
+def write_rows(path, rows, header, columns=None):
+    """A result CSV: the header as '# key: value' lines, then the columns' names and one line per row (floats to
+    6 significant digits, commas in a cell turned into ';'). An empty header appends to an existing file."""
+    columns = columns or COLUMNS
     mode = "a" if (not header and os.path.exists(path)) else "w"
     with open(path, mode) as f:
         for key, value in header.items():
             f.write(f"# {key}: {value}\n")
         if mode == "w":
-            f.write(",".join(COLUMNS) + "\n")
+            f.write(",".join(columns) + "\n")
         for r in rows:
             cells = []
-            for c in COLUMNS:
+            for c in columns:
                 v = r.get(c, "")
                 if isinstance(v, float):
                     v = f"{v:.6g}"

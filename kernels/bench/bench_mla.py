@@ -28,7 +28,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_decode import provenance, time_calls  # noqa: E402
+from bench_decode import provenance, time_calls, write_rows  # noqa: E402
 
 LATENT, ROPE, WIDTH = 512, 64, 576
 L2_BYTES = 50e6
@@ -230,16 +230,7 @@ def main():
                         "rotated beyond L2; GB/s = bytes read at least once (cached rows + queries + outputs + table) "
                         "/ median; TFLOP/s = 2 x heads x (576 + 512) x tokens / median; rel_err against float32 "
                         "PyTorch on upcast inputs (first 4 sequences)")
-    with open(args.out, "w") as f:
-        for key, value in header.items():
-            f.write(f"# {key}: {value}\n")
-        f.write(",".join(COLUMNS) + "\n")
-        for r in rows:
-            cells = []
-            for c in COLUMNS:
-                v = r.get(c, "")
-                cells.append(f"{v:.6g}" if isinstance(v, float) else str(v).replace(",", ";"))
-            f.write(",".join(cells) + "\n")
+    write_rows(args.out, rows, header, COLUMNS)
     print(f"wrote {args.out}", flush=True)
 
 

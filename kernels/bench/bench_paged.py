@@ -25,7 +25,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_decode import provenance, rel_error, time_calls  # noqa: E402
+from bench_decode import provenance, rel_error, time_calls, write_rows  # noqa: E402
 
 PAGE = 16
 SHAPES = [  # name, lengths (one per sequence), q heads, kv heads, head dim
@@ -37,16 +37,6 @@ SHAPES = [  # name, lengths (one per sequence), q heads, kv heads, head dim
 ]
 COLUMNS = ["shape", "batch", "tokens", "q_heads", "kv_heads", "head_dim", "page_size", "format", "impl", "source",
            "kv_bytes", "splits", "ms_median", "ms_p95", "gbps", "rel_err", "iters", "status"]
-
-
-def write_rows(path, rows, header):
-    with open(path, "w") as f:
-        for key, value in header.items():
-            f.write(f"# {key}: {value}\n")
-        f.write(",".join(COLUMNS) + "\n")
-        for r in rows:
-            cells = [f"{r[c]:.6g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in COLUMNS]
-            f.write(",".join(cell.replace(",", ";") for cell in cells) + "\n")
 
 
 def quantize_rows(pool):
@@ -195,7 +185,7 @@ def main():
     header["method"] = ("CUDA events, GPU sleep before each start event, warm-up 10, median and p95 of 50; GB/s = "
                         "bytes of K and V the lengths reach (codes and scales) / median; rel_err = ||out - ref|| / "
                         "||ref|| against float32 over the values each format's codes hold")
-    write_rows(args.out, rows, header)
+    write_rows(args.out, rows, header, COLUMNS)
 
 
 if __name__ == "__main__":

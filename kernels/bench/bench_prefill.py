@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_decode import provenance, rel_error, time_calls  # noqa: E402
+from bench_decode import provenance, rel_error, time_calls, write_rows  # noqa: E402
 
 SHAPES = [  # name, batch, new queries, keys (cache after the append), q heads, kv heads, head dim
     ("llama3-8b-prefill-4k", 1, 4096, 4096, 32, 8, 128),
@@ -40,16 +40,6 @@ SHAPES = [  # name, batch, new queries, keys (cache after the append), q heads, 
 
 COLUMNS = ["shape", "batch", "query_len", "key_len", "q_heads", "kv_heads", "head_dim", "causal_flops", "impl",
            "source", "ms_median", "ms_p95", "tflops", "rel_err", "iters", "status"]
-
-
-def write_rows(path, rows, header):
-    with open(path, "w") as f:
-        for key, value in header.items():
-            f.write(f"# {key}: {value}\n")
-        f.write(",".join(COLUMNS) + "\n")
-        for r in rows:
-            cells = [f"{r[c]:.6g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in COLUMNS]
-            f.write(",".join(cell.replace(",", ";") for cell in cells) + "\n")
 
 
 def causal_flops(b, lq, lk, hq, d):
@@ -217,7 +207,7 @@ def main():
     header["method"] = ("CUDA events, GPU sleep before each start event, warm-up 5, median and p95 of 30; TFLOP/s = "
                         "causal FLOPs (4 d per visible pair and head) / median; rel_err = ||out - ref|| / ||ref|| "
                         "against float32 on upcast inputs")
-    write_rows(args.out, rows, header)
+    write_rows(args.out, rows, header, COLUMNS)
 
 
 if __name__ == "__main__":
